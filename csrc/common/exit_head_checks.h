@@ -1,0 +1,73 @@
+// Argument checks of the exit_head op shared by the CPU and CUDA implementations.
+// The Python wrapper validates first with friendlier messages; these guard direct
+// torch.ops.eekernels.exit_head calls so a bad call errors instead of crashing a kernel.
+#pragma once
+
+#include <torch/library.h>
+
+#include <optional>
+
+namespace eekernels {
+
+inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& pooler_weight,
+                                 const std::optional<at::Tensor>& pooler_bias,
+                                 const std::optional<at::Tensor>& memory, double memory_lambda,
+                                 int64_t criterion, double threshold,
+                                 const std::optional<at::Tensor>& prev_pred,
+                                 const std::optional<at::Tensor>& counter) {
+  TORCH_CHECK(hidden.dim() == 2, "exit_head: hidden must be [N, H], got ", hidden.sizes());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "exit_head: hidden must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(hidden.size(1) == 0 || hidden.stride(1) == 1,
+              "exit_head: hidden's last dim must be contiguous");
+  const int64_t n = hidden.size(0), h = hidden.size(1);
+  const auto dev = hidden.device();
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == dev, "exit_head: ", name, " is on ", t.device(), ", hidden on ", dev);
+    TORCH_CHECK(t.is_contiguous(), "exit_head: ", name, " must be contiguous");
+  };
+  same(weight, "weight");
+  same(bias, "bias");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == h && weight.size(0) >= 1,
+              "exit_head: weight must be [C, ", h, "], got ", weight.sizes());
+  const int64_t c = weight.size(0);
+  TORCH_CHECK(weight.scalar_type() == dt && bias.scalar_type() == dt,
+              "exit_head: weight and bias must have hidden's dtype ", dt);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == c, "exit_head: bias must be [", c, "]");
+  TORCH_CHECK(pooler_weight.has_value() == pooler_bias.has_value(),
+              "exit_head: pooler_weight and pooler_bias go together");
+  if (pooler_weight.has_value()) {
+    same(*pooler_weight, "pooler_weight");
+    same(*pooler_bias, "pooler_bias");
+    TORCH_CHECK(pooler_weight->scalar_type() == dt && pooler_bias->scalar_type() == dt,
+                "exit_head: pooler weights must have hidden's dtype ", dt);
+    TORCH_CHECK(pooler_weight->dim() == 2 && pooler_weight->size(0) == h && pooler_weight->size(1) == h,
+                "exit_head: pooler_weight must be [", h, ", ", h, "]");
+    TORCH_CHECK(pooler_bias->dim() == 1 && pooler_bias->size(0) == h,
+                "exit_head: pooler_bias must be [", h, "]");
+  }
+  if (memory.has_value()) {
+    same(*memory, "memory");
+    TORCH_CHECK(memory->scalar_type() == at::kFloat && memory->dim() == 2 &&
+                    memory->size(0) == n && memory->size(1) == c,
+                "exit_head: memory must be float32 [", n, ", ", c, "]");
+  }
+  TORCH_CHECK(memory_lambda >= 0.0 && memory_lambda <= 1.0, "exit_head: memory_lambda must be in [0, 1]");
+  TORCH_CHECK(criterion >= 0 && criterion <= 2, "exit_head: criterion must be 0, 1 or 2");
+  TORCH_CHECK(threshold >= 0.0, "exit_head: threshold must be >= 0 and not NaN, got ", threshold);
+  if (prev_pred.has_value()) {
+    same(*prev_pred, "prev_pred");
+    TORCH_CHECK(prev_pred->scalar_type() == at::kLong && prev_pred->dim() == 1 && prev_pred->size(0) == n,
+                "exit_head: prev_pred must be int64 [", n, "]");
+  }
+  if (counter.has_value()) {
+    same(*counter, "counter");
+    TORCH_CHECK(counter->scalar_type() == at::kInt && counter->dim() == 1 && counter->size(0) == n,
+                "exit_head: counter must be int32 [", n, "]");
+  }
+}
+
+}  // namespace eekernels

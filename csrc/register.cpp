@@ -1,0 +1,30 @@
+// The one registration file of eekernels._C: op schemas (TORCH_LIBRARY, namespace
+// "eekernels") and the Python module. Kernels register their implementations per
+// dispatch key next to their code: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
+// Fake (meta) implementations for torch.compile live in eekernels/ops/_compiled.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(eekernels, m) {
+  // Fused exit head; see eekernels/ops/exit_head.py for the contract.
+  // criterion: 0 entropy, 1 max_prob, 2 patience. `counter` output is [N] int32 for
+  // patience and an empty [0] tensor otherwise.
+  m.def(
+      "exit_head(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, "
+      "Tensor? pooler_bias, Tensor? memory, float memory_lambda, bool tanh_logits, "
+      "int criterion, float threshold, Tensor? prev_pred, Tensor? counter) -> "
+      "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)");
+}
+
+static bool with_cuda() {
+#ifdef EEKERNELS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "eekernels compiled ops (registered under torch.ops.eekernels)";
+  m.def("with_cuda", &with_cuda, "True if the CUDA kernels were compiled in");
+}

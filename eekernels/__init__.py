@@ -1,0 +1,35 @@
+"""eekernels: early exit for transformer encoders that makes the wall clock move.
+
+Kernels (C++ CPU, Triton, CUDA) for the fused exit head and friends, chosen per call
+through a small backend registry::
+
+    import eekernels
+    eekernels.available_backends()        # e.g. ['torch', 'cpu']
+    out = eekernels.ops.exit_head(cls_states, clf.weight, clf.bias,
+                                  criterion="entropy", threshold=0.3)
+    out.logits, out.score, out.exit, out.pred
+
+See README.md and DESIGN.md for the layout and the op contracts.
+"""
+
+from . import ops
+from .backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend_report,
+    get_backend,
+    set_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_report",
+    "get_backend",
+    "ops",
+    "set_backend",
+]

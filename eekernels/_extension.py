@@ -1,0 +1,105 @@
+"""Loading the compiled extension ``eekernels._C``.
+
+``pip install --no-build-isolation .`` builds it at install time (setup.py). Where it was
+not built (an isolated build without torch, a source checkout), the first op that needs
+it compiles it with ninja through ``torch.utils.cpp_extension.load`` and caches the
+result in torch's extension directory. Importing eekernels never fails because of it:
+:func:`load` returns None and :func:`load_error` says why.
+
+Environment:
+    EEKERNELS_NO_JIT=1   never compile at run time (use only a prebuilt ``_C``).
+    EEKERNELS_JIT_CUDA=0 compile only the CPU kernels at run time, even if CUDA is there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+_lock = threading.Lock()
+_module = None
+_error: Optional[str] = None
+_tried = False
+
+
+def _source_dir() -> Optional[Path]:
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_csrc", here.parent / "csrc"):  # installed copy, then source checkout
+        if (cand / "register.cpp").is_file():
+            return cand
+    return None
+
+
+def _sources(root: Path, with_cuda: bool) -> List[str]:
+    files = [root / "register.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        files += sorted((root / "cuda").glob("*.cu"))
+    return [str(f) for f in files]
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    root = _source_dir()
+    if root is None:
+        raise RuntimeError("the C++ sources (csrc/) are not shipped with this install")
+    want_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("EEKERNELS_JIT_CUDA", "1") != "0"
+    )
+    print(
+        f"eekernels: compiling the C++{'/CUDA' if want_cuda else ''} ops with ninja "
+        "(first use only; set EEKERNELS_NO_JIT=1 to skip)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    cflags = ["-O3", "-std=c++17"] + (["-DEEKERNELS_WITH_CUDA"] if want_cuda else [])
+    return cpp_extension.load(
+        name="eekernels_C" + ("_cuda" if want_cuda else "_cpu"),
+        sources=_sources(root, want_cuda),
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3", "-lineinfo", "-DEEKERNELS_WITH_CUDA"],
+        extra_include_paths=[str(root)],
+        with_cuda=want_cuda,
+        verbose=False,
+    )
+
+
+def load():
+    """The loaded extension module, or None if it cannot be had (see :func:`load_error`)."""
+    global _module, _error, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        try:
+            from . import _C as mod  # type: ignore[attr-defined]
+
+            _module = mod
+        except ImportError as prebuilt:
+            if os.environ.get("EEKERNELS_NO_JIT", "0") not in ("", "0"):
+                _error = f"not built at install time ({prebuilt}) and EEKERNELS_NO_JIT is set"
+            else:
+                try:
+                    _module = _jit_build()
+                except Exception as e:  # compiler missing, build error...
+                    _error = f"not built at install time, and compiling it now failed: {e}"
+        if _module is not None:
+            from .ops import _compiled
+
+            _compiled.register_fakes()
+        _tried = True
+        return _module
+
+
+def load_error() -> str:
+    """Why :func:`load` returned None ('' if it did not)."""
+    load()
+    return _error or ""

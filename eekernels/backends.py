@@ -1,0 +1,204 @@
+"""Backends: which implementations of the ops can run here, and which one an op uses.
+
+Four backends, in the order of authority of DESIGN.md:
+
+======== ============================================ ==========================
+name     what                                         runs on
+======== ============================================ ==========================
+torch    the plain-PyTorch reference (the spec)       any device
+cpu      C++ kernels in ``eekernels._C``              CPU tensors
+triton   Triton kernels (``eekernels/triton``)        CUDA tensors; CPU tensors
+                                                      only with TRITON_INTERPRET=1
+cuda     CUDA C++ kernels in ``eekernels._C``         CUDA tensors
+======== ============================================ ==========================
+
+An op picks its backend from, in order: its ``backend=`` argument; the process default
+(:func:`set_backend`, else env ``EEKERNELS_BACKEND``); else the fastest backend that can
+run on the input's device. A backend asked for by name that cannot run raises
+:class:`BackendUnavailableError` naming what is missing. A configured default that cannot
+run on an input's device falls back to the best available one, with one warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_report",
+    "get_backend",
+    "implementation",
+    "resolve",
+    "set_backend",
+]
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+# Fastest first, per device type.
+_PREFERENCE = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+
+# Where each compiled/Triton implementation lives ("module:function"), per op and backend.
+_IMPLEMENTATIONS: Dict[Tuple[str, str], str] = {
+    ("exit_head", "cpu"): "eekernels.ops._compiled:exit_head_compiled",
+    ("exit_head", "cuda"): "eekernels.ops._compiled:exit_head_compiled",
+    ("exit_head", "triton"): "eekernels.triton.exit_head:exit_head_triton",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run in this process or on this device."""
+
+
+_default: Optional[str] = None
+_warned: set = set()
+_resolved_impls: Dict[Tuple[str, str], Callable] = {}
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _status(name: str) -> Tuple[bool, str]:
+    """(usable in this process, reason if not)."""
+    if name == "torch":
+        return True, ""
+    if name in ("cpu", "cuda"):
+        from . import _extension
+
+        ext = _extension.load()
+        if ext is None:
+            return False, f"the C++ extension eekernels._C is not available ({_extension.load_error()})"
+        if name == "cuda":
+            if not ext.with_cuda():
+                return False, "eekernels._C was built without CUDA kernels (torch without CUDA or nvcc not found at build time)"
+            if not torch.cuda.is_available():
+                return False, "no CUDA device is available (torch.cuda.is_available() is False)"
+        return True, ""
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except Exception as e:  # ImportError or a broken install
+            return False, f"triton cannot be imported ({e})"
+        if not torch.cuda.is_available() and not _triton_interpret():
+            return False, "no CUDA device is available and TRITON_INTERPRET=1 is not set"
+        return True, ""
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+
+
+def _runs_on(name: str, device_type: str) -> bool:
+    if name == "torch":
+        return True
+    if name == "cpu":
+        return device_type == "cpu"
+    if name == "cuda":
+        return device_type == "cuda"
+    if name == "triton":
+        return device_type == "cuda" or (device_type == "cpu" and _triton_interpret())
+    return False
+
+
+def available_backends() -> List[str]:
+    """The backends that can run in this process, from :data:`BACKENDS`."""
+    return [b for b in BACKENDS if _status(b)[0]]
+
+
+def backend_report() -> Dict[str, str]:
+    """Each backend's status: ``"ok"`` or the reason it cannot run here."""
+    out = {}
+    for b in BACKENDS:
+        ok, why = _status(b)
+        out[b] = "ok" if ok else why
+    return out
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend (``None`` restores automatic choice).
+
+    Raises:
+        ValueError: unknown name.
+        BackendUnavailableError: the backend cannot run in this process.
+    """
+    global _default
+    if name is None:
+        _default = None
+        return
+    ok, why = _status(name)
+    if not ok:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
+    _default = name
+
+
+def get_backend() -> Optional[str]:
+    """The configured default backend (:func:`set_backend`, else ``EEKERNELS_BACKEND``), or None."""
+    if _default is not None:
+        return _default
+    env = os.environ.get("EEKERNELS_BACKEND", "").strip()
+    return env or None
+
+
+def _best(device_type: str) -> str:
+    for b in _PREFERENCE.get(device_type, ("torch",)):
+        if _status(b)[0] and _runs_on(b, device_type):
+            return b
+    return "torch"
+
+
+def resolve(requested: Optional[str], device: torch.device) -> str:
+    """The backend an op runs for a tensor on ``device``.
+
+    ``requested`` (an op's ``backend=`` argument) must be able to run, or this raises
+    :class:`BackendUnavailableError`. Without it, the configured default is used when it
+    can run on the device, else the best available backend, with one warning.
+    """
+    dt = device.type
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS}")
+        ok, why = _status(requested)
+        if not ok:
+            raise BackendUnavailableError(f"backend {requested!r} is not available: {why}")
+        if not _runs_on(requested, dt):
+            raise BackendUnavailableError(
+                f"backend {requested!r} cannot run on {dt} tensors"
+                + (" (set TRITON_INTERPRET=1 to run Triton on CPU)" if requested == "triton" else "")
+            )
+        return requested
+    default = get_backend()
+    if default is not None:
+        if default not in BACKENDS:
+            raise ValueError(f"EEKERNELS_BACKEND={default!r} is not a backend; choose one of {BACKENDS}")
+        ok, why = _status(default)
+        if ok and _runs_on(default, dt):
+            return default
+        best = _best(dt)
+        key = (default, dt)
+        if key not in _warned:
+            _warned.add(key)
+            reason = why if not ok else f"it cannot run on {dt} tensors"
+            warnings.warn(f"eekernels: default backend {default!r} unavailable ({reason}); using {best!r}", RuntimeWarning, stacklevel=3)
+        return best
+    return _best(dt)
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function implementing ``op`` on ``backend`` (imported on first use)."""
+    key = (op, backend)
+    fn = _resolved_impls.get(key)
+    if fn is None:
+        target = _IMPLEMENTATIONS.get(key)
+        if target is None:
+            raise BackendUnavailableError(f"op {op!r} has no {backend!r} implementation")
+        mod, attr = target.split(":")
+        fn = getattr(importlib.import_module(mod), attr)
+        _resolved_impls[key] = fn
+    return fn

@@ -1,0 +1,44 @@
+"""Shared test utilities: backends under test, tolerances, poisoning, comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+import eekernels
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Norm-wise relative error allowed on float outputs, per input dtype.
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def kernel_backends(device: str):
+    """The non-reference backends that can run on ``device`` in this process."""
+    out = []
+    for b in eekernels.available_backends():
+        if b == "torch":
+            continue
+        if device == "cpu" and b in ("cpu", "triton"):
+            out.append(b)
+        if device == "cuda" and b in ("triton", "cuda"):
+            out.append(b)
+    return out
+
+
+def poison_allocator(device: str, nbytes: int = 32 << 20) -> None:
+    """Fill then free a block so that freshly allocated outputs hold garbage (NaN bytes)
+    rather than zeros: an output element a kernel forgets to write then fails the test."""
+    t = torch.full((nbytes // 4,), float("nan"), device=device)
+    del t
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over finite entries of ref (NaN never passes)."""
+    out = out.double()
+    ref = ref.double()
+    fin = torch.isfinite(ref)
+    if torch.isnan(out[fin]).any():
+        return float("inf")
+    num = (out[fin] - ref[fin]).norm()
+    den = ref[fin].norm()
+    return float(num / den) if den > 0 else float(num)

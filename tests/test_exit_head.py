@@ -1,0 +1,379 @@
+"""exit_head: every backend against the reference spec (evaluated in float64)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+
+import eekernels
+from eekernels.ops import exit_head, exit_head_reference
+from eekernels.ops.exit_head import ExitHeadOutput
+
+from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err
+
+CRITERIA = ("entropy", "max_prob", "patience")
+
+
+def make_inputs(n, h, c, dtype, device, *, pooler, memory, patience, seed, strided=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    if strided:  # [CLS] slice of a [N, S, H] tensor: row stride S*H
+        hidden = rnd(n, 3, h)[:, 1].to(dtype)
+        hidden = rnd(n, 3, h).to(dtype)[:, 1]
+    else:
+        hidden = rnd(n, h).to(dtype)
+    args = dict(
+        hidden=hidden,
+        weight=rnd(c, h, scale=2.0 / math.sqrt(h)).to(dtype),
+        bias=rnd(c, scale=0.5).to(dtype),
+    )
+    if pooler:
+        args["pooler_weight"] = rnd(h, h, scale=1.5 / math.sqrt(h)).to(dtype)
+        args["pooler_bias"] = rnd(h, scale=0.3).to(dtype)
+    if memory:
+        args["memory"] = rnd(n, c)
+        args["memory_lambda"] = 0.9
+    if patience:
+        args["prev_pred"] = torch.randint(-1, c, (n,), generator=g).to(device)
+        args["counter"] = torch.randint(0, 4, (n,), generator=g, dtype=torch.int32).to(device)
+    return args
+
+
+def spec(args, **kw):
+    """The reference evaluated in float64 on the same (already rounded) inputs."""
+    a = dict(args)
+    for k in ("hidden", "weight", "bias", "pooler_weight", "pooler_bias", "memory"):
+        if k in a:
+            a[k] = a[k].double()
+    hidden, weight, bias = a.pop("hidden"), a.pop("weight"), a.pop("bias")
+    return exit_head_reference(hidden, weight, bias, **a, **kw)
+
+
+def second_gap(logits: torch.Tensor) -> torch.Tensor:
+    """Gap between the largest and second-largest logit of each row (inf for C=1)."""
+    if logits.shape[1] == 1:
+        return torch.full((logits.shape[0],), math.inf, dtype=logits.dtype, device=logits.device)
+    top = logits.topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+
+def check_against_spec(out: ExitHeadOutput, ref: ExitHeadOutput, dtype, criterion, threshold):
+    n, c = ref.logits.shape
+    assert out.logits.dtype == torch.float32 and out.logits.shape == (n, c)
+    assert out.score.dtype == torch.float32 and out.score.shape == (n,)
+    assert out.exit.dtype == torch.bool and out.exit.shape == (n,)
+    assert out.pred.dtype == torch.int64 and out.pred.shape == (n,)
+    out = ExitHeadOutput(*(t.cpu() if t is not None else None for t in out))
+    ref = ExitHeadOutput(*(t.cpu() if t is not None else None for t in ref))
+    tol = RTOL[dtype]
+    err = rel_err(out.logits, ref.logits)
+    assert err <= tol, f"logits relative error {err:.3g} > {tol}"
+    # Predictions may differ only where the top two logits are within rounding.
+    scale = ref.logits.abs().amax(dim=1).clamp_min(1.0)
+    close_call = second_gap(ref.logits) <= 4 * tol * scale
+    assert ((out.pred == ref.pred) | close_call).all(), "argmax differs beyond rounding"
+    fin = torch.isfinite(ref.score)
+    score_tol = 1e-4 if dtype == torch.float32 else 5e-2 * max(1.0, math.log(c))
+    if criterion == "patience":
+        assert out.counter is not None and out.counter.dtype == torch.int32
+        assert ((out.counter == ref.counter) | close_call).all()
+        assert torch.equal(out.score[~close_call], ref.score[~close_call].float())
+        borderline = close_call
+    else:
+        assert out.counter is None
+        diff = (out.score.double() - ref.score).abs()
+        assert (diff[fin] <= score_tol * (1 + ref.score[fin].abs())).all(), f"score off by {diff[fin].max():.3g}"
+        assert torch.isnan(out.score[~fin]).all()
+        borderline = (ref.score - threshold).abs() <= score_tol * (1 + abs(threshold) if math.isfinite(threshold) else 1)
+        borderline = borderline & torch.isfinite(torch.tensor(threshold))
+        borderline = borderline | close_call if criterion == "patience" else borderline
+    agree = (out.exit == ref.exit) | borderline
+    assert agree.all(), f"{int((~agree).sum())} exit decisions differ away from the threshold"
+
+
+def thresholds_for(criterion, ref_scores):
+    """Edges (0, inf) and one inside the score range so that some rows exit and some don't."""
+    fin = ref_scores[torch.isfinite(ref_scores)]
+    mid = float(fin.median()) if fin.numel() else 0.5
+    if criterion == "patience":
+        return (0.0, 2.0, math.inf)
+    return (0.0, max(mid, 0.0), math.inf)
+
+
+# Every N, H and C value of the issue is crossed (64 shapes); dtype, criterion and options
+# rotate over them so each value meets each dtype/criterion several times.
+SHAPES = list(itertools.product((1, 3, 64, 1000), (1, 32, 768, 1000), (1, 2, 3, 1000)))
+
+
+def shape_cases():
+    cases = []
+    for i, (n, h, c) in enumerate(SHAPES):
+        dtype = DTYPES[i % 3]
+        crit = CRITERIA[(i // 3) % 3]
+        pooler = (i % 2 == 0) and n * h * h <= 64 * 1000 * 1000
+        opts = dict(pooler=pooler, tanh=(i % 4 == 1), memory=(i % 5 == 2), strided=(i % 7 == 3))
+        cases.append(pytest.param(n, h, c, dtype, crit, opts, id=f"N{n}-H{h}-C{c}-{str(dtype)[6:]}-{crit}-{i}"))
+    return cases
+
+
+def run_case(backend, device, n, h, c, dtype, crit, opts, seed):
+    args = make_inputs(n, h, c, dtype, device, pooler=opts["pooler"], memory=opts["memory"],
+                       patience=(crit == "patience"), seed=seed, strided=opts["strided"])
+    ref0 = spec(args, criterion=crit, threshold=0.0, tanh_logits=opts["tanh"])
+    for thr in thresholds_for(crit, ref0.score):
+        ref = spec(args, criterion=crit, threshold=thr, tanh_logits=opts["tanh"])
+        poison_allocator(device)
+        out = exit_head(**args, criterion=crit, threshold=thr, tanh_logits=opts["tanh"], backend=backend)
+        check_against_spec(out, ref, dtype, crit, thr)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("cpu"))
+@pytest.mark.parametrize("n,h,c,dtype,crit,opts", shape_cases())
+def test_shapes_cpu(backend, n, h, c, dtype, crit, opts):
+    if backend == "triton" and n * c * h > 64 * 1000 * 1000 // 2 and opts["pooler"]:
+        pytest.skip("too slow for the Triton interpreter; covered on GPU")
+    run_case(backend, "cpu", n, h, c, dtype, crit, opts, seed=hash((n, h, c)) % 10_000)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("crit", CRITERIA)
+@pytest.mark.parametrize("pooler,tanh,memory", list(itertools.product((False, True), repeat=3)))
+def test_options_cpu(backend, dtype, crit, pooler, tanh, memory):
+    opts = dict(pooler=pooler, tanh=tanh, memory=memory, strided=False)
+    run_case(backend, "cpu", 29, 96, 7, dtype, crit, opts, seed=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("n,h,c,dtype,crit,opts", shape_cases())
+def test_shapes_gpu(backend, n, h, c, dtype, crit, opts):
+    if backend not in kernel_backends("cuda"):
+        pytest.skip(f"{backend} backend unavailable: {eekernels.backend_report()[backend]}")
+    run_case(backend, "cuda", n, h, c, dtype, crit, opts, seed=hash((n, h, c)) % 10_000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("crit", CRITERIA)
+@pytest.mark.parametrize("pooler,tanh,memory", list(itertools.product((False, True), repeat=3)))
+def test_options_gpu(backend, dtype, crit, pooler, tanh, memory):
+    if backend not in kernel_backends("cuda"):
+        pytest.skip(f"{backend} backend unavailable: {eekernels.backend_report()[backend]}")
+    opts = dict(pooler=pooler, tanh=tanh, memory=memory, strided=True)
+    run_case(backend, "cuda", 29, 96, 7, dtype, crit, opts, seed=7)
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("crit", CRITERIA)
+def test_non_finite_rows(device, crit):
+    """NaN/inf rows: score NaN (0 for patience), never exit, pred -1, counter reset."""
+    n, h, c = 6, 16, 3
+    args = make_inputs(n, h, c, torch.float32, device, pooler=False, memory=False,
+                       patience=(crit == "patience"), seed=3)
+    args["hidden"][1, 4] = float("nan")
+    args["hidden"][3, 0] = float("inf")
+    args["hidden"][4, :] = -float("inf")
+    thr = math.inf if crit == "entropy" else 0.0  # every finite row exits
+    ref = spec(args, criterion=crit, threshold=thr)
+    bad = torch.tensor([False, True, False, True, True, False])
+    assert torch.equal(ref.exit.cpu(), ~bad)
+    assert (ref.pred.cpu()[bad] == -1).all()
+    for backend in ["torch"] + kernel_backends(device):
+        out = exit_head(**args, criterion=crit, threshold=thr, backend=backend)
+        assert torch.equal(out.exit.cpu(), ~bad), backend
+        assert (out.pred.cpu()[bad] == -1).all(), backend
+        if crit == "patience":
+            assert (out.counter.cpu()[bad] == 0).all() and (out.score.cpu()[bad] == 0).all()
+        else:
+            assert torch.isnan(out.score.cpu()[bad]).all(), backend
+            assert torch.isfinite(out.score.cpu()[~bad]).all(), backend
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_empty_batch(device):
+    args = make_inputs(0, 8, 2, torch.float32, device, pooler=True, memory=True, patience=True, seed=1)
+    for backend in ["torch"] + kernel_backends(device):
+        out = exit_head(**args, criterion="patience", threshold=1, backend=backend)
+        assert out.logits.shape == (0, 2) and out.exit.shape == (0,) and out.counter.shape == (0,)
+
+
+def test_threshold_edges_semantics():
+    """entropy: 0 never exits, inf always; max_prob: 0 always, inf never; patience inf never."""
+    args = make_inputs(50, 16, 4, torch.float32, "cpu", pooler=False, memory=False, patience=False, seed=5)
+    for backend in ["torch"] + kernel_backends("cpu"):
+        assert not exit_head(**args, criterion="entropy", threshold=0.0, backend=backend).exit.any()
+        assert exit_head(**args, criterion="entropy", threshold=math.inf, backend=backend).exit.all()
+        assert exit_head(**args, criterion="max_prob", threshold=0.0, backend=backend).exit.all()
+        assert not exit_head(**args, criterion="max_prob", threshold=math.inf, backend=backend).exit.any()
+        assert not exit_head(**args, criterion="patience", threshold=math.inf, backend=backend).exit.any()
+
+
+def test_patience_counts_consecutive_layers():
+    """PABEE over three layers: counter 0, 1, 2 when the prediction holds, reset on change."""
+    h, w, b = torch.randn(4, 8), torch.randn(3, 8), torch.zeros(3)
+    for backend in ["torch"] + kernel_backends("cpu"):
+        o1 = exit_head(h, w, b, criterion="patience", threshold=2, backend=backend)
+        assert (o1.counter == 0).all() and not o1.exit.any()
+        o2 = exit_head(h, w, b, criterion="patience", threshold=2, prev_pred=o1.pred, counter=o1.counter, backend=backend)
+        assert (o2.counter == 1).all() and not o2.exit.any()
+        o3 = exit_head(h, w, b, criterion="patience", threshold=2, prev_pred=o2.pred, counter=o2.counter, backend=backend)
+        assert (o3.counter == 2).all() and o3.exit.all()
+        o4 = exit_head(-h, w, b, criterion="patience", threshold=2, prev_pred=o3.pred, counter=o3.counter, backend=backend)
+        changed = o4.pred != o3.pred
+        assert changed.any()
+        assert torch.equal(o4.counter, torch.where(changed, 0, 3).to(torch.int32))
+
+
+def test_entropy_matches_definition():
+    z = torch.tensor([[0.0, 0.0], [10.0, -10.0], [1.0, 2.0]])
+    w = torch.eye(2)
+    out = exit_head(z, w, torch.zeros(2), criterion="entropy", threshold=0.5, backend="cpu")
+    p = torch.softmax(z, 1)
+    expect = -(p * p.log()).sum(1)
+    assert torch.allclose(out.score, expect, atol=1e-6)
+    assert abs(out.score[0].item() - math.log(2)) < 1e-6
+    assert out.exit.tolist() == [False, True, False]  # H([.27, .73]) = 0.58 > 0.5
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(hidden=a["hidden"][:, :-1]), ValueError, "H="),
+        (lambda a: a.update(hidden=a["hidden"][None]), ValueError, "2 dims"),
+        (lambda a: a.update(weight=a["weight"][0]), ValueError, "2 dims"),
+        (lambda a: a.update(bias=a["bias"][:-1]), ValueError, "bias"),
+        (lambda a: a.update(weight=a["weight"].double()), TypeError, "dtype"),
+        (lambda a: a.update(hidden=a["hidden"].int()), TypeError, "dtype"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "meta"),
+        (lambda a: a.update(pooler_weight=torch.randn(8, 8)), ValueError, "together"),
+        (lambda a: a.update(pooler_weight=torch.randn(7, 8), pooler_bias=torch.randn(8)), ValueError, "pooler_weight"),
+        (lambda a: a.update(memory=torch.randn(5, 3)), ValueError, "memory"),
+        (lambda a: a.update(memory=torch.randn(4, 3).half()), TypeError, "memory"),
+        (lambda a: a.update(memory=torch.randn(4, 3), memory_lambda=1.5), ValueError, "memory_lambda"),
+        (lambda a: a.update(threshold=-0.1), ValueError, "threshold"),
+        (lambda a: a.update(threshold=float("nan")), ValueError, "threshold"),
+        (lambda a: a.update(criterion="margin"), ValueError, "unknown criterion"),
+        (lambda a: a.update(prev_pred=torch.zeros(4, dtype=torch.long)), ValueError, "patience"),
+        (lambda a: a.update(criterion="patience", counter=torch.zeros(4, dtype=torch.long)), TypeError, "counter"),
+        (lambda a: a.update(criterion="patience", prev_pred=torch.zeros(3, dtype=torch.long)), ValueError, "prev_pred"),
+        (lambda a: a.update(backend="tpu"), ValueError, "unknown backend"),
+    ],
+)
+def test_bad_input_clear_error(mutate, exc, match):
+    a = dict(hidden=torch.randn(4, 8), weight=torch.randn(3, 8), bias=torch.randn(3))
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        exit_head(**a)
+
+
+def test_compiled_op_checks_direct_calls():
+    """torch.ops.eekernels.exit_head validates too, so a direct call cannot crash a kernel."""
+    if "cpu" not in eekernels.available_backends():
+        pytest.skip("C++ extension unavailable")
+    h, w, b = torch.randn(4, 8), torch.randn(3, 7), torch.randn(3)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.eekernels.exit_head(h, w, b, None, None, None, 1.0, False, 0, 0.5, None, None)
+    with pytest.raises(RuntimeError, match="criterion"):
+        torch.ops.eekernels.exit_head(h, torch.randn(3, 8), b, None, None, None, 1.0, False, 7, 0.5, None, None)
+
+
+# --------------------------------------------------------------------------- autograd, compile
+
+
+def test_autograd_runs_reference_with_true_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(5, 12, requires_grad=True)
+    lin = torch.nn.Linear(12, 3)
+    out = exit_head(h, lin.weight, lin.bias, tanh_logits=True, criterion="entropy", threshold=0.5, backend="cpu")
+    out.logits.square().sum().backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    (torch.tanh(lin(h2)).square().sum()).backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("cpu"))
+def test_opcheck(backend):
+    """Schema, fake (meta) implementation and dispatch of the registered custom op."""
+    h, w, b = torch.randn(6, 16), torch.randn(3, 16), torch.randn(3)
+    pw, pb = torch.randn(16, 16), torch.randn(16)
+    mem = torch.randn(6, 3)
+    prev, cnt = torch.randint(0, 3, (6,)), torch.zeros(6, dtype=torch.int32)
+    if backend == "cpu":
+        op = torch.ops.eekernels.exit_head.default
+    else:
+        import eekernels.triton.exit_head  # noqa: F401  (registers the op)
+
+        op = torch.ops.eekernels.exit_head_triton.default
+    for crit, p, c in ((0, None, None), (2, prev, cnt)):
+        torch.library.opcheck(op, (h, w, b, pw, pb, mem, 0.9, True, crit, 0.5, p, c),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_traces_the_op():
+    if "cpu" not in eekernels.available_backends():
+        pytest.skip("C++ extension unavailable")
+    h, w, b = torch.randn(6, 16), torch.randn(3, 16), torch.randn(3)
+
+    def f(x):
+        o = exit_head(x, w, b, criterion="max_prob", threshold=0.6, backend="cpu")
+        return o.logits * 2, o.exit
+
+    eager = f(h)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(h)
+    assert torch.allclose(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_available_backends_and_errors(monkeypatch):
+    avail = eekernels.available_backends()
+    assert avail[0] == "torch" and "cpu" in avail
+    if not torch.cuda.is_available():
+        with pytest.raises(eekernels.BackendUnavailableError, match="CUDA"):
+            eekernels.set_backend("cuda")
+        with pytest.raises(eekernels.BackendUnavailableError, match="cuda"):
+            exit_head(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2), backend="cuda")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(eekernels.BackendUnavailableError, match="TRITON_INTERPRET"):
+            exit_head(torch.randn(2, 4), torch.randn(2, 4), torch.randn(2), backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        eekernels.set_backend("opencl")
+
+
+def test_env_default_falls_back_with_one_warning(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    from eekernels import backends
+
+    monkeypatch.setenv("EEKERNELS_BACKEND", "cuda")
+    monkeypatch.setattr(backends, "_warned", set())
+    a = (torch.randn(3, 4), torch.randn(2, 4), torch.randn(2))
+    with pytest.warns(RuntimeWarning, match="default backend 'cuda' unavailable"):
+        exit_head(*a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exit_head(*a)  # warned once only
+    assert backends.resolve(None, torch.device("cpu")) == "cpu"
+
+
+def test_set_backend_is_used():
+    eekernels.set_backend("torch")
+    assert eekernels.get_backend() == "torch"
+    assert eekernels.backends.resolve(None, torch.device("cpu")) == "torch"
