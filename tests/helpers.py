@@ -33,12 +33,15 @@ def poison_allocator(device: str, nbytes: int = 32 << 20) -> None:
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| over finite entries of ref (NaN never passes)."""
+    """||out - ref|| / ||ref|| over finite entries of ref (NaN never passes).
+
+    The tests draw O(1) logits, so the denominator is at least sqrt(numel): a tiny output
+    that is small only by cancellation (N=1, C=1) is judged by its absolute error."""
     out = out.double()
     ref = ref.double()
     fin = torch.isfinite(ref)
     if torch.isnan(out[fin]).any():
         return float("inf")
     num = (out[fin] - ref[fin]).norm()
-    den = ref[fin].norm()
-    return float(num / den) if den > 0 else float(num)
+    den = max(float(ref[fin].norm()), float(fin.sum()) ** 0.5)
+    return float(num) / den if den > 0 else float(num)

@@ -1,7 +1,7 @@
 // Fused exit head, CPU: pooler -> classifier -> tanh/memory -> softmax statistics ->
-// criterion, one pass per row, rows in parallel (at::parallel_for). Arithmetic in float32;
-// weights of half types are widened once per call into a float32 scratch, hidden rows one
-// at a time. The per-row epilogue is shared with the CUDA kernel (exit_head_epilogue.h).
+// criterion in one pass over tiles of 4 rows, tiles in parallel (at::parallel_for).
+// Arithmetic in float32; weights are transposed (and widened from half types) once per
+// call into float32 scratch for a register-blocked micro-kernel. The per-row epilogue is shared with the CUDA kernel (exit_head_epilogue.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,32 +15,46 @@
 namespace eekernels {
 namespace {
 
-// float32 dot product written so the compiler vectorizes it without -ffast-math:
-// eight independent partial sums, combined pairwise.
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
-  }
-  for (int k = 0; i < n; ++i, ++k) acc[k] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+constexpr int64_t kRows = 4;   // rows per micro-tile
+constexpr int64_t kCols = 8;   // output columns per micro-tile
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// B^T of a [M, K] parameter as float32 [K, round_up(M, kCols)], zero-padded columns, so the
+// micro-kernel below streams contiguous rows of it. Widens half types on the way.
+template <typename scalar_t>
+std::vector<float> transpose_padded(const at::Tensor& t) {
+  const int64_t m = t.size(0), k = t.size(1), mp = round_up(m, kCols);
+  const scalar_t* src = t.data_ptr<scalar_t>();
+  std::vector<float> out(static_cast<size_t>(k * mp), 0.f);
+  at::parallel_for(0, k, 64, [&](int64_t b, int64_t e) {
+    for (int64_t kk = b; kk < e; ++kk)
+      for (int64_t i = 0; i < m; ++i) out[kk * mp + i] = static_cast<float>(src[i * k + kk]);
+  });
+  return out;
 }
 
-// A float32 view of a parameter: the tensor's own data if it is float32, else a widened copy.
-template <typename scalar_t>
-const float* as_float(const at::Tensor& t, std::vector<float>& storage) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return t.data_ptr<float>();
-  } else {
-    const scalar_t* src = t.data_ptr<scalar_t>();
-    const int64_t n = t.numel();
-    storage.resize(n);
-    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) storage[i] = static_cast<float>(src[i]);
-    });
-    return storage.data();
+// out[r][j] = sum_k x[r][k] * bt[k][j] for r < kRows, j < mp, as kRows interleaved axpy
+// passes over the rows of bt: each bt row is read once per tile of kRows rows and the inner
+// loop (contiguous, no reduction) vectorizes without -ffast-math.
+inline void gemm_rows(const float* x, int64_t k, const float* bt, int64_t mp, float* out) {
+  std::fill(out, out + kRows * mp, 0.f);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* __restrict__ w = bt + kk * mp;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float xr = x[r * k + kk];
+      float* __restrict__ o = out + r * mp;
+      for (int64_t j = 0; j < mp; ++j) o[j] += xr * w[j];
+    }
   }
+}
+
+template <typename scalar_t>
+std::vector<float> widen(const at::Tensor& t) {
+  const scalar_t* src = t.data_ptr<scalar_t>();
+  std::vector<float> out(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<float>(src[i]);
+  return out;
 }
 
 template <typename scalar_t>
@@ -53,12 +67,12 @@ void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at
                     at::Tensor& exit_mask, at::Tensor& pred, at::Tensor& counter_out) {
   const int64_t n = hidden.size(0), h = hidden.size(1), c = weight.size(0);
   const int64_t row_stride = hidden.stride(0);
-  std::vector<float> w_store, b_store, pw_store, pb_store;
-  const float* w = as_float<scalar_t>(weight, w_store);
-  const float* b = as_float<scalar_t>(bias, b_store);
+  const int64_t hp = round_up(h, kCols), cp = round_up(c, kCols);
   const bool has_pooler = pooler_weight.has_value();
-  const float* pw = has_pooler ? as_float<scalar_t>(*pooler_weight, pw_store) : nullptr;
-  const float* pb = has_pooler ? as_float<scalar_t>(*pooler_bias, pb_store) : nullptr;
+  const std::vector<float> wt = transpose_padded<scalar_t>(weight);
+  const std::vector<float> b = widen<scalar_t>(bias);
+  const std::vector<float> pwt = has_pooler ? transpose_padded<scalar_t>(*pooler_weight) : std::vector<float>();
+  const std::vector<float> pb = has_pooler ? widen<scalar_t>(*pooler_bias) : std::vector<float>();
   const scalar_t* hid = hidden.data_ptr<scalar_t>();
   const float* mem = memory.has_value() ? memory->data_ptr<float>() : nullptr;
   const int64_t* prev = prev_pred.has_value() ? prev_pred->data_ptr<int64_t>() : nullptr;
@@ -69,31 +83,46 @@ void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at
   int64_t* out_pred = pred.data_ptr<int64_t>();
   int32_t* out_cnt = criterion == kPatience ? counter_out.data_ptr<int32_t>() : nullptr;
 
-  const int64_t work_per_row = c * h + (has_pooler ? h * h : 0) + 1;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / work_per_row);
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(h), pooled(has_pooler ? h : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* row = hid + r * row_stride;
-      for (int64_t k = 0; k < h; ++k) x[k] = static_cast<float>(row[k]);
+  // Parallel over tiles of kRows rows; each tile runs pooler -> classifier -> epilogue.
+  const int64_t tiles = (n + kRows - 1) / kRows;
+  const int64_t work_per_tile = kRows * (cp * h + (has_pooler ? hp * h : 0)) + 1;
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / work_per_tile);
+  at::parallel_for(0, tiles, grain, [&](int64_t tb, int64_t te) {
+    std::vector<float> x(kRows * h), pooled(has_pooler ? kRows * hp : 0), z(kRows * cp);
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t r0 = t * kRows, rows = std::min(kRows, n - r0);
+      for (int64_t r = 0; r < kRows; ++r)  // rows past N are zeros, computed and dropped
+        for (int64_t k = 0; k < h; ++k)
+          x[r * h + k] = r < rows ? static_cast<float>(hid[(r0 + r) * row_stride + k]) : 0.f;
       const float* feat = x.data();
+      int64_t feat_stride = h;
       if (has_pooler) {
-        for (int64_t j = 0; j < h; ++j) pooled[j] = std::tanh(dot(pw + j * h, x.data(), h) + pb[j]);
+        gemm_rows(x.data(), h, pwt.data(), hp, pooled.data());
+        for (int64_t r = 0; r < kRows; ++r)
+          for (int64_t j = 0; j < h; ++j) pooled[r * hp + j] = std::tanh(pooled[r * hp + j] + pb[j]);
+        // The classifier reads pooled rows of stride hp; compact them to stride h.
+        for (int64_t r = 1; r < kRows; ++r)
+          std::copy(pooled.begin() + r * hp, pooled.begin() + r * hp + h, pooled.begin() + r * h);
         feat = pooled.data();
+        feat_stride = h;
       }
-      SoftmaxStats st = stats_init();
-      float* zrow = out_logits + r * c;
-      for (int64_t k = 0; k < c; ++k) {
-        const float z = transform_logit(dot(w + k * h, feat, h) + b[k], tanh_logits, mem != nullptr,
-                                        mem ? mem[r * c + k] : 0.f, lam);
-        zrow[k] = z;
-        stats_push(st, z, k);
+      gemm_rows(feat, feat_stride, wt.data(), cp, z.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = r0 + r;
+        SoftmaxStats st = stats_init();
+        float* zrow = out_logits + row * c;
+        for (int64_t k = 0; k < c; ++k) {
+          const float v = transform_logit(z[r * cp + k] + b[k], tanh_logits, mem != nullptr,
+                                          mem ? mem[row * c + k] : 0.f, lam);
+          zrow[k] = v;
+          stats_push(st, v, k);
+        }
+        const Decision d = decide(st, criterion, threshold, prev ? prev[row] : -1, cnt ? cnt[row] : 0);
+        out_score[row] = d.score;
+        out_exit[row] = d.exit;
+        out_pred[row] = d.pred;
+        if (out_cnt) out_cnt[row] = d.counter;
       }
-      const Decision d = decide(st, criterion, threshold, prev ? prev[r] : -1, cnt ? cnt[r] : 0);
-      out_score[r] = d.score;
-      out_exit[r] = d.exit;
-      out_pred[r] = d.pred;
-      if (out_cnt) out_cnt[r] = d.counter;
     }
   });
 }
