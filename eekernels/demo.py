@@ -20,8 +20,11 @@ from .ops import exit_head, exit_head_reference
 
 
 def eager_exit_sequence(hidden, pooler_weight, pooler_bias, weight, bias, threshold):
-    """The unfused baseline: how DeeBERT-style code decides an exit, op by op."""
-    pooled = torch.tanh(torch.nn.functional.linear(hidden, pooler_weight, pooler_bias))
+    """The unfused baseline: how DeeBERT-style code decides an exit, op by op
+    (``pooler_weight=None`` skips the pooler)."""
+    pooled = hidden
+    if pooler_weight is not None:
+        pooled = torch.tanh(torch.nn.functional.linear(hidden, pooler_weight, pooler_bias))
     logits = torch.nn.functional.linear(pooled, weight, bias).float()
     p = torch.softmax(logits, dim=-1)
     entropy = -(p * torch.log(p)).sum(dim=-1)
