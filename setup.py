@@ -43,7 +43,7 @@ def extensions():
               "compiled with ninja on first use (install with --no-build-isolation to prebuild).")
         return [], {}
     sources = ["csrc/register.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None

@@ -59,7 +59,7 @@ def _jit_build():
         file=sys.stderr,
         flush=True,
     )
-    cflags = ["-O3", "-std=c++17"] + (["-DEEKERNELS_WITH_CUDA"] if want_cuda else [])
+    cflags = ["-O3"] + (["-DEEKERNELS_WITH_CUDA"] if want_cuda else [])
     return cpp_extension.load(
         name="eekernels_C" + ("_cuda" if want_cuda else "_cpu"),
         sources=_sources(root, want_cuda),
