@@ -24,11 +24,23 @@ from .backends import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The HF integration imports transformers: load it only when asked for.
+    if name in ("convert", "EarlyExitModel"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'eekernels' has no attribute {name!r}")
+
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "EarlyExitModel",
     "available_backends",
     "backend_report",
+    "convert",
     "get_backend",
     "ops",
     "set_backend",
