@@ -43,7 +43,8 @@ class EarlyExitOutput:
 
 def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                        token_type_ids: Optional[torch.Tensor] = None, *, criterion: str = "entropy",
-                       threshold: float = 0.0, backend: Optional[str] = None) -> EarlyExitOutput:
+                       threshold: float = 0.0, backend: Optional[str] = None,
+                       exit_profile: Optional[torch.Tensor] = None) -> EarlyExitOutput:
     """Run ``model`` (an :class:`~eekernels.models.EarlyExitModel`) with early exit.
 
     Args:
@@ -53,6 +54,9 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
         criterion, threshold: the exit rule (see :func:`eekernels.ops.exit_head`): entropy
             (DeeBERT), max_prob (Right-Tool) or patience (PABEE, threshold = patience).
         backend: the ops' backend (default: automatic).
+        exit_profile: for benchmarks, int [B] of 1-based layers: row i exits at the first exit
+            layer >= exit_profile[i]. The exit head still runs (its cost counts); only its
+            decision is replaced, so a controlled exit profile can be timed.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"early_exit: input_ids must be [B, S], got {tuple(input_ids.shape)}")
@@ -62,6 +66,8 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
         raise ValueError(f"early_exit: sequence length {s} exceeds the model's max_position_embeddings {max_pos}; truncate the input")
     if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
         raise ValueError(f"early_exit: attention_mask must be [{b}, {s}], got {tuple(attention_mask.shape)}")
+    if exit_profile is not None and tuple(exit_profile.shape) != (b,):
+        raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(exit_profile.shape)}")
     dev = input_ids.device
     ad = model.adapter
     n_layers = model.num_layers
@@ -76,6 +82,7 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
             out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
             batch_index = torch.arange(b, device=dev)
             prev_pred = counter = None
+            forced = None if exit_profile is None else exit_profile.to(device=dev, dtype=torch.int64)
             layers_run = 0
             for i in range(n_layers):
                 layer = i + 1
@@ -91,28 +98,32 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
                     criterion=criterion, threshold=threshold,
                     prev_pred=prev_pred, counter=counter, backend=backend,
                 )
-                exit_mask = torch.ones_like(out.exit) if last else out.exit  # the last layer takes all
+                if last:
+                    exit_mask = torch.ones_like(out.exit)  # the last layer takes all
+                elif forced is not None:
+                    exit_mask = forced <= layer
+                else:
+                    exit_mask = out.exit
                 scatter_exits(out_logits, out_layer, batch_index, exit_mask, out.logits, layer, backend=backend)
                 if last:
                     break
-                keep = ~exit_mask
-                tensors = [hidden, batch_index]
-                # HF masks are None (no padding) or per-row [N, 1, q, k]; a broadcast mask stays.
-                row_mask = mask is not None and mask.shape[0] == hidden.shape[0]
-                if row_mask:
-                    tensors.append(mask)
+                # Everything that follows the rows. HF masks are None (no padding) or per-row
+                # [N, 1, q, k]; a broadcast mask (first dim 1 with N > 1) stays as it is.
+                rows = {"hidden": hidden, "batch_index": batch_index}
+                if mask is not None and mask.shape[0] == hidden.shape[0]:
+                    rows["mask"] = mask
                 if criterion == "patience":
-                    tensors += [out.pred, out.counter]
-                packed = compact_rows(keep, tensors, backend=backend)
+                    rows["prev_pred"], rows["counter"] = out.pred, out.counter
+                if forced is not None:
+                    rows["forced"] = forced
+                packed = compact_rows(~exit_mask, list(rows.values()), backend=backend)
                 if packed.index.numel() == 0:
                     break
-                hidden, batch_index = packed.tensors[0], packed.tensors[1]
-                k = 2
-                if row_mask:
-                    mask = packed.tensors[k]
-                    k += 1
-                if criterion == "patience":
-                    prev_pred, counter = packed.tensors[k], packed.tensors[k + 1]
+                rows = dict(zip(rows, packed.tensors))
+                hidden, batch_index = rows["hidden"], rows["batch_index"]
+                mask = rows.get("mask", mask)
+                prev_pred, counter = rows.get("prev_pred"), rows.get("counter")
+                forced = rows.get("forced")
     finally:
         model.train(was_training)
     seq_len = attention_mask.sum(dim=1).cpu() if attention_mask is not None else torch.full((b,), s)

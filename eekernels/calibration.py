@@ -1,0 +1,128 @@
+"""Calibration: the threshold (or patience) that meets a speed-up or accuracy target.
+
+One full forward over the dev set gives every exit's logits; the exit rule is then
+replayed for each candidate threshold with the same op semantics the engine uses
+(:func:`eekernels.ops.exit_head_reference` on the logits), so a calibrated threshold gives
+the engine exactly the exit layers it was calibrated on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import metrics
+from .ops import exit_head_reference
+
+
+@dataclass
+class CalibrationResult:
+    """The chosen threshold and what it gives on the calibration set.
+
+    Attributes:
+        threshold: the threshold (the patience for "patience").
+        layer_speedup: past-future.txt eq. 15 on the set.
+        accuracy: accuracy with early exit; ``full_accuracy`` of the last layer alone.
+        table: (threshold, layer_speedup, accuracy) for every candidate examined.
+    """
+
+    criterion: str
+    threshold: float
+    layer_speedup: float
+    accuracy: float
+    full_accuracy: float
+    table: List[tuple] = field(default_factory=list)
+
+
+def simulate_exits(exit_logits: torch.Tensor, exit_layers: Sequence[int], num_layers: int, criterion: str,
+                   threshold: float):
+    """Replay the exit rule on precomputed logits [E, B, C]; returns (exit_layer [B], logits [B, C])."""
+    e, b, c = exit_logits.shape
+    eye, zeros = torch.eye(c, dtype=exit_logits.dtype), torch.zeros(c, dtype=exit_logits.dtype)
+    out_layer = torch.full((b,), num_layers, dtype=torch.long)
+    out_logits = exit_logits[-1].clone()
+    done = torch.zeros(b, dtype=torch.bool)
+    prev = cnt = None
+    for j, layer in enumerate(exit_layers[:-1]):
+        o = exit_head_reference(exit_logits[j], eye, zeros, criterion=criterion, threshold=threshold,
+                                prev_pred=prev, counter=cnt)
+        prev, cnt = (o.pred, o.counter) if criterion == "patience" else (None, None)
+        new = o.exit & ~done
+        out_layer[new] = layer
+        out_logits[new] = exit_logits[j][new]
+        done |= o.exit
+    return out_layer, out_logits
+
+
+def collect_exit_logits(model, input_ids, attention_mask=None, token_type_ids=None, batch_size: int = 64,
+                        progress: bool = True) -> torch.Tensor:
+    """Every exit's float32 logits [E, B, C] for a dataset (no grad, eval mode)."""
+    from tqdm import tqdm
+
+    was = model.training
+    model.eval()
+    chunks = []
+    try:
+        with torch.no_grad():
+            for s in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration forward", disable=not progress):
+                sl = slice(s, s + batch_size)
+                out = model(input_ids[sl], None if attention_mask is None else attention_mask[sl],
+                            None if token_type_ids is None else token_type_ids[sl])
+                chunks.append(out.exit_logits.float().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(chunks, dim=1)
+
+
+def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None, *, criterion: str = "entropy",
+              target_speedup: Optional[float] = None, max_accuracy_drop: Optional[float] = None,
+              batch_size: int = 64, candidates: int = 200, progress: bool = True) -> CalibrationResult:
+    """Pick the threshold for ``criterion`` on a labelled dev set.
+
+    Exactly one of:
+        target_speedup: the most accurate threshold whose layer speed-up is >= this.
+        max_accuracy_drop: the fastest threshold whose accuracy is >= full accuracy - this.
+    """
+    if (target_speedup is None) == (max_accuracy_drop is None):
+        raise ValueError("calibrate: give exactly one of target_speedup and max_accuracy_drop")
+    if criterion not in ("entropy", "max_prob", "patience"):
+        raise ValueError(f"calibrate: unknown criterion {criterion!r}")
+    if target_speedup is not None and not (1.0 <= target_speedup <= model.num_layers):
+        raise ValueError(f"calibrate: target_speedup must be in [1, {model.num_layers}], got {target_speedup}")
+    if max_accuracy_drop is not None and not (0.0 <= max_accuracy_drop <= 1.0):
+        raise ValueError(f"calibrate: max_accuracy_drop must be in [0, 1], got {max_accuracy_drop}")
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.shape[0] != input_ids.shape[0] or labels.shape[0] == 0:
+        raise ValueError("calibrate: need one label per input row, and at least one row")
+    z = collect_exit_logits(model, input_ids, attention_mask, token_type_ids, batch_size, progress)
+    layers, n = model.exit_layers, model.num_layers
+    full_acc = float((z[-1].argmax(-1) == labels).float().mean())
+
+    if criterion == "patience":
+        cands = [float(p) for p in range(len(layers))]
+    else:
+        p = z[:-1].softmax(-1)
+        score = -(p * p.clamp_min(1e-30).log()).sum(-1) if criterion == "entropy" else p.max(-1).values
+        qs = torch.quantile(score.flatten().double(), torch.linspace(0, 1, candidates, dtype=torch.float64))
+        # Nudge each candidate just past a score so that sample exits (entropy: <, max_prob: >=).
+        cands = sorted({float(q) * (1 + 1e-6) + 1e-9 if criterion == "entropy" else float(q) for q in qs})
+        cands = [0.0] + cands + [float("inf")]
+    table = []
+    for t in cands:
+        el, lg = simulate_exits(z, layers, n, criterion, t)
+        table.append((t, metrics.layer_speedup(el, n), float((lg.argmax(-1) == labels).float().mean())))
+    if target_speedup is not None:
+        ok = [r for r in table if r[1] >= target_speedup - 1e-12]
+        if not ok:
+            best = max(table, key=lambda r: r[1])
+            warnings.warn(f"calibrate: no threshold reaches layer speed-up {target_speedup}; "
+                          f"the fastest gives {best[1]:.3f}", RuntimeWarning, stacklevel=2)
+        else:
+            best = max(ok, key=lambda r: (r[2], -r[1]))
+    else:
+        ok = [r for r in table if r[2] >= full_acc - max_accuracy_drop - 1e-12]
+        best = max(ok, key=lambda r: (r[1], r[2]))
+    return CalibrationResult(criterion, best[0], best[1], best[2], full_acc, table)
