@@ -177,12 +177,12 @@ class EarlyExitModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion="entropy",
-                   threshold=0.0, backend=None):
+                   threshold=0.0, backend=None, exit_profile=None):
         """Batched early-exit inference; see :func:`eekernels.engine.early_exit_forward`."""
         from ..engine.batched import early_exit_forward
 
         return early_exit_forward(self, input_ids, attention_mask, token_type_ids, criterion=criterion,
-                                  threshold=threshold, backend=backend)
+                                  threshold=threshold, backend=backend, exit_profile=exit_profile)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str) -> None:
