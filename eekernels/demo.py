@@ -67,7 +67,9 @@ def run_exit_head_demo(rows: int = 512, hidden: int = 768, classes: int = 2,
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     h, pw, pb, w, b = default_head(rows, hidden, classes, dev, dtype)
     ref = exit_head_reference(h, w, b, pooler_weight=pw, pooler_bias=pb, criterion="entropy", threshold=0.0)
-    threshold = float(ref.score.float().median())  # half the rows exit
+    srt = ref.score.float().sort().values
+    threshold = float(srt[(rows - 1) // 2] + srt[rows // 2]) / 2 if rows > 1 else float(srt[0]) + 1e-3
+    # (between the two middle scores, so no row sits on the threshold: half the rows exit)
     ref = exit_head_reference(h, w, b, pooler_weight=pw, pooler_bias=pb, criterion="entropy", threshold=threshold)
     print(f"eekernels demo: exit head for {rows} rows, H={hidden}, C={classes}, pooler, {dtype}, on {dev}")
     print(f"  entropy threshold {threshold:.4f}: {int(ref.exit.sum())}/{rows} rows exit")

@@ -1,0 +1,41 @@
+"""The `eekernels` command: env, demo (the README's main job), op-demo, bench smoke run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+
+def run_cli(*args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "eekernels", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_env_lists_backends():
+    out = run_cli("env")
+    for b in ("torch", "cpu", "triton", "cuda"):
+        assert b in out
+
+
+def test_demo_main_job():
+    out = run_cli("demo", "--batch", "16", "--repeats", "1", "--device", "cpu")
+    assert "exit histogram" in out and "layer speed-up" in out and "wall clock" in out
+
+
+def test_op_demo_agrees():
+    out = run_cli("op-demo", "--rows", "64", "--hidden", "48", "--repeats", "2", "--device", "cpu")
+    assert "OK: every backend agrees" in out
+
+
+def test_bench_tiny_writes_json_and_plot(tmp_path):
+    out = run_cli("bench", "--tiny", "--device", "cpu", "--batch-sizes", "1,4", "--exit-fracs", "0.2",
+                  "--repeats", "1", "--no-compile", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert [r["batch"] for r in data["rows"]] == [1, 4]
+    assert all(r["efficiency"] > 0 and r["ideal_layer_speedup"] >= 1 for r in data["rows"])
+    assert (tmp_path / "e2e.png").stat().st_size > 1000
+    assert "samples/s" in out
