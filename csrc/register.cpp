@@ -14,6 +14,13 @@ TORCH_LIBRARY(eekernels, m) {
       "Tensor? pooler_bias, Tensor? memory, float memory_lambda, bool tanh_logits, "
       "int criterion, float threshold, Tensor? prev_pred, Tensor? counter) -> "
       "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)");
+  // Row compaction; see eekernels/ops/compaction.py for the contract. compact_rows reads
+  // the survivor count M back to the host (outputs are [M, ...]); scatter_exits writes the
+  // exited rows' logits and layer in place at their batch positions, without host sync.
+  m.def("compact_rows(Tensor keep, Tensor[] tensors) -> (Tensor index, Tensor[] rows)");
+  m.def(
+      "scatter_exits(Tensor(a!) out_logits, Tensor(b!) out_layer, Tensor batch_index, "
+      "Tensor exit, Tensor logits, int layer) -> ()");
 }
 
 static bool with_cuda() {

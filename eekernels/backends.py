@@ -52,6 +52,12 @@ _IMPLEMENTATIONS: Dict[Tuple[str, str], str] = {
     ("exit_head", "cpu"): "eekernels.ops._compiled:exit_head_compiled",
     ("exit_head", "cuda"): "eekernels.ops._compiled:exit_head_compiled",
     ("exit_head", "triton"): "eekernels.triton.exit_head:exit_head_triton",
+    ("compact_rows", "cpu"): "eekernels.ops._compiled:compact_rows_compiled",
+    ("compact_rows", "cuda"): "eekernels.ops._compiled:compact_rows_compiled",
+    ("compact_rows", "triton"): "eekernels.triton.compaction:compact_rows_triton",
+    ("scatter_exits", "cpu"): "eekernels.ops._compiled:scatter_exits_compiled",
+    ("scatter_exits", "cuda"): "eekernels.ops._compiled:scatter_exits_compiled",
+    ("scatter_exits", "triton"): "eekernels.triton.compaction:scatter_exits_triton",
 }
 
 

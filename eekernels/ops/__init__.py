@@ -1,6 +1,23 @@
 """The ops: one module per op family, each with its plain-PyTorch reference (the spec),
 argument validation and backend dispatch."""
 
+from .compaction import (
+    CompactedRows,
+    compact_rows,
+    compact_rows_reference,
+    scatter_exits,
+    scatter_exits_reference,
+)
 from .exit_head import CRITERIA, ExitHeadOutput, exit_head, exit_head_reference
 
-__all__ = ["CRITERIA", "ExitHeadOutput", "exit_head", "exit_head_reference"]
+__all__ = [
+    "CRITERIA",
+    "CompactedRows",
+    "ExitHeadOutput",
+    "compact_rows",
+    "compact_rows_reference",
+    "exit_head",
+    "exit_head_reference",
+    "scatter_exits",
+    "scatter_exits_reference",
+]

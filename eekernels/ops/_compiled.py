@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .compaction import CompactedRows
 from .exit_head import CRITERIA, ExitHeadOutput
 
 _fakes_registered = False
@@ -33,6 +34,16 @@ def register_fakes() -> None:
             new((n if criterion == CRITERIA["patience"] else 0,), dtype=torch.int32),
         )
 
+    @torch.library.register_fake("eekernels::compact_rows")
+    def _compact_rows_fake(keep, tensors):
+        m = torch.library.get_ctx().new_dynamic_size()  # survivor count: data-dependent
+        index = keep.new_empty((m,), dtype=torch.int64)
+        return index, [t.new_empty((m, *t.shape[1:])) for t in tensors]
+
+    @torch.library.register_fake("eekernels::scatter_exits")
+    def _scatter_exits_fake(out_logits, out_layer, batch_index, exit, logits, layer):
+        return None
+
     _fakes_registered = True
 
 
@@ -44,3 +55,14 @@ def exit_head_compiled(hidden, weight, bias, *, pooler_weight, pooler_bias, tanh
         CRITERIA[criterion], threshold, prev_pred, counter,
     )
     return ExitHeadOutput(logits, score, exit_, pred, cnt if criterion == "patience" else None)
+
+
+def compact_rows_compiled(keep, tensors) -> CompactedRows:
+    """compact_rows through ``torch.ops.eekernels.compact_rows`` (C++ CPU or CUDA kernel)."""
+    index, rows = torch.ops.eekernels.compact_rows(keep, tensors)
+    return CompactedRows(index, list(rows))
+
+
+def scatter_exits_compiled(out_logits, out_layer, batch_index, exit, logits, layer) -> None:
+    """scatter_exits through ``torch.ops.eekernels.scatter_exits`` (C++ CPU or CUDA kernel)."""
+    torch.ops.eekernels.scatter_exits(out_logits, out_layer, batch_index, exit, logits, layer)
