@@ -17,7 +17,9 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests
 echo "== all tests on the GPU machine"
 python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5 | tee -a "$OUT/gpu_tests.log"
 echo "== microbenchmarks (pytest-benchmark)"
-python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_exit_head.py --benchmark-columns=median,iqr,rounds \
-  --benchmark-json="$OUT/bench_exit_head.json" 2>&1 | tail -25
+python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_exit_head.py benchmarks/test_bench_compaction.py \
+  --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/bench_micro.json" 2>&1 | tail -40
 echo "== exit_head timing vs floor"
 python3 benchmarks/exit_head_gpu.py --out "$OUT"
+echo "== end-to-end: BERT-base shape, fp16, seq 128, B = 1..512, 10% and 20% exit per layer"
+python3 benchmarks/e2e.py --out "$OUT" --repeats 20
