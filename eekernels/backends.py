@@ -70,6 +70,22 @@ _warned: set = set()
 _resolved_impls: Dict[Tuple[str, str], Callable] = {}
 
 
+_triton_import: Optional[str] = None  # "" when triton imports, else the error, once known
+
+
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> str:
+    """'' if triton imports here, else why not (computed once; a constant to torch.compile)."""
+    global _triton_import
+    if _triton_import is None:
+        try:
+            importlib.import_module("triton")
+            _triton_import = ""
+        except Exception as e:  # ImportError or a broken install
+            _triton_import = str(e) or type(e).__name__
+    return _triton_import
+
+
 def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -91,10 +107,9 @@ def _status(name: str) -> Tuple[bool, str]:
                 return False, "no CUDA device is available (torch.cuda.is_available() is False)"
         return True, ""
     if name == "triton":
-        try:
-            importlib.import_module("triton")
-        except Exception as e:  # ImportError or a broken install
-            return False, f"triton cannot be imported ({e})"
+        err = _triton_import_error()
+        if err:
+            return False, f"triton cannot be imported ({err})"
         if not torch.cuda.is_available() and not _triton_interpret():
             return False, "no CUDA device is available and TRITON_INTERPRET=1 is not set"
         return True, ""
