@@ -84,6 +84,8 @@ struct Decision {
 };
 
 // The exit decision for one row. prev_pred/prev_counter are used by patience only.
+// Scores are float32 and compared with the threshold rounded to float32, as the reference
+// (a float32 tensor against a Python float) does; the integer counter is compared exactly.
 EE_HD Decision decide(const SoftmaxStats& st, int64_t criterion, double threshold,
                       int64_t prev_pred, int32_t prev_counter) {
   Decision d;
@@ -102,12 +104,12 @@ EE_HD Decision decide(const SoftmaxStats& st, int64_t criterion, double threshol
   } else if (criterion == kMaxProb) {
     d.counter = 0;
     d.score = 1.f / st.s;
-    d.exit = static_cast<double>(d.score) >= threshold;
+    d.exit = d.score >= static_cast<float>(threshold);
   } else {
     d.counter = 0;
     // log(s) - t/s can round to a hair below 0 for a one-hot row; entropy is >= 0.
     d.score = fmaxf(logf(st.s) - st.t / st.s, 0.f);
-    d.exit = static_cast<double>(d.score) < threshold;
+    d.exit = d.score < static_cast<float>(threshold);
   }
   return d;
 }

@@ -14,7 +14,8 @@ One kernel launch computes, for a block of ``BLOCK_N`` rows per program and in o
 Rows whose final logits contain NaN/+-inf: score NaN (0 for patience), exit False,
 pred -1, counter 0.
 
-Kernel structure (all paths share the logit epilogue ``_logit_tile`` and ``_decide``):
+Kernel structure (all paths share the per-tile logit epilogue ``_logit_tile`` and the
+exit decision at the end of ``_exit_head_kernel``):
 
 * no pooler: for each class tile ``c`` of BLOCK_C classes, accumulate the
   [BLOCK_N, BLOCK_C] logits with tl.dot over BLOCK_K-wide tiles of ``hidden`` (input
@@ -29,30 +30,53 @@ Kernel structure (all paths share the logit epilogue ``_logit_tile`` and ``_deci
 
 Precision: float32 inputs use ``input_precision="ieee"`` everywhere (TF32 would miss the
 1e-5 tolerance). Half inputs (fp16/bf16) feed tensor-core dots in the input dtype with a
-float32 accumulator; the float32 pooled activations are split ``p = hi + lo`` with both
-parts in the input dtype and multiplied as ``hi W + lo W`` (two half dots), which keeps
-~16 (bf16) / ~22 (fp16) mantissa bits of ``p`` instead of 8 / 11.
+float32 accumulator; the float32 pooled activations are split ``p = hi + lo`` (fp16) or
+``hi + lo + lo2`` (bf16) with the parts in the input dtype and multiplied as
+``hi W + lo W (+ lo2 W)``, which keeps ~22 / ~24 mantissa bits of ``p`` instead of 11 / 8,
+so half results differ from the float32 reference only by float32 summation order.
 
-Block table (``_config``); all tiles are powers of two >= 16 (tl.dot minimum):
+Block table (``_config``); all tiles are powers of two >= 16 (tl.dot minimum). np2 =
+next power of two; "half" = fp16/bf16. Every entry was compiled for sm_90 (triton 3.9,
+all flag combinations, N in {1, 600, 3000}, H in {3, 768, 1000}, C in {2, 64, 65, 1000})
+and checked with cuobjdump: no register spills except 2 fp32 entries with BLOCK_N = 64
+(16 bytes of stack) and 5 entries with H not a multiple of 16 (8-64 bytes).
 
-=========== ========================= ===============================================
-BLOCK_N     16 if N <= 512            many small programs while the grid is below the
-            32 if N <= 2048           SM count (132 on H100): every program streams the
-            64 otherwise              whole W (and Wp) from L2, so only larger N
-                                      amortise it over more rows
-BLOCK_C     clamp(next_pow2(C), 16,   one class tile for the usual C <= 64; for large C
-            128 if BLOCK_N <= 32      (vocab-like heads) 128/64-wide tiles keep the
-            else 64)                  fp32 accumulator at <= 64 registers per thread
-BLOCK_K     clamp(next_pow2(H), 16,   reduction tile over H (32 for fp32: the ieee dot
-            64 half / 32 fp32)        is an FMA loop and holds both operands in registers)
-BLOCK_J     clamp(next_pow2(H), 16,   pooler output-column tile
-            64)
-num_warps   4
-=========== ========================= ===============================================
+============== ==================================================================
+BLOCK_N        16 if N <= 512, 32 if N <= 2048, else 64. Every program streams the
+               whole W (and Wp) from L2, so small row tiles (more programs) while
+               the grid is below the SM count (132 on H100), larger ones after.
+no pooler      BLOCK_C = clamp(np2(C), 16, 128 if BLOCK_N == 16 else 64; 32 for
+               fp32 with BLOCK_N == 64); BLOCK_K = clamp(np2(H), 16, 64 half / 32
+               fp32: the fp32 "ieee" dot is an FMA loop holding both operands in
+               registers).
+pooler, C<=64  "fused": BLOCK_C = max(np2(C), 16) (one class tile), BLOCK_K =
+               BLOCK_J = clamp(np2(H), 16, 64 half / 32 fp32).
+pooler, C>64   "scratch": BLOCK_C = 64 if BLOCK_N == 16 else 32, BLOCK_K =
+               clamp(np2(H), 16, 32), BLOCK_J = clamp(np2(H), 16, 64).
+num_warps      8 if BLOCK_N * BLOCK_C >= 2048 or BLOCK_N == 64, else 4.
+============== ==================================================================
 
-Under the Triton interpreter (TRITON_INTERPRET=1, which CI uses) the same table is used,
-so CI exercises the GPU configurations' masks and loop structure; interpreter time is
-dominated by the number of tile iterations (see tests for slow shapes).
+The W^T / Wp^T tile [BLOCK_K, BLOCK_C] (pointers + values in registers) dominates the
+register budget, which is what caps BLOCK_K * BLOCK_C.
+
+Performance caveat: one program owns BLOCK_N rows and all of H and C, so for N <= 16 with a
+pooler a single SM streams the whole H x H pooler (1.2 MB at H=768 fp16); splitting the
+pooler's output columns over programs would need a cross-program reduction.
+
+Under the Triton interpreter (TRITON_INTERPRET=1, which CI uses) interpreter time is per
+tile *iteration* (numpy per op), not per element, so a second table uses big tiles:
+BLOCK_N = clamp(next_pow2(N), 16, 128), BLOCK_C = clamp(next_pow2(C), 16, 256),
+BLOCK_K = BLOCK_J = clamp(next_pow2(H), 16, 256) (e.g. N=1000, H=768, C=2 with a
+pooler: 0.3-0.6 s instead of 7-12 s with the GPU table). The kernel code is the same;
+shapes above those tiles (C=1000, H=1000, N=1000) still exercise the multi-tile loops
+and every tail mask. The interpreter also multiplies bfloat16 tiles as raw uint16 bits
+(triton 3.6 and 3.9), so there bf16 dot operands are upcast to float32 (``UPCAST``;
+bf16 products are exact in float32, so this matches the GPU's bf16 MMA) and the float32
+pooled activations go through one exact float32 dot instead of the hi/lo/lo2 split
+(``_BF16_INTERPRETER_MODE = 2`` emulates the split, for tests).
+
+Thresholds: the kernel compares float32 scores with a float32 threshold chosen on the host
+(``_threshold32``) so that the result equals the spec's comparison exactly.
 
 The host wrapper ``exit_head_triton`` allocates the outputs and launches directly (no
 other torch ops, no host syncs). Under ``torch.compile`` it calls the custom op
@@ -60,6 +84,7 @@ other torch ops, no host syncs). Under ``torch.compile`` it calls the custom op
 the launch is opaque to Dynamo/Inductor and capturable in CUDA graphs.
 """
 
+import contextlib
 import functools
 import math
 import struct
@@ -100,13 +125,13 @@ def _tanh(x):
 def _dot_in(a, wt, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
     """a [M, K] times wt [K, N], both in the input dtype, float32 result.
 
-    UPCAST (interpreter + bfloat16 only): the Triton interpreter multiplies bfloat16 tiles
-    as their raw uint16 bits, so upcast and use an exact float32 dot instead; products of
-    bf16 values are exact in float32, so this matches the GPU's bf16 x bf16 -> fp32 MMA.
+    UPCAST (interpreter + bfloat16 only, 1 or 2): the Triton interpreter multiplies
+    bfloat16 tiles as their raw uint16 bits, so upcast and use an exact float32 dot instead;
+    products of bf16 values are exact in float32, so this matches the GPU's bf16 MMA.
     """
     if IS_F32:
         return tl.dot(a, wt, input_precision="ieee")
-    elif UPCAST:
+    elif UPCAST != 0:
         return tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, wt)
@@ -116,15 +141,25 @@ def _dot_in(a, wt, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
 def _dot_f32_lhs(x, wt, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
     """x [M, K] float32 times wt [K, N] (input dtype), float32 result.
 
-    Half weights: x = hi + lo with hi, lo in the weights' dtype, two half dots, so the
-    float32 pooled activations keep ~16 (bf16) / ~22 (fp16) bits instead of 8 / 11.
+    Half weights: x = hi + lo (+ lo2 for bf16) with the parts in the weights' dtype and
+    one half dot each, so the float32 pooled activations keep ~22 (fp16) / ~24 (bf16)
+    mantissa bits instead of 11 / 8; products of half values are exact in float32.
     """
     if IS_F32:
         return tl.dot(x, wt, input_precision="ieee")
+    elif UPCAST == 1:
+        # interpreter + bf16: one exact float32 dot (what the split below approximates to
+        # ~2^-24); the interpreter's bf16 conversions are slow, so skip the split there.
+        return tl.dot(x, wt.to(tl.float32), input_precision="ieee")
     else:
         hi = x.to(wt.dtype)
-        lo = (x - hi.to(tl.float32)).to(wt.dtype)
-        return _dot_in(hi, wt, IS_F32, UPCAST) + _dot_in(lo, wt, IS_F32, UPCAST)
+        r = x - hi.to(tl.float32)
+        lo = r.to(wt.dtype)
+        acc = _dot_in(hi, wt, IS_F32, UPCAST) + _dot_in(lo, wt, IS_F32, UPCAST)
+        if wt.dtype == tl.bfloat16:
+            lo2 = (r - lo.to(tl.float32)).to(wt.dtype)
+            acc += _dot_in(lo2, wt, IS_F32, UPCAST)
+        return acc
 
 
 @triton.jit
@@ -132,7 +167,7 @@ def _pooler_tile(h_ptr, stride_hn, wp_ptr, bp_ptr, rows64, row_ok, j0, H,
                  IS_F32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pooled columns j0..j0+BLOCK_J of BLOCK_N rows: tanh(h Wp[j]^T + bp[j]), float32.
-    Columns >= H come out exactly 0 (masked loads give 0, tanh(0) = 0)."""
+    Columns >= H are forced to 0 (an inf in h times a zero-padded Wp column is NaN)."""
     cols_j = j0 + tl.arange(0, BLOCK_J)
     j_ok = cols_j < H
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
@@ -146,7 +181,7 @@ def _pooler_tile(h_ptr, stride_hn, wp_ptr, bp_ptr, rows64, row_ok, j0, H,
                      mask=k_ok[:, None] & j_ok[None, :], other=0.0)
         acc += _dot_in(a, wt, IS_F32, UPCAST)
     bp = tl.load(bp_ptr + cols_j, mask=j_ok, other=0.0).to(tl.float32)
-    return _tanh(acc + bp[None, :])
+    return tl.where(j_ok[None, :], _tanh(acc + bp[None, :]), 0.0)
 
 
 @triton.jit
@@ -187,7 +222,8 @@ def _logit_tile(acc, rows64, row_ok, c0, b_ptr, mem_ptr, logits_ptr, C, mem_a, m
     return m_new, s, t, arg, bad
 
 
-@triton.jit
+# N changes every layer as rows exit: do not specialise on it (fewer compiled variants).
+@triton.jit(do_not_specialize=["N"])
 def _exit_head_kernel(
     h_ptr, stride_hn, w_ptr, b_ptr, wp_ptr, bp_ptr, mem_ptr, prev_ptr, cnt_ptr, scratch_ptr,
     logits_ptr, score_ptr, exit_ptr, pred_ptr, cnt_out_ptr,
@@ -260,6 +296,7 @@ def _exit_head_kernel(
     # ---- exit decision (exit_head_epilogue.h decide) ----
     finite = (bad == 0) & (arg >= 0)
     pred = tl.where(finite, arg, -1).to(tl.int64)
+    s = tl.where(finite, s, 1.0)  # s >= 1 on finite rows; keeps log/div of 0 off the rest
     if CRITERION == 2:  # patience (PABEE)
         if HAS_PREV:
             prev = tl.load(prev_ptr + rows, mask=row_ok, other=-1)
@@ -296,51 +333,69 @@ def _np2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+# bf16 dots under the interpreter: 0 native (GPU), 1 float32 dots (fast; the default when
+# interpreted), 2 float32 dots that emulate the GPU's hi/lo/lo2 split exactly (tests).
+_BF16_INTERPRETER_MODE = 1 if _INTERPRETED else 0
+
 _FUSED_MAX_C = 64  # pooler + C <= this: single class tile, no scratch buffer
 
 
 @functools.lru_cache(maxsize=4096)
 def _config(n: int, h: int, c: int, is_f32: bool, has_pooler: bool, interpreted: bool = False):
     """(POOL, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_J, num_warps); see the module docstring."""
+    pool = 0 if not has_pooler else (1 if c <= _FUSED_MAX_C else 2)
     if interpreted:
         # Interpreter: time is per tile *iteration*, not per element, so use big tiles.
         block_n = min(max(_np2(n), 16), 128)
-        block_c = min(max(_np2(c), 16), 256)
+        block_c = max(_np2(c), 16) if pool == 1 else min(max(_np2(c), 16), 256)
         block_k = block_j = min(max(_np2(h), 16), 256)
-    else:
-        block_n = 16 if n <= 512 else (32 if n <= 2048 else 64)
-        block_c = min(max(_np2(c), 16), 128 if block_n <= 32 else 64)
-        block_k = min(max(_np2(h), 16), 32 if is_f32 else 64)
-        block_j = min(max(_np2(h), 16), 64)
-    if not has_pooler:
-        pool = 0
-    elif c <= _FUSED_MAX_C:
-        pool = 1
+        return pool, block_n, block_c, block_k, block_j, 4
+    # GPU table: every entry compiles for sm_90 without register spills (ptxas stack 0).
+    block_n = 16 if n <= 512 else (32 if n <= 2048 else 64)
+    kmax = 32 if is_f32 else 64
+    if pool == 0:
+        cmax = 128 if block_n == 16 else (32 if block_n == 64 and is_f32 else 64)
+        block_c = min(max(_np2(c), 16), cmax)
+        block_k, block_j = min(max(_np2(h), 16), kmax), 16  # block_j unused
+    elif pool == 1:
         block_c = max(_np2(c), 16)
+        block_k = block_j = min(max(_np2(h), 16), kmax)
     else:
-        pool = 2
-    return pool, block_n, block_c, block_k, block_j, 4
+        block_c = 64 if block_n == 16 else 32
+        block_k, block_j = min(max(_np2(h), 16), 32), min(max(_np2(h), 16), 64)
+    num_warps = 8 if block_n * block_c >= 2048 or block_n == 64 else 4
+    return pool, block_n, block_c, block_k, block_j, num_warps
 
 
 @functools.lru_cache(maxsize=256)
-def _f32_ceil(x: float) -> float:
-    """Smallest float32 >= x (x >= 0, inf allowed).
+def _threshold32(x: float, patience: bool) -> float:
+    """The float32 threshold the kernel compares its float32 score with (x >= 0, inf ok).
 
-    The spec compares the float32 score with the double threshold; the kernel compares in
-    float32, and for a float32 score ``score < x`` <=> ``score < ceil32(x)`` and
-    ``score >= x`` <=> ``score >= ceil32(x)``, so rounding the threshold up is exact.
+    entropy / max_prob: the spec's ``score < threshold`` / ``score >= threshold`` compare a
+    float32 tensor with a Python float, which torch does in float32 after rounding the
+    threshold to nearest (overflow -> inf); do the same.
+    patience: the spec compares ``counter.double() >= threshold`` in double; for a float32
+    value v (every int32 counter a layer count can reach), ``v >= x`` <=> ``v >= ceil32(x)``
+    with ceil32(x) the smallest float32 >= x, so rounding the threshold up is exact.
     """
-    if x > 3.4028234663852886e38:
+    try:
+        f = struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
         return math.inf
-    f = struct.unpack("<f", struct.pack("<f", x))[0]
-    if f < x:
-        f = struct.unpack("<f", struct.pack("<I", struct.unpack("<I", struct.pack("<f", f))[0] + 1))[0]
+    if patience and f < x:
+        bits = struct.unpack("<I", struct.pack("<f", f))[0] + 1
+        f = struct.unpack("<f", struct.pack("<I", bits))[0]
     return f
 
 
-def _launch(hidden, weight, bias, pooler_weight, pooler_bias, tanh_logits, memory,
-            memory_lambda, criterion, threshold, prev_pred, counter):
-    """Allocate outputs and launch; returns (logits, score, exit, pred, counter-or-[0])."""
+def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
+            tanh_logits, criterion, threshold, prev_pred, counter):
+    """Allocate outputs and launch; returns (logits, score, exit, pred, counter-or-[0]).
+
+    Arguments in the order of the C++ op ``eekernels::exit_head`` (csrc/register.cpp);
+    criterion is the integer code (0 entropy, 1 max_prob, 2 patience)."""
     n, h = hidden.shape
     c = weight.shape[0]
     dev = hidden.device
@@ -354,38 +409,45 @@ def _launch(hidden, weight, bias, pooler_weight, pooler_bias, tanh_logits, memor
         return logits, score, exit_, pred, cnt_out
     is_f32 = hidden.dtype == torch.float32
     has_pooler = pooler_weight is not None
-    pool, block_n, block_c, block_k, block_j, num_warps = _config(n, h, c, is_f32, has_pooler, _INTERPRETED)
+    pool, block_n, block_c, block_k, block_j, num_warps = _config(
+        n, h, c, is_f32, has_pooler, _INTERPRETED)
     scratch = torch.empty((n, h), dtype=torch.float32, device=dev) if pool == 2 else logits
     lam = float(memory_lambda)
-    _exit_head_kernel[(triton.cdiv(n, block_n),)](
-        hidden, hidden.stride(0), weight, bias,
-        pooler_weight if has_pooler else weight, pooler_bias if has_pooler else bias,
-        memory if memory is not None else logits,
-        prev_pred if prev_pred is not None else pred,  # dummies are never read
-        counter if counter is not None else score,
-        scratch, logits, score, exit_, pred, cnt_out if patience else score,
-        n, h, c, 1.0 - lam, lam, _f32_ceil(float(threshold)),
-        POOL=pool, TANH_LOGITS=bool(tanh_logits), HAS_MEMORY=memory is not None,
-        CRITERION=criterion, HAS_PREV=patience and prev_pred is not None,
-        HAS_COUNTER=patience and counter is not None, IS_F32=is_f32,
-        UPCAST=_INTERPRETED and hidden.dtype == torch.bfloat16,
-        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_J=block_j,
-        num_warps=num_warps,
-    )
+    # Triton launches on the current device; switch only when hidden lives elsewhere.
+    other_gpu = dev.type == "cuda" and dev.index != torch.cuda.current_device()
+    guard = torch.cuda.device(dev) if other_gpu else _NO_GUARD
+    with guard:
+        _exit_head_kernel[(triton.cdiv(n, block_n),)](
+            hidden, hidden.stride(0), weight, bias,
+            pooler_weight if has_pooler else weight, pooler_bias if has_pooler else bias,
+            memory if memory is not None else logits,
+            prev_pred if prev_pred is not None else pred,  # dummies are never read
+            counter if counter is not None else score,
+            scratch, logits, score, exit_, pred, cnt_out if patience else score,
+            n, h, c, 1.0 - lam, lam, _threshold32(float(threshold), patience),
+            POOL=pool, TANH_LOGITS=bool(tanh_logits), HAS_MEMORY=memory is not None,
+            CRITERION=criterion, HAS_PREV=patience and prev_pred is not None,
+            HAS_COUNTER=patience and counter is not None, IS_F32=is_f32,
+            UPCAST=_BF16_INTERPRETER_MODE if hidden.dtype == torch.bfloat16 else 0,
+            BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_J=block_j,
+            num_warps=num_warps,
+        )
     return logits, score, exit_, pred, cnt_out
 
 
 # --------------------------------------------------------------------------- custom op
 
+# Same schema as the C++ op eekernels::exit_head (csrc/register.cpp).
 _OP_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, Tensor? pooler_bias, "
-    "bool tanh_logits, Tensor? memory, float memory_lambda, int criterion, float threshold, "
-    "Tensor? prev_pred, Tensor? counter) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? memory, float memory_lambda, bool tanh_logits, int criterion, float threshold, "
+    "Tensor? prev_pred, Tensor? counter) -> "
+    "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)"
 )
 
 
-def _fake(hidden, weight, bias, pooler_weight, pooler_bias, tanh_logits, memory,
-          memory_lambda, criterion, threshold, prev_pred, counter):
+def _fake(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
+          tanh_logits, criterion, threshold, prev_pred, counter):
     n, c = hidden.shape[0], weight.shape[0]
     new = hidden.new_empty
     return (
@@ -435,10 +497,10 @@ def exit_head_triton(
     code = CRITERIA[criterion]
     if torch.compiler.is_compiling():
         logits, score, exit_, pred, cnt = _op(
-            hidden, weight, bias, pooler_weight, pooler_bias, bool(tanh_logits), memory,
-            float(memory_lambda), code, float(threshold), prev_pred, counter)
+            hidden, weight, bias, pooler_weight, pooler_bias, memory, float(memory_lambda),
+            bool(tanh_logits), code, float(threshold), prev_pred, counter)
     else:
         logits, score, exit_, pred, cnt = _launch(
-            hidden, weight, bias, pooler_weight, pooler_bias, tanh_logits, memory,
-            memory_lambda, code, threshold, prev_pred, counter)
+            hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
+            tanh_logits, code, threshold, prev_pred, counter)
     return ExitHeadOutput(logits, score, exit_, pred, cnt if code == 2 else None)
