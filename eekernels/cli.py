@@ -37,6 +37,18 @@ def _cmd_bench(args) -> int:
     return e2e.main(args)
 
 
+def _cmd_train(args) -> int:
+    from .train_eval import run_train
+
+    return run_train(args)
+
+
+def _cmd_eval(args) -> int:
+    from .train_eval import run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eekernels", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e2e.add_arguments(bench)
     bench.set_defaults(fn=_cmd_bench)
+    from . import train_eval
+
+    t = sub.add_parser("train", help="fine-tune an early-exit model on a TSV/CSV/JSONL file (HF Trainer)")
+    train_eval.add_train_arguments(t)
+    t.set_defaults(fn=_cmd_train)
+    ev = sub.add_parser("eval", help="batched early-exit evaluation of a trained model on a labelled file")
+    train_eval.add_eval_arguments(ev)
+    ev.set_defaults(fn=_cmd_eval)
     return p
 
 
