@@ -130,12 +130,13 @@ def plot(rows: List[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for frac in sorted({r["exit_frac"] for r in rows}):
+    for k, frac in enumerate(sorted({r["exit_frac"] for r in rows})):
         rs = [r for r in rows if r["exit_frac"] == frac]
         bs = [r["batch"] for r in rs]
-        axes[0].plot(bs, [r["efficiency"] for r in rs], marker="o", label=f"{int(frac * 100)}% exit/layer")
-        axes[1].plot(bs, [r["realized_vs_best"] for r in rs], marker="o", label=f"realized {int(frac * 100)}%")
-        axes[1].plot(bs, [r["ideal_layer_speedup"] for r in rs], linestyle="--", label=f"ideal {int(frac * 100)}%")
+        color = f"C{k}"  # one colour per exit profile in both panels
+        axes[0].plot(bs, [r["efficiency"] for r in rs], marker="o", color=color, label=f"{int(frac * 100)}% exit/layer")
+        axes[1].plot(bs, [r["realized_vs_best"] for r in rs], marker="o", color=color, label=f"realized {int(frac * 100)}%")
+        axes[1].plot(bs, [r["ideal_layer_speedup"] for r in rs], linestyle="--", color=color, label=f"ideal {int(frac * 100)}%")
     for ax, title in zip(axes, ("efficiency = realized / ideal", "speed-up vs fastest full model")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
