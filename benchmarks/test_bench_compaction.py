@@ -29,11 +29,7 @@ CPU_SHAPES = [(n, 32, 256) for n in (128, 512)]
 
 
 def _providers(device):
-    names = ["bool_index", "torch"]
-    for b in eekernels.available_backends():
-        if b in (("triton", "cuda") if device == "cuda" else ("cpu",)):
-            names.append(b)
-    return names
+    return ["bool_index", "torch"] + eekernels.backends.runnable_backends(device, include_reference=False)
 
 
 def _cases():

@@ -27,11 +27,7 @@ CPU_SHAPES = {
 
 
 def _providers(device):
-    names = ["eager", "torch"]
-    for b in eekernels.available_backends():
-        if b in (("triton", "cuda") if device == "cuda" else ("cpu",)):
-            names.append(b)
-    return names
+    return ["eager", "torch"] + eekernels.backends.runnable_backends(device, include_reference=False)
 
 
 def _cases():

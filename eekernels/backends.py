@@ -36,6 +36,7 @@ __all__ = [
     "get_backend",
     "implementation",
     "resolve",
+    "runnable_backends",
     "set_backend",
 ]
 
@@ -131,6 +132,12 @@ def _runs_on(name: str, device_type: str) -> bool:
 def available_backends() -> List[str]:
     """The backends that can run in this process, from :data:`BACKENDS`."""
     return [b for b in BACKENDS if _status(b)[0]]
+
+
+def runnable_backends(device_type: str, include_reference: bool = True) -> List[str]:
+    """The available backends that can run on tensors of ``device_type`` ("cpu", "cuda")."""
+    return [b for b in available_backends()
+            if _runs_on(b, device_type) and (include_reference or b != "torch")]
 
 
 def backend_report() -> Dict[str, str]:

@@ -74,7 +74,7 @@ def run_exit_head_demo(rows: int = 512, hidden: int = 768, classes: int = 2,
     print(f"eekernels demo: exit head for {rows} rows, H={hidden}, C={classes}, pooler, {dtype}, on {dev}")
     print(f"  entropy threshold {threshold:.4f}: {int(ref.exit.sum())}/{rows} rows exit")
     report = backends.backend_report()
-    runnable = [n for n in backends.BACKENDS if report[n] == "ok" and backends._runs_on(n, dev.type)]
+    runnable = backends.runnable_backends(dev.type)
     for n in backends.BACKENDS:
         if n not in runnable:
             why = report[n] if report[n] != "ok" else f"cannot run on {dev.type}"

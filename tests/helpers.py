@@ -14,15 +14,7 @@ RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 def kernel_backends(device: str):
     """The non-reference backends that can run on ``device`` in this process."""
-    out = []
-    for b in eekernels.available_backends():
-        if b == "torch":
-            continue
-        if device == "cpu" and b in ("cpu", "triton"):
-            out.append(b)
-        if device == "cuda" and b in ("triton", "cuda"):
-            out.append(b)
-    return out
+    return eekernels.backends.runnable_backends(device, include_reference=False)
 
 
 def poison_allocator(device: str, nbytes: int = 32 << 20) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .compaction import CompactedRows
-from .exit_head import CRITERIA, ExitHeadOutput
+from .exit_head import CRITERIA, ExitHeadOutput, exit_head_empty_outputs
 
 _fakes_registered = False
 
@@ -24,15 +24,7 @@ def register_fakes() -> None:
     @torch.library.register_fake("eekernels::exit_head")
     def _exit_head_fake(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
                         tanh_logits, criterion, threshold, prev_pred, counter):
-        n, c = hidden.shape[0], weight.shape[0]
-        new = hidden.new_empty
-        return (
-            new((n, c), dtype=torch.float32),
-            new((n,), dtype=torch.float32),
-            new((n,), dtype=torch.bool),
-            new((n,), dtype=torch.int64),
-            new((n if criterion == CRITERIA["patience"] else 0,), dtype=torch.int32),
-        )
+        return exit_head_empty_outputs(hidden, weight, criterion)
 
     @torch.library.register_fake("eekernels::compact_rows")
     def _compact_rows_fake(keep, tensors):

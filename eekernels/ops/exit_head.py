@@ -125,6 +125,21 @@ def exit_head_reference(
     return ExitHeadOutput(z, score, exit_, pred, new_counter)
 
 
+def exit_head_empty_outputs(hidden: torch.Tensor, weight: torch.Tensor, criterion_code: int):
+    """Uninitialised outputs of the compiled ops' schema (logits, score, exit, pred, counter);
+    the fake (meta) implementation of every registered exit_head op. ``counter`` is [N] for
+    patience and [0] otherwise."""
+    n, c = hidden.shape[0], weight.shape[0]
+    new = hidden.new_empty
+    return (
+        new((n, c), dtype=torch.float32),
+        new((n,), dtype=torch.float32),
+        new((n,), dtype=torch.bool),
+        new((n,), dtype=torch.int64),
+        new((n if criterion_code == CRITERIA["patience"] else 0,), dtype=torch.int32),
+    )
+
+
 # --------------------------------------------------------------------------- validation
 
 

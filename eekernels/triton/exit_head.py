@@ -94,7 +94,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.exit_head import CRITERIA, ExitHeadOutput
+from ..ops.exit_head import CRITERIA, ExitHeadOutput, exit_head_empty_outputs
 
 __all__ = ["exit_head_triton"]
 
@@ -448,15 +448,7 @@ _OP_SCHEMA = (
 
 def _fake(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
           tanh_logits, criterion, threshold, prev_pred, counter):
-    n, c = hidden.shape[0], weight.shape[0]
-    new = hidden.new_empty
-    return (
-        new((n, c), dtype=torch.float32),
-        new((n,), dtype=torch.float32),
-        new((n,), dtype=torch.bool),
-        new((n,), dtype=torch.int64),
-        new((n if criterion == 2 else 0,), dtype=torch.int32),
-    )
+    return exit_head_empty_outputs(hidden, weight, criterion)
 
 
 def _register_op():
