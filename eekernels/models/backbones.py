@@ -42,7 +42,9 @@ class EncoderAdapter:
         raise NotImplementedError
 
     def layer(self, i: int) -> Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
-        raise NotImplementedError
+        """Layer i (0-based) as ``f(hidden, mask)``; BERT-style encoders keep them in ``encoder.layer``."""
+        mod = self.base.encoder.layer[i]
+        return lambda h, m: mod(h, m)
 
     def final_head(self) -> HeadLinears:
         raise NotImplementedError
@@ -69,10 +71,6 @@ class BertAdapter(EncoderAdapter):
     def base(self):
         return self.model.bert
 
-    def layer(self, i):
-        mod = self.base.encoder.layer[i]
-        return lambda h, m: mod(h, m)
-
     def final_head(self):
         if self.base.pooler is None:
             raise ValueError("this BERT model has no pooler; the early-exit heads need one")
@@ -85,10 +83,6 @@ class RobertaAdapter(EncoderAdapter):
     @property
     def base(self):
         return self.model.roberta
-
-    def layer(self, i):
-        mod = self.base.encoder.layer[i]
-        return lambda h, m: mod(h, m)
 
     def final_head(self):
         return HeadLinears(self.model.classifier.dense, self.model.classifier.out_proj)

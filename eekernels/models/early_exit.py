@@ -64,6 +64,7 @@ class EarlyExitModel(nn.Module):
         super().__init__()
         self.hf = hf_model
         adapter = adapter_for(hf_model)
+        self._adapter = adapter  # plain attribute (not a module): built and validated once
         n = adapter.num_layers
         layers = sorted(set(exit_layers)) if exit_layers is not None else list(range(1, n + 1))
         if not layers or layers[0] < 1 or layers[-1] > n:
@@ -93,7 +94,7 @@ class EarlyExitModel(nn.Module):
     # ------------------------------------------------------------------ structure
     @property
     def adapter(self):
-        return adapter_for(self.hf)
+        return self._adapter
 
     @property
     def config(self):
