@@ -174,19 +174,26 @@ def get_backend() -> Optional[str]:
     return env or None
 
 
-def _best(device_type: str) -> str:
+def _implements(name: str, op: Optional[str]) -> bool:
+    """Whether backend ``name`` has an implementation of ``op`` (the reference has all)."""
+    return op is None or name == "torch" or (op, name) in _IMPLEMENTATIONS
+
+
+def _best(device_type: str, op: Optional[str] = None) -> str:
     for b in _PREFERENCE.get(device_type, ("torch",)):
-        if _status(b)[0] and _runs_on(b, device_type):
+        if _status(b)[0] and _runs_on(b, device_type) and _implements(b, op):
             return b
     return "torch"
 
 
-def resolve(requested: Optional[str], device: torch.device) -> str:
+def resolve(requested: Optional[str], device: torch.device, op: Optional[str] = None) -> str:
     """The backend an op runs for a tensor on ``device``.
 
-    ``requested`` (an op's ``backend=`` argument) must be able to run, or this raises
-    :class:`BackendUnavailableError`. Without it, the configured default is used when it
-    can run on the device, else the best available backend, with one warning.
+    ``requested`` (an op's ``backend=`` argument) must be able to run (and, when ``op`` is
+    given, implement ``op``), or this raises :class:`BackendUnavailableError`. Without it,
+    the configured default is used when it can run on the device, else the best available
+    backend, with one warning. With ``op``, the automatic choice only considers backends
+    that implement it.
     """
     dt = device.type
     if requested is not None:
@@ -200,22 +207,26 @@ def resolve(requested: Optional[str], device: torch.device) -> str:
                 f"backend {requested!r} cannot run on {dt} tensors"
                 + (" (set TRITON_INTERPRET=1 to run Triton on CPU)" if requested == "triton" else "")
             )
+        if not _implements(requested, op):
+            raise BackendUnavailableError(f"op {op!r} has no {requested!r} implementation")
         return requested
     default = get_backend()
     if default is not None:
         if default not in BACKENDS:
             raise ValueError(f"EEKERNELS_BACKEND={default!r} is not a backend; choose one of {BACKENDS}")
         ok, why = _status(default)
-        if ok and _runs_on(default, dt):
+        if ok and _runs_on(default, dt) and _implements(default, op):
             return default
-        best = _best(dt)
+        if ok and _runs_on(default, dt):  # the default backend lacks this op: no warning
+            return _best(dt, op)
+        best = _best(dt, op)
         key = (default, dt)
         if key not in _warned:
             _warned.add(key)
             reason = why if not ok else f"it cannot run on {dt} tensors"
             warnings.warn(f"eekernels: default backend {default!r} unavailable ({reason}); using {best!r}", RuntimeWarning, stacklevel=3)
         return best
-    return _best(dt)
+    return _best(dt, op)
 
 
 def implementation(op: str, backend: str) -> Callable:

@@ -9,6 +9,20 @@ from .compaction import (
     scatter_exits_reference,
 )
 from .exit_head import CRITERIA, ExitHeadOutput, exit_head, exit_head_reference
+from .tokens import (
+    PackedTokens,
+    PaddedTokens,
+    PrunedTokens,
+    mpee_kept_width,
+    mpee_prune,
+    mpee_prune_reference,
+    pack_tokens,
+    pack_tokens_padded,
+    pack_tokens_padded_reference,
+    pack_tokens_reference,
+    scatter_tokens,
+    scatter_tokens_reference,
+)
 
 __all__ = [
     "CRITERIA",
@@ -20,4 +34,16 @@ __all__ = [
     "exit_head_reference",
     "scatter_exits",
     "scatter_exits_reference",
+    "PackedTokens",
+    "PaddedTokens",
+    "PrunedTokens",
+    "mpee_kept_width",
+    "mpee_prune",
+    "mpee_prune_reference",
+    "pack_tokens",
+    "pack_tokens_padded",
+    "pack_tokens_padded_reference",
+    "pack_tokens_reference",
+    "scatter_tokens",
+    "scatter_tokens_reference",
 ]

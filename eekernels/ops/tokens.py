@@ -1,0 +1,344 @@
+"""Token gather/scatter for token-level early exit (HashEE, MPEE).
+
+A token-level method decides per token which states keep computing. The saving is only
+real when the layer computes on the active tokens alone, so the active tokens of all
+samples are packed, the layer runs on the pack, and the results are scattered back.
+
+``pack_tokens(hidden, active)`` -> :class:`PackedTokens` (varlen, no padding)::
+
+    index      = active.reshape(-1).nonzero()[:, 0]      # int64 [nnz], flat b*S + s, ascending
+    values     = hidden.reshape(B*S, H)[index]           # [nnz, H]
+    cu_seqlens = [0, cumsum(active.sum(1))]              # int32 [B+1]
+    max_seqlen = max(active.sum(1))                      # python int
+
+``pack_tokens_padded(hidden, active)`` -> :class:`PaddedTokens` ([B, M, H], M = max count)::
+
+    slot k < lengths[b] of sample b holds its k-th active token (ascending position);
+    index[b, k] = b*S + s for it and -1 for the padding slots, whose values are 0.
+
+``scatter_tokens(hidden, index, values)`` (in place) writes computed rows back::
+
+    for every j with index[j] >= 0:  hidden.reshape(B*S, H)[index[j]] = values[j]
+
+Tokens not named in ``index`` keep their states exactly (HashEE: exited tokens still
+serve as keys and values with the state of their exit layer). ``index`` may be the
+varlen [nnz] or the padded [B, M] index; ``values`` is then [nnz, H] or [B, M, H].
+
+``mpee_prune(hidden, valid, memory, attention, keep_ratio)`` -> :class:`PrunedTokens`,
+MPEE's token-wise exit (mpee.txt eq. 6-8) after a pruning layer, per sample b:
+
+- n_b = valid non-[CLS] tokens, m_b = ceil(keep_ratio * n_b) (computed as
+  ``ceil(keep_ratio * n_b - 1e-6)`` so that 0.7 * 10 keeps 7), p_b = n_b - m_b;
+- slot 0: the [CLS] token (position 0, always kept);
+- slots 1..m_b: the m_b valid non-[CLS] tokens with the highest ``memory`` (eq. 7; ties
+  to the lower position), in ascending position order;
+- slot 1 + m_b: the fusion token (eq. 8), sum over the p_b other valid non-[CLS] tokens of
+  ``attention[b, i] * hidden[b, i]`` (the raw, unnormalised class attention, as the public
+  code); its memory is the sum of theirs; it is valid iff p_b >= 1;
+- the remaining slots are padding: hidden 0, valid False, memory 0.
+
+The output width is S' = 2 + ceil(keep_ratio * (S - 1)) from the padded width S alone, so
+no host synchronisation is needed (128 -> 91 -> 65 -> 47 for keep_ratio 0.7). ``source``
+[B, S'] gives each slot's input position (-1 for the fusion token and padding).
+
+The ``*_reference`` functions below are the specification; the compiled and Triton
+backends compute the same thing.
+
+Synchronisation: ``pack_tokens`` and ``pack_tokens_padded`` read the token counts back
+once (the output sizes depend on them); ``scatter_tokens`` and ``mpee_prune`` never do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import backends
+
+__all__ = [
+    "PackedTokens",
+    "PaddedTokens",
+    "PrunedTokens",
+    "mpee_kept_width",
+    "mpee_prune",
+    "mpee_prune_reference",
+    "pack_tokens",
+    "pack_tokens_padded",
+    "pack_tokens_padded_reference",
+    "pack_tokens_reference",
+    "scatter_tokens",
+    "scatter_tokens_reference",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KEEP_EPS = 1e-6  # ceil(keep_ratio * n - eps): exact products such as 0.7 * 10 stay 7
+
+
+class PackedTokens(NamedTuple):
+    """Active tokens of a [B, S, H] batch packed without padding (varlen layout).
+
+    Attributes:
+        values: [nnz, H], the active tokens' states, sample-major, ascending position.
+        index: int64 [nnz], each packed row's flat position b*S + s in the input.
+        cu_seqlens: int32 [B+1], sample b's rows are ``values[cu_seqlens[b]:cu_seqlens[b+1]]``.
+        max_seqlen: the largest number of active tokens of one sample (python int).
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+class PaddedTokens(NamedTuple):
+    """Active tokens of a [B, S, H] batch packed into [B, M, H], M = the largest count.
+
+    Attributes:
+        values: [B, M, H]; slot k < lengths[b] holds sample b's k-th active token, the
+            padding slots are 0.
+        index: int64 [B, M], the flat input position b*S + s of each slot, -1 for padding.
+        lengths: int64 [B], active tokens per sample.
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor
+    lengths: torch.Tensor
+
+
+class PrunedTokens(NamedTuple):
+    """Result of :func:`mpee_prune`: the shrunk sequence, S' = 2 + ceil(keep_ratio * (S-1)).
+
+    Attributes:
+        hidden: [B, S', H]: [CLS], the kept tokens (ascending position), the fusion token,
+            padding (0).
+        valid: bool [B, S'], False for padding (and for a fusion token that fused nothing).
+        memory: float32 [B, S'], the class-attention memory carried with each slot.
+        source: int64 [B, S'], the input position of each slot, -1 for fusion and padding.
+    """
+
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    memory: torch.Tensor
+    source: torch.Tensor
+
+
+def mpee_kept_width(seq_len: int, keep_ratio: float) -> int:
+    """Output width of :func:`mpee_prune` for an input of padded width ``seq_len``."""
+    return 2 + math.ceil(keep_ratio * (seq_len - 1) - _KEEP_EPS)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def pack_tokens_reference(hidden: torch.Tensor, active: torch.Tensor) -> PackedTokens:
+    """Plain-PyTorch varlen packing: the specification (syncs once on GPU)."""
+    b, s, h = hidden.shape
+    counts = active.sum(dim=1)
+    index = active.reshape(-1).nonzero().reshape(-1)
+    values = hidden.reshape(b * s, h)[index]
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=hidden.device)
+    cu[1:] = counts.cumsum(0).to(torch.int32)
+    max_seqlen = int(counts.max()) if b else 0
+    return PackedTokens(values, index, cu, max_seqlen)
+
+
+def pack_tokens_padded_reference(hidden: torch.Tensor, active: torch.Tensor) -> PaddedTokens:
+    """Plain-PyTorch padded packing: the specification (syncs once on GPU)."""
+    b, s, h = hidden.shape
+    lengths = active.sum(dim=1)
+    m = int(lengths.max()) if b else 0
+    # Rank of each active token within its sample; inactive tokens go nowhere.
+    rank = active.long().cumsum(dim=1) - 1
+    index = torch.full((b, m), -1, dtype=torch.int64, device=hidden.device)
+    bi, si = active.nonzero(as_tuple=True)
+    index[bi, rank[bi, si]] = bi * s + si
+    values = hidden.new_zeros(b, m, h)
+    values[bi, rank[bi, si]] = hidden[bi, si]
+    return PaddedTokens(values, index, lengths.to(torch.int64))
+
+
+def scatter_tokens_reference(hidden: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch scatter of packed rows into ``hidden`` (in place): the specification."""
+    b, s, h = hidden.shape
+    flat_index = index.reshape(-1)
+    rows = values.reshape(-1, h)
+    used = flat_index >= 0
+    hidden.view(b * s, h)[flat_index[used]] = rows[used].to(hidden.dtype)
+    return hidden
+
+
+def mpee_prune_reference(hidden: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor,
+                         attention: torch.Tensor, keep_ratio: float) -> PrunedTokens:
+    """Plain-PyTorch MPEE token pruning + fusion (mpee.txt eq. 7-8): the specification."""
+    b, s, h = hidden.shape
+    width = mpee_kept_width(s, keep_ratio)
+    dev = hidden.device
+    out_h = hidden.new_zeros(b, width, h)
+    out_valid = torch.zeros(b, width, dtype=torch.bool, device=dev)
+    out_mem = torch.zeros(b, width, dtype=torch.float32, device=dev)
+    out_src = torch.full((b, width), -1, dtype=torch.int64, device=dev)
+    for r in range(b):
+        cand = valid[r, 1:].nonzero().reshape(-1) + 1  # valid non-[CLS] positions, ascending
+        n = cand.numel()
+        m = math.ceil(keep_ratio * n - _KEEP_EPS)
+        # Highest memory first, ties to the lower position: a stable sort of -memory.
+        order = torch.sort(-memory[r, cand].float(), stable=True).indices
+        kept = cand[order[:m]].sort().values
+        fused = cand[order[m:]]
+        out_h[r, 0] = hidden[r, 0]
+        out_valid[r, 0] = True
+        out_mem[r, 0] = memory[r, 0]
+        out_src[r, 0] = 0
+        out_h[r, 1:1 + m] = hidden[r, kept]
+        out_valid[r, 1:1 + m] = True
+        out_mem[r, 1:1 + m] = memory[r, kept].float()
+        out_src[r, 1:1 + m] = kept
+        if fused.numel():
+            w = attention[r, fused].float()
+            out_h[r, 1 + m] = (w[:, None] * hidden[r, fused].float()).sum(0).to(hidden.dtype)
+            out_valid[r, 1 + m] = True
+            out_mem[r, 1 + m] = memory[r, fused].float().sum()
+    return PrunedTokens(out_h, out_valid, out_mem, out_src)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(name, op, t, ndim, dtypes=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {device} was expected (all inputs on one device)")
+
+
+def _check_hidden_active(op, hidden, active, active_name="active"):
+    _check("hidden", op, hidden, 3, _FLOAT_DTYPES)
+    _check(active_name, op, active, 2, (torch.bool,), hidden.device)
+    if tuple(active.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"{op}: {active_name} must be [B, S] = {tuple(hidden.shape[:2])}, got {tuple(active.shape)}")
+
+
+def validate_pack_tokens_args(hidden, active, op="pack_tokens") -> None:
+    """Raise a clear TypeError/ValueError for any bad argument (never reads tensor values)."""
+    _check_hidden_active(op, hidden, active)
+
+
+def validate_scatter_tokens_args(hidden, index, values) -> None:
+    """Raise a clear TypeError/ValueError for any bad argument (never reads tensor values)."""
+    op = "scatter_tokens"
+    _check("hidden", op, hidden, 3, _FLOAT_DTYPES)
+    if not hidden.is_contiguous():
+        raise ValueError(f"{op}: hidden is written in place and must be contiguous, got strides {hidden.stride()}")
+    if not isinstance(index, torch.Tensor) or index.dim() not in (1, 2):
+        raise ValueError(f"{op}: index must be an int64 tensor [nnz] or [B, M]")
+    _check("index", op, index, index.dim(), (torch.int64,), hidden.device)
+    _check("values", op, values, index.dim() + 1, _FLOAT_DTYPES, hidden.device)
+    if tuple(values.shape[:-1]) != tuple(index.shape) or values.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: values must be {tuple(index.shape) + (hidden.shape[-1],)} for index "
+                         f"{tuple(index.shape)} and H={hidden.shape[-1]}, got {tuple(values.shape)}")
+    if values.dtype != hidden.dtype:
+        raise TypeError(f"{op}: values ({values.dtype}) must have hidden's dtype ({hidden.dtype})")
+    if not torch.compiler.is_compiling() and values.numel() and hidden.numel() \
+            and values.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
+        raise ValueError(f"{op}: values must not share memory with hidden")
+
+
+def validate_mpee_prune_args(hidden, valid, memory, attention, keep_ratio) -> None:
+    """Raise a clear TypeError/ValueError for any bad argument (never reads tensor values)."""
+    op = "mpee_prune"
+    _check_hidden_active(op, hidden, valid, "valid")
+    if hidden.shape[1] < 1:
+        raise ValueError(f"{op}: the sequence needs at least the [CLS] token, got S=0")
+    for name, t in (("memory", memory), ("attention", attention)):
+        _check(name, op, t, 2, (torch.float32,), hidden.device)
+        if tuple(t.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"{op}: {name} must be [B, S] = {tuple(hidden.shape[:2])}, got {tuple(t.shape)}")
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+        raise TypeError(f"{op}: keep_ratio must be a float, got {type(keep_ratio).__name__}")
+    if not (0.0 < float(keep_ratio) <= 1.0):
+        raise ValueError(f"{op}: keep_ratio must be in (0, 1] (MPEE keeps ceil(ratio * n) tokens), got {keep_ratio}")
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def pack_tokens(hidden: torch.Tensor, active: torch.Tensor, *, backend: Optional[str] = None) -> PackedTokens:
+    """Pack the active tokens of ``hidden`` [B, S, H] into [nnz, H] (varlen, no padding).
+
+    Args:
+        hidden: float32/float16/bfloat16 [B, S, H].
+        active: bool [B, S], True for the tokens that keep computing.
+        backend: "torch", "cpu", "triton" or "cuda"; default: automatic.
+
+    Returns:
+        :class:`PackedTokens`. Synchronises once (the host reads nnz and max_seqlen).
+    """
+    validate_pack_tokens_args(hidden, active)
+    name = backends.resolve(backend, hidden.device, op="pack_tokens")
+    if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
+        return pack_tokens_reference(hidden, active)
+    return backends.implementation("pack_tokens", name)(hidden, active)
+
+
+def pack_tokens_padded(hidden: torch.Tensor, active: torch.Tensor, *, backend: Optional[str] = None) -> PaddedTokens:
+    """Pack the active tokens of ``hidden`` [B, S, H] into [B, M, H], M = the largest count.
+
+    Same arguments as :func:`pack_tokens`; returns :class:`PaddedTokens`. Synchronises once.
+    """
+    validate_pack_tokens_args(hidden, active, op="pack_tokens_padded")
+    name = backends.resolve(backend, hidden.device, op="pack_tokens_padded")
+    if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
+        return pack_tokens_padded_reference(hidden, active)
+    return backends.implementation("pack_tokens_padded", name)(hidden, active)
+
+
+def scatter_tokens(hidden: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """Write packed rows back into ``hidden`` [B, S, H] in place; returns ``hidden``.
+
+    Args:
+        hidden: contiguous [B, S, H], updated in place; tokens not in ``index`` are untouched.
+        index: int64 [nnz] or [B, M] of flat positions b*S + s (-1: skip), as returned by
+            :func:`pack_tokens` / :func:`pack_tokens_padded`. Each position at most once.
+        values: [nnz, H] or [B, M, H], hidden's dtype.
+
+    Never synchronises. Under autograd the (differentiable, in-place) reference runs.
+    """
+    validate_scatter_tokens_args(hidden, index, values)
+    name = backends.resolve(backend, hidden.device, op="scatter_tokens")
+    if name == "torch" or (torch.is_grad_enabled() and (hidden.requires_grad or values.requires_grad)):
+        return scatter_tokens_reference(hidden, index, values)
+    return backends.implementation("scatter_tokens", name)(hidden, index, values)
+
+
+def mpee_prune(hidden: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor, attention: torch.Tensor,
+               keep_ratio: float = 0.7, *, backend: Optional[str] = None) -> PrunedTokens:
+    """MPEE token-wise exit (mpee.txt eq. 7-8): keep the top tokens by class-attention
+    memory, fuse the rest into one token weighted by their class attention.
+
+    Args:
+        hidden: [B, S, H] states after the pruning layer, [CLS] at position 0.
+        valid: bool [B, S], False for padding (never kept, never fused).
+        memory: float32 [B, S], the class-attention memory A_m of eq. 6.
+        attention: float32 [B, S], this layer's class attention A_class (fusion weights).
+        keep_ratio: fraction of the valid non-[CLS] tokens kept, in (0, 1] (1 - R_ee).
+        backend: "torch", "cpu", "triton" or "cuda"; default: automatic.
+
+    Returns:
+        :class:`PrunedTokens` of width 2 + ceil(keep_ratio * (S - 1)). Never synchronises.
+        Under autograd the differentiable reference runs.
+    """
+    validate_mpee_prune_args(hidden, valid, memory, attention, keep_ratio)
+    keep_ratio = float(keep_ratio)
+    name = backends.resolve(backend, hidden.device, op="mpee_prune")
+    if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
+        return mpee_prune_reference(hidden, valid, memory, attention, keep_ratio)
+    return backends.implementation("mpee_prune", name)(hidden, valid, memory, attention, keep_ratio)
