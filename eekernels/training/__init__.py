@@ -1,0 +1,1 @@
+"""Training helpers reused from HF ``transformers``: losses, Trainer subclasses and callbacks."""
