@@ -2,7 +2,7 @@
 
 After each exit layer the fused exit head decides which rows leave; their logits and exit
 layer are scattered to their batch positions, and the survivors (hidden states, attention
-mask, batch positions, patience state) are compacted so that the next layer computes on
+mask, batch positions and the exit rule's per-row state) are compacted so that the next layer computes on
 them alone. At the last layer every remaining row exits with the model's own head.
 
 Host synchronisation: one device->host read of the survivor count per exit layer (inside
@@ -12,7 +12,7 @@ Host synchronisation: one device->host read of the survivor count per exit layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -41,10 +41,68 @@ class EarlyExitOutput:
     layers_run: int
 
 
+@dataclass
+class ExitDecision:
+    """What an exit rule says about the N active rows at one exit layer.
+
+    Attributes:
+        logits: float32 [N, C], each row's logits at this layer.
+        exit: bool [N], True for the rows that leave here.
+        state: the rule's per-row state after this layer (name -> tensor with N rows); the
+            engine compacts it with the rows that stay.
+    """
+
+    logits: torch.Tensor
+    exit: torch.Tensor
+    state: Dict[str, torch.Tensor]
+
+
+class ExitRule:
+    """How a method decides at its exit layers; the batched engine calls it.
+
+    A rule sees the active rows only. Per-row state it needs across layers (patience
+    counters, pooled past states, classifier memory, ...) lives in the ``state`` dict,
+    which the engine compacts together with the hidden states, so a rule never indexes
+    rows itself. Methods subclass this (see :mod:`eekernels.methods`).
+    """
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Dict[str, torch.Tensor]:
+        """Per-row state before the first layer (tensors with ``batch_size`` rows)."""
+        return {}
+
+    def observe(self, layer: int, hidden: torch.Tensor, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Called after every layer that is not an exit layer; returns the updated state."""
+        return state
+
+    def decide(self, layer: int, hidden: torch.Tensor, state: Dict[str, torch.Tensor]) -> ExitDecision:
+        """Called after each exit layer (1-based ``layer``) with the active rows' states."""
+        raise NotImplementedError
+
+
+class ExitHeadRule(ExitRule):
+    """The classic rules through the fused exit head: entropy (DeeBERT), max-prob
+    (Right-Tool) or patience (PABEE, ``threshold`` = patience), with the model's heads."""
+
+    def __init__(self, model, criterion: str = "entropy", threshold: float = 0.0, backend: Optional[str] = None):
+        self.model, self.criterion, self.threshold, self.backend = model, criterion, threshold, backend
+
+    def decide(self, layer, hidden, state):
+        head = self.model.head(layer)
+        out = exit_head(
+            hidden[:, 0], head.classifier.weight, head.classifier.bias,
+            pooler_weight=head.pooler.weight, pooler_bias=head.pooler.bias,
+            criterion=self.criterion, threshold=self.threshold,
+            prev_pred=state.get("prev_pred"), counter=state.get("counter"), backend=self.backend,
+        )
+        new_state = {"prev_pred": out.pred, "counter": out.counter} if self.criterion == "patience" else {}
+        return ExitDecision(out.logits, out.exit, new_state)
+
+
 def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                        token_type_ids: Optional[torch.Tensor] = None, *, criterion: str = "entropy",
                        threshold: float = 0.0, backend: Optional[str] = None,
-                       exit_profile: Optional[torch.Tensor] = None) -> EarlyExitOutput:
+                       exit_profile: Optional[torch.Tensor] = None,
+                       rule: Optional[ExitRule] = None) -> EarlyExitOutput:
     """Run ``model`` (an :class:`~eekernels.models.EarlyExitModel`) with early exit.
 
     Args:
@@ -57,6 +115,8 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
         exit_profile: for benchmarks, int [B] of 1-based layers: row i exits at the first exit
             layer >= exit_profile[i]. The exit head still runs (its cost counts); only its
             decision is replaced, so a controlled exit profile can be timed.
+        rule: a method's :class:`ExitRule` (then ``criterion``/``threshold`` are unused);
+            default: :class:`ExitHeadRule` with ``criterion`` and ``threshold``.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"early_exit: input_ids must be [B, S], got {tuple(input_ids.shape)}")
@@ -81,7 +141,9 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
             out_logits = torch.empty(b, c, dtype=torch.float32, device=dev)
             out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
             batch_index = torch.arange(b, device=dev)
-            prev_pred = counter = None
+            if rule is None:
+                rule = ExitHeadRule(model, criterion, threshold, backend)
+            state = rule.initial_state(b, dev)
             forced = None if exit_profile is None else exit_profile.to(device=dev, dtype=torch.int64)
             layers_run = 0
             for i in range(n_layers):
@@ -89,15 +151,10 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
                 layers_run += hidden.shape[0]
                 hidden = ad.layer(i)(hidden, mask)
                 if layer not in model.exit_layers:
+                    state = rule.observe(layer, hidden, state)
                     continue
-                head = model.head(layer)
                 last = layer == n_layers
-                out = exit_head(
-                    hidden[:, 0], head.classifier.weight, head.classifier.bias,
-                    pooler_weight=head.pooler.weight, pooler_bias=head.pooler.bias,
-                    criterion=criterion, threshold=threshold,
-                    prev_pred=prev_pred, counter=counter, backend=backend,
-                )
+                out = rule.decide(layer, hidden, state)
                 if last:
                     exit_mask = torch.ones_like(out.exit)  # the last layer takes all
                 elif forced is not None:
@@ -112,8 +169,8 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
                 rows = {"hidden": hidden, "batch_index": batch_index}
                 if mask is not None and mask.shape[0] == hidden.shape[0]:
                     rows["mask"] = mask
-                if criterion == "patience":
-                    rows["prev_pred"], rows["counter"] = out.pred, out.counter
+                state_names = [f"state.{k}" for k in out.state]
+                rows.update(zip(state_names, out.state.values()))
                 if forced is not None:
                     rows["forced"] = forced
                 packed = compact_rows(~exit_mask, list(rows.values()), backend=backend)
@@ -122,7 +179,7 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
                 rows = dict(zip(rows, packed.tensors))
                 hidden, batch_index = rows["hidden"], rows["batch_index"]
                 mask = rows.get("mask", mask)
-                prev_pred, counter = rows.get("prev_pred"), rows.get("counter")
+                state = {k[len("state."):]: rows[k] for k in state_names}
                 forced = rows.get("forced")
     finally:
         model.train(was_training)
