@@ -21,6 +21,18 @@ TORCH_LIBRARY(eekernels, m) {
   m.def(
       "scatter_exits(Tensor(a!) out_logits, Tensor(b!) out_layer, Tensor batch_index, "
       "Tensor exit, Tensor logits, int layer) -> ()");
+  // Token gather/scatter (HashEE, MPEE); see eekernels/ops/tokens.py for the contract.
+  // The pack ops read the token counts back to the host once (data-dependent output sizes);
+  // scatter_tokens writes rows in place (index [nnz] or [B, M], -1 skipped) and mpee_prune
+  // has a width known from S and keep_ratio: neither synchronises.
+  m.def(
+      "pack_tokens(Tensor hidden, Tensor active) -> "
+      "(Tensor values, Tensor index, Tensor cu_seqlens, SymInt max_seqlen)");
+  m.def("pack_tokens_padded(Tensor hidden, Tensor active) -> (Tensor values, Tensor index, Tensor lengths)");
+  m.def("scatter_tokens(Tensor(a!) hidden, Tensor index, Tensor values) -> ()");
+  m.def(
+      "mpee_prune(Tensor hidden, Tensor valid, Tensor memory, Tensor attention, float keep_ratio) -> "
+      "(Tensor hidden, Tensor valid, Tensor memory, Tensor source)");
 }
 
 static bool with_cuda() {

@@ -59,6 +59,18 @@ _IMPLEMENTATIONS: Dict[Tuple[str, str], str] = {
     ("scatter_exits", "cpu"): "eekernels.ops._compiled:scatter_exits_compiled",
     ("scatter_exits", "cuda"): "eekernels.ops._compiled:scatter_exits_compiled",
     ("scatter_exits", "triton"): "eekernels.triton.compaction:scatter_exits_triton",
+    ("pack_tokens", "cpu"): "eekernels.ops._compiled:pack_tokens_compiled",
+    ("pack_tokens", "cuda"): "eekernels.ops._compiled:pack_tokens_compiled",
+    ("pack_tokens", "triton"): "eekernels.triton.tokens:pack_tokens_triton",
+    ("pack_tokens_padded", "cpu"): "eekernels.ops._compiled:pack_tokens_padded_compiled",
+    ("pack_tokens_padded", "cuda"): "eekernels.ops._compiled:pack_tokens_padded_compiled",
+    ("pack_tokens_padded", "triton"): "eekernels.triton.tokens:pack_tokens_padded_triton",
+    ("scatter_tokens", "cpu"): "eekernels.ops._compiled:scatter_tokens_compiled",
+    ("scatter_tokens", "cuda"): "eekernels.ops._compiled:scatter_tokens_compiled",
+    ("scatter_tokens", "triton"): "eekernels.triton.tokens:scatter_tokens_triton",
+    ("mpee_prune", "cpu"): "eekernels.ops._compiled:mpee_prune_compiled",
+    ("mpee_prune", "cuda"): "eekernels.ops._compiled:mpee_prune_compiled",
+    ("mpee_prune", "triton"): "eekernels.triton.tokens:mpee_prune_triton",
 }
 
 

@@ -270,6 +270,11 @@ def validate_mpee_prune_args(hidden, valid, memory, attention, keep_ratio) -> No
 # --------------------------------------------------------------------------- dispatch
 
 
+def _rows_contiguous(hidden: torch.Tensor) -> torch.Tensor:
+    """What the kernels take for ``hidden``: a contiguous last dim (any B and S strides)."""
+    return hidden if hidden.shape[-1] <= 1 or hidden.stride(-1) == 1 else hidden.contiguous()
+
+
 def pack_tokens(hidden: torch.Tensor, active: torch.Tensor, *, backend: Optional[str] = None) -> PackedTokens:
     """Pack the active tokens of ``hidden`` [B, S, H] into [nnz, H] (varlen, no padding).
 
@@ -285,7 +290,7 @@ def pack_tokens(hidden: torch.Tensor, active: torch.Tensor, *, backend: Optional
     name = backends.resolve(backend, hidden.device, op="pack_tokens")
     if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
         return pack_tokens_reference(hidden, active)
-    return backends.implementation("pack_tokens", name)(hidden, active)
+    return backends.implementation("pack_tokens", name)(_rows_contiguous(hidden), active.contiguous())
 
 
 def pack_tokens_padded(hidden: torch.Tensor, active: torch.Tensor, *, backend: Optional[str] = None) -> PaddedTokens:
@@ -297,7 +302,7 @@ def pack_tokens_padded(hidden: torch.Tensor, active: torch.Tensor, *, backend: O
     name = backends.resolve(backend, hidden.device, op="pack_tokens_padded")
     if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
         return pack_tokens_padded_reference(hidden, active)
-    return backends.implementation("pack_tokens_padded", name)(hidden, active)
+    return backends.implementation("pack_tokens_padded", name)(_rows_contiguous(hidden), active.contiguous())
 
 
 def scatter_tokens(hidden: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *,
@@ -316,7 +321,7 @@ def scatter_tokens(hidden: torch.Tensor, index: torch.Tensor, values: torch.Tens
     name = backends.resolve(backend, hidden.device, op="scatter_tokens")
     if name == "torch" or (torch.is_grad_enabled() and (hidden.requires_grad or values.requires_grad)):
         return scatter_tokens_reference(hidden, index, values)
-    return backends.implementation("scatter_tokens", name)(hidden, index, values)
+    return backends.implementation("scatter_tokens", name)(hidden, index.contiguous(), values.contiguous())
 
 
 def mpee_prune(hidden: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor, attention: torch.Tensor,
@@ -341,4 +346,5 @@ def mpee_prune(hidden: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor, 
     name = backends.resolve(backend, hidden.device, op="mpee_prune")
     if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
         return mpee_prune_reference(hidden, valid, memory, attention, keep_ratio)
-    return backends.implementation("mpee_prune", name)(hidden, valid, memory, attention, keep_ratio)
+    return backends.implementation("mpee_prune", name)(_rows_contiguous(hidden), valid.contiguous(),
+                                                       memory.contiguous(), attention.contiguous(), keep_ratio)
