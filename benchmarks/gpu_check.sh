@@ -18,9 +18,12 @@ echo "== all tests on the GPU machine"
 python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tail -5 | tee -a "$OUT/gpu_tests.log"
 echo "== microbenchmarks (pytest-benchmark)"
 python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_exit_head.py benchmarks/test_bench_compaction.py \
+  benchmarks/test_bench_tokens.py \
   --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/bench_micro.json" 2>&1 | tail -40
 echo "== exit_head timing vs floor"
 python3 benchmarks/exit_head_gpu.py --out "$OUT"
+echo "== token ops (pack, padded pack, scatter, mpee_prune) timing vs floor"
+python3 benchmarks/tokens_gpu.py --out "$OUT"
 echo "== end-to-end: BERT-base shape, fp16, seq 128, B = 1..512, 10% and 20% exit per layer + measured profiles (benchmarks/profiles)"
 PROFILES=""
 for p in benchmarks/profiles/*.json; do [ -f "$p" ] && PROFILES="$PROFILES --measured-profile $p"; done
