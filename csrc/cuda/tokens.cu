@@ -354,7 +354,7 @@ void scatter_tokens_cuda(const at::Tensor& hidden, const at::Tensor& index, cons
 // ----------------------------------------------------------------------------- mpee_prune
 
 constexpr int kPruneThreads = 256;
-constexpr int64_t kPruneSmemLimit = 48 * 1024;  // default dynamic shared memory limit
+constexpr int64_t kPruneSmemLimit = 47 * 1024;  // 48 KB default limit, less the static buffers
 
 // Per-token scratch of one sample: key int32 [S], cand uint8 [S], state uint8 [S]
 // (1 kept, 2 fused); in shared memory, or in a global workspace for very long sequences.
@@ -483,6 +483,38 @@ mpee_prune_kernel(RowLayout in, const bool* __restrict__ valid, const float* __r
   }
 }
 
+struct PruneArgs {
+  RowLayout in;
+  const bool* valid;
+  const float* memory;
+  const float* attention;
+  double keep_ratio;
+  int64_t width;
+  uint8_t* workspace;
+  char* out_h;
+  bool* out_valid;
+  float* out_mem;
+  int64_t* out_src;
+  int64_t batch;
+  bool smem;
+  size_t smem_bytes;
+  cudaStream_t stream;
+};
+
+// One launch of the fused kernel for a dtype and vector width (a function template, so that
+// the impossible combinations, vectors narrower than an element, are never instantiated).
+template <typename scalar_t, int VB>
+void launch_prune(const PruneArgs& a) {
+  if constexpr (static_cast<size_t>(VB) < sizeof(scalar_t)) {
+    TORCH_CHECK(false, "mpee_prune: internal error, vector narrower than an element");
+  } else {
+    auto kernel = a.smem ? mpee_prune_kernel<scalar_t, VB, true> : mpee_prune_kernel<scalar_t, VB, false>;
+    kernel<<<static_cast<unsigned>(a.batch), kPruneThreads, a.smem_bytes, a.stream>>>(
+        a.in, a.valid, a.memory, a.attention, a.keep_ratio, a.width, a.workspace, a.out_h, a.out_valid, a.out_mem,
+        a.out_src);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mpee_prune_cuda(const at::Tensor& hidden,
                                                                            const at::Tensor& valid,
                                                                            const at::Tensor& memory,
@@ -508,19 +540,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mpee_prune_cuda(const
   const int vb = hidden_vec_bytes(hidden, out_h.data_ptr());
   const RowLayout in = row_layout(hidden, vb);
   const size_t smem_bytes = smem ? static_cast<size_t>(scratch) : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "mpee_prune_cuda", [&] {
-    EEK_VEC_SWITCH(vb, {
-      if constexpr (static_cast<size_t>(VB) >= sizeof(scalar_t)) {
-        auto kernel = smem ? mpee_prune_kernel<scalar_t, VB, true> : mpee_prune_kernel<scalar_t, VB, false>;
-        kernel<<<static_cast<unsigned>(b), kPruneThreads, smem_bytes, stream>>>(
-            in, valid.const_data_ptr<bool>(), memory.const_data_ptr<float>(), attention.const_data_ptr<float>(),
-            keep_ratio, width, ws, static_cast<char*>(out_h.data_ptr()), out_valid.data_ptr<bool>(),
-            out_mem.data_ptr<float>(), out_src.data_ptr<int64_t>());
-      } else {
-        TORCH_CHECK(false, "mpee_prune: internal error, vector narrower than an element");
-      }
-    })
-  });
+  const PruneArgs a{in, valid.const_data_ptr<bool>(), memory.const_data_ptr<float>(),
+                    attention.const_data_ptr<float>(), keep_ratio, width, ws,
+                    static_cast<char*>(out_h.data_ptr()), out_valid.data_ptr<bool>(), out_mem.data_ptr<float>(),
+                    out_src.data_ptr<int64_t>(), b, smem, smem_bytes, stream};
+  AT_DISPATCH_SWITCH(hidden.scalar_type(), "mpee_prune_cuda",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { EEK_VEC_SWITCH(vb, { launch_prune<scalar_t, VB>(a); }) })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { EEK_VEC_SWITCH(vb, { launch_prune<scalar_t, VB>(a); }) })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { EEK_VEC_SWITCH(vb, { launch_prune<scalar_t, VB>(a); }) }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_h, out_valid, out_mem, out_src};
 }
