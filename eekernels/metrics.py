@@ -53,3 +53,60 @@ def flops_speedup(exit_layer: torch.Tensor, seq_len: torch.Tensor, num_layers: i
     full = (num_layers * per_layer + head).sum()
     run = (e * per_layer + heads_run * head).sum()
     return float(full / run)
+
+
+# ------------------------------------------------------------------ token-level exit (HashEE)
+
+
+def token_exit_layer_macs(n: torch.Tensor, m: torch.Tensor, hidden: int, intermediate: int,
+                          heads: int) -> torch.Tensor:
+    """MACs of one encoder layer on a sample of ``n`` tokens of which ``m`` compute (hashee.txt A.4).
+
+    The full layer (m = n): Q/K/V projections 3·n·d², attention 2·n²·(h + d) (scores and
+    weighted sum 2·n²·d, plus n²·h each for scaling and softmax, as Table 10 counts it),
+    output projection n·d², FFN 2·n·d·d_ff, two LayerNorms 2·n·d each. Table 10's savings
+    are subtracted: (n-m)·d² (queries), 2·n·(n-m)·(h+d), (n-m)·d² (output projection),
+    2·(n-m)·d per LayerNorm, 2·(n-m)·d·d_ff (FFN). Keys and values always run on all n.
+    """
+    n = torch.as_tensor(n, dtype=torch.float64)
+    m = torch.as_tensor(m, dtype=torch.float64)
+    d, dff, h = float(hidden), float(intermediate), float(heads)
+    full = 4 * n * d**2 + 2 * n**2 * (h + d) + 2 * n * d * dff + 4 * n * d
+    saved = 2 * (n - m) * d**2 + 2 * n * (n - m) * (h + d) + 2 * (n - m) * d * dff + 4 * (n - m) * d
+    return full - saved
+
+
+def token_exit_flops_speedup(active_counts: torch.Tensor, seq_len: torch.Tensor, hidden: int, intermediate: int,
+                             heads: int) -> torch.Tensor:
+    """Per-sample FLOPs speed-up of token-level exit (hashee.txt Table 10; FLOPs = 2·MACs).
+
+    Args:
+        active_counts: [B, L], m_b(l): the tokens of sample b computing layer l.
+        seq_len: [B], each sample's real length n_b.
+
+    Returns float64 [B]: L·FLOPs(n_b, n_b) / sum_l FLOPs(n_b, m_b(l)). Embeddings and the
+    classifier head are the same in both and left out (HashEE has no internal classifiers).
+    """
+    m = torch.as_tensor(active_counts, dtype=torch.float64).cpu()
+    n = torch.as_tensor(seq_len, dtype=torch.float64).cpu()
+    if m.dim() != 2 or n.shape != m.shape[:1]:
+        raise ValueError(f"token_exit_flops_speedup: active_counts [B, L] and seq_len [B], got "
+                         f"{tuple(m.shape)} and {tuple(n.shape)}")
+    if bool((m > n[:, None]).any()) or bool((m < 0).any()):
+        raise ValueError("token_exit_flops_speedup: active counts must be in [0, seq_len]")
+    run = token_exit_layer_macs(n[:, None], m, hidden, intermediate, heads).sum(dim=1)
+    full = m.shape[1] * token_exit_layer_macs(n, n, hidden, intermediate, heads)
+    return full / run
+
+
+def token_exit_flops_speedup_total(active_counts: torch.Tensor, seq_len: torch.Tensor, hidden: int,
+                                   intermediate: int, heads: int) -> float:
+    """Batch FLOPs speed-up of token-level exit: total full FLOPs over total executed FLOPs."""
+    m = torch.as_tensor(active_counts, dtype=torch.float64).cpu()
+    n = torch.as_tensor(seq_len, dtype=torch.float64).cpu()
+    run = token_exit_layer_macs(n[:, None], m, hidden, intermediate, heads).sum()
+    full = m.shape[1] * token_exit_layer_macs(n, n, hidden, intermediate, heads).sum()
+    return float(full / run)
+
+
+__all__ += ["token_exit_flops_speedup", "token_exit_flops_speedup_total", "token_exit_layer_macs"]
