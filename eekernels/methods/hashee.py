@@ -225,7 +225,7 @@ class HashEEModel(nn.Module):
     # ------------------------------------------------------------------ inference
     def forward_packed(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                        token_type_ids: Optional[torch.Tensor] = None, *, layout: str = "sorted",
-                       backend: Optional[str] = None) -> HashEEInferenceOutput:
+                       backend: Optional[str] = None, with_flops: bool = True) -> HashEEInferenceOutput:
         """Inference with token packing (the inference table; no sample exits early).
 
         Args:
@@ -234,6 +234,8 @@ class HashEEModel(nn.Module):
             layout: "sorted" (tokens permuted once by exit layer; default) or "pack"
                 (per-layer :func:`eekernels.ops.pack_tokens_padded` / ``scatter_tokens``).
             backend: backend of the token ops (layout "pack").
+            with_flops: count the FLOPs speed-up (one more host sync; benchmarks time
+                without it). Without it ``flops_speedup`` is empty and the total NaN.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"HashEE: input_ids must be [B, S], got {tuple(input_ids.shape)}")
@@ -256,10 +258,13 @@ class HashEEModel(nn.Module):
                 _, logits = self._head(hidden, input_ids, attention_mask, None)
         finally:
             self.train(was_training)
+        logits = logits.float()
+        if not with_flops:
+            empty = torch.empty(0)
+            return HashEEInferenceOutput(logits, logits.argmax(dim=-1), empty, float("nan"), empty, empty)
         counts = active_token_counts(token_exit, valid, self.num_layers).cpu()
         seq_len = valid.sum(dim=1).cpu() if valid is not None else torch.full((b,), s, dtype=torch.int64)
         hid, inter, heads = self._shape()
-        logits = logits.float()
         return HashEEInferenceOutput(
             logits=logits, pred=logits.argmax(dim=-1),
             flops_speedup=metrics.token_exit_flops_speedup(counts, seq_len, hid, inter, heads),

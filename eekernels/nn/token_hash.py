@@ -173,13 +173,14 @@ def count_token_types(token_ids: Iterable[Sequence[int]], vocab_size: int, label
                       num_labels: Optional[int] = None):
     """Corpus counts: (token frequency int64 [V], document frequency per label int64 [V, C] or None).
 
+    ``token_ids``: one id sequence (list or 1-D tensor) per text; a 2-D tensor works too (rows).
     The per-label count is the number of texts of each label that contain the type (MI hash)."""
     freq = torch.zeros(vocab_size, dtype=torch.int64)
     per_label = None
     if labels is not None:
         per_label = torch.zeros(vocab_size, num_labels, dtype=torch.int64)
     for k, ids in enumerate(token_ids):
-        t = torch.as_tensor(list(ids), dtype=torch.int64)
+        t = ids.reshape(-1).long().cpu() if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids), dtype=torch.int64)
         if t.numel() == 0:
             continue
         if int(t.min()) < 0 or int(t.max()) >= vocab_size:
