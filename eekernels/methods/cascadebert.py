@@ -456,21 +456,23 @@ class CascadeModel(nn.Module):
 # --------------------------------------------------------------------------- calibration
 
 
-def simulate_cascade(member_logits: torch.Tensor, exit_points: Sequence[int], threshold: float):
+def simulate_cascade(member_logits: torch.Tensor, exit_points: Sequence[int], threshold: float,
+                     confidence: Optional[torch.Tensor] = None):
     """Algorithm 1 replayed on precomputed logits [M, B, C]: (cumulative exit_layer [B], logits [B, C]).
 
-    Uses the same rule as :meth:`CascadeModel.early_exit` (max-prob > tau, compared in float32)."""
-    thr = torch.tensor(_strictly_above(_check_threshold(threshold)), dtype=torch.float32)
+    Uses the same rule as :meth:`CascadeModel.early_exit` (max-prob > tau, compared in
+    float32). ``confidence`` [M, B] (float32 max probabilities) may be passed to skip the softmax.
+    """
+    thr = _strictly_above(_check_threshold(threshold))
     m, b, _ = member_logits.shape
-    out_layer = torch.full((b,), exit_points[-1], dtype=torch.long)
-    out_logits = member_logits[-1].clone()
-    done = torch.zeros(b, dtype=torch.bool)
-    for j in range(m - 1):
-        conf = member_logits[j].float().softmax(-1).max(-1).values
-        new = (conf >= thr) & ~done
-        out_layer[new] = exit_points[j]
-        out_logits[new] = member_logits[j][new]
-        done |= new
+    if confidence is None:
+        confidence = member_logits.float().softmax(-1).max(-1).values
+    emit = confidence[:-1] >= thr  # [M-1, B]
+    # the first member that emits, else the last one
+    first = torch.where(emit.any(0), emit.float().argmax(0), torch.full((b,), m - 1)) if m > 1 \
+        else torch.zeros(b, dtype=torch.long)
+    out_layer = torch.tensor(list(exit_points), dtype=torch.long)[first]
+    out_logits = member_logits[first, torch.arange(b)]
     return out_layer, out_logits
 
 
@@ -502,13 +504,14 @@ def calibrate_cascade(model: CascadeModel, input_ids, labels, attention_mask=Non
     z = model.member_logits(input_ids, attention_mask, token_type_ids, batch_size, progress)
     points, n = model.exit_points, model.num_layers
     full_acc = float((z[-1].argmax(-1) == labels).float().mean())
-    conf = z[:-1].softmax(-1).max(-1).values.flatten().double()
+    conf_all = z.softmax(-1).max(-1).values  # [M, B] float32
+    conf = conf_all[:-1].flatten().double()
     qs = torch.quantile(conf, torch.linspace(0, 1, candidates, dtype=torch.float64)) if conf.numel() else conf
     # each candidate just below a confidence, so that sample is emitted (rule: c > tau)
     cands = sorted({0.0, 1.0} | {float(torch.nextafter(q.float(), torch.tensor(0.0))) for q in qs})
     table = []
     for t in cands:
-        el, lg = simulate_cascade(z, points, t)
+        el, lg = simulate_cascade(z, points, t, conf_all)
         table.append((t, metrics.cascade_layer_speedup(el, n), float((lg.argmax(-1) == labels).float().mean())))
     if target_speedup is not None:
         ok = [r for r in table if r[1] >= target_speedup - 1e-12]
