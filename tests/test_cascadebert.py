@@ -84,8 +84,17 @@ def test_batched_equals_alone(backend):
     cm = bert_cascade(seed=3)
     ids, mask, lengths = ragged(12, 13, seed=4)
     tau = spread_threshold(cm, ids, mask)
-    out = cm.early_exit(ids, mask, threshold=tau, backend=backend)
+    rows_seen = []  # the rows each member's first layer really computes on
+    hooks = [m.bert.encoder.layer[0].register_forward_hook(lambda mod, a, o, j=j: rows_seen.append((j, a[0].shape[0])))
+             for j, m in enumerate(cm.members)]
+    try:
+        out = cm.early_exit(ids, mask, threshold=tau, backend=backend)
+    finally:
+        for h in hooks:
+            h.remove()
     assert set(out.exit_member.tolist()) == {0, 1, 2}, "tau should spread samples over the three members"
+    reached = [int((out.exit_member >= j).sum()) for j in range(3)]
+    assert rows_seen == [(0, 12), (1, reached[1]), (2, reached[2])]  # emitted rows were compacted away
     points = torch.tensor(cm.exit_points)
     assert torch.equal(out.exit_layer, points[out.exit_member])
     for i in range(ids.shape[0]):

@@ -166,6 +166,10 @@ class CascadeModel(nn.Module):
     or evaluated on its own.
     """
 
+    # The loss is a per-batch mean: HF Trainer must scale it for gradient accumulation
+    # itself rather than pass num_items_in_batch (which forward would ignore).
+    accepts_loss_kwargs = False
+
     def __init__(self, members: Sequence[nn.Module], dar_weight: float = 0.5, confidence_margin: float = 0.5):
         super().__init__()
         if isinstance(members, nn.Module) or members is None:

@@ -191,7 +191,8 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
 
     Args:
         make_model: seed -> a new, untrained-on-this-data HF sequence classifier (or any
-            ``Trainer``-compatible module returning ``logits``). Called k * len(seeds) times.
+            ``Trainer``-compatible module returning ``logits``). Called k * len(seeds) times,
+            after ``transformers.set_seed(seed)``.
         dataset: a map-style dataset of dict rows (``input_ids``, ``attention_mask``, ...,
             ``labels``: class ids).
         k: number of folds (>= 2; the paper uses 8).
@@ -206,7 +207,7 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
         progress: a tqdm bar over the k * len(seeds) runs.
     """
     from tqdm import tqdm
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
 
     n = len(dataset)
     seeds = tuple(int(s) for s in seeds)
@@ -240,6 +241,7 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
             for fold in range(k):
                 held = (folds == fold).nonzero().reshape(-1).tolist()
                 kept = (folds != fold).nonzero().reshape(-1).tolist()
+                set_seed(seed)  # the fresh model's initialisation follows the seed too
                 model = make_model(seed)
                 args = TrainingArguments(output_dir=os.path.join(output_dir, f"seed{seed}-fold{fold}"), seed=seed,
                                          **base_args)
