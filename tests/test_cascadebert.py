@@ -15,6 +15,7 @@ from eekernels import metrics  # noqa: E402
 from eekernels.methods.cascadebert import (  # noqa: E402
     CascadeModel,
     calibrate_cascade,
+    cascade_exit_profile,
     simulate_cascade,
     truncate,
 )
@@ -182,6 +183,12 @@ def test_exit_profile_forces_members():
     assert torch.allclose(out.logits[3], full.logits[3], atol=1e-6)
     with pytest.raises(ValueError, match="exit_profile"):
         cm.early_exit(ids, mask, threshold=0.5, exit_profile=prof[:3])
+    # the benchmark helper: half the rows from member 0, a quarter from member 1, the rest from 2
+    p = cascade_exit_profile(8, cm.exit_points, [0.5, 0.25])
+    assert p.tolist() == [1, 1, 1, 1, 3, 3, 7, 7]
+    assert cascade_exit_profile(1, cm.exit_points, [0.6, 0.0]).tolist() == [1]
+    with pytest.raises(ValueError, match="fractions"):
+        cascade_exit_profile(4, cm.exit_points, [0.7, 0.5])
 
 
 def test_calibration_meets_target_and_matches_engine():

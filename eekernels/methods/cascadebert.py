@@ -50,6 +50,8 @@ __all__ = [
     "CascadeModel",
     "CascadeTrainOutput",
     "calibrate_cascade",
+    "cascade_exit_profile",
+    "simulate_cascade",
     "truncate",
 ]
 
@@ -455,6 +457,29 @@ class CascadeModel(nn.Module):
         if model.member_layers != meta["member_layers"]:
             raise ValueError(f"{meta_path}: members have {model.member_layers} layers, json says {meta['member_layers']}")
         return model.eval()
+
+
+# --------------------------------------------------------------------------- benchmark profiles
+
+
+def cascade_exit_profile(batch: int, exit_points: Sequence[int], fractions: Sequence[float]) -> torch.Tensor:
+    """An ``exit_profile`` [B] for :meth:`CascadeModel.early_exit` (benchmarks).
+
+    ``fractions[j]`` is the share of the batch emitted by member j (one entry per member but
+    the last, which takes the rest; their sum must be <= 1). Row i takes the quantile
+    (i + 0.5) / B, so every batch size gets the same distribution (as the single-model
+    profiles of the e2e benchmark). Returns the cumulative layer budgets ``exit_points[j]``.
+    """
+    pts = list(exit_points)
+    fr = [float(f) for f in fractions]
+    if batch < 1:
+        raise ValueError(f"cascade_exit_profile: batch must be >= 1, got {batch}")
+    if len(fr) != len(pts) - 1 or any(not (0.0 <= f <= 1.0) for f in fr) or sum(fr) > 1.0 + 1e-12:
+        raise ValueError(f"cascade_exit_profile: need {len(pts) - 1} fractions in [0, 1] summing to <= 1, got {fractions}")
+    edges = torch.tensor(fr, dtype=torch.float64).cumsum(0)
+    q = (torch.arange(batch, dtype=torch.float64) + 0.5) / batch
+    member = torch.searchsorted(edges, q, right=True)  # rows with q < edges[0] -> member 0, ...
+    return torch.tensor(pts, dtype=torch.long)[member]
 
 
 # --------------------------------------------------------------------------- calibration
