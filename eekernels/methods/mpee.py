@@ -187,11 +187,8 @@ class MPEEModel(EarlyExitModel):
         zm = z if memory is None else (1.0 - self.lam) * memory + self.lam * z  # eq. 10
         return zm, zm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                **unused) -> MPEETrainOutput:
-        """Every layer with token pruning applied, every exit (differentiable) and, with
-        ``labels`` [B], the loss L_CE + L_KD (mpee.txt eq. 14)."""
+    def _run(self, input_ids, attention_mask, token_type_ids, trace: Optional[list] = None):
+        """The layers with token pruning; returns each exit's C_zm (a list of [B, C])."""
         if input_ids.dim() != 2:
             raise ValueError(f"MPEEModel: input_ids must be [B, S], got {tuple(input_ids.shape)}")
         b, s = input_ids.shape
@@ -203,7 +200,7 @@ class MPEEModel(EarlyExitModel):
         hidden = self.adapter.embed(input_ids, token_type_ids)
         key_valid = None if attention_mask is None else attention_mask.to(torch.bool)
         valid = key_valid if key_valid is not None else torch.ones(b, s, dtype=torch.bool, device=hidden.device)
-        amem = cmem = None
+        amem = cmem = a_cls = None
         exit_logits = []
         for i in range(n):
             layer, p = i + 1, self._parts[i]
@@ -219,10 +216,25 @@ class MPEEModel(EarlyExitModel):
             if layer in self.exit_layers:
                 z, cmem = self._exit_logits(layer, hidden[:, 0], cmem)
                 exit_logits.append(z)
+            record = None
+            if trace is not None:
+                record = dict(layer=layer, width=hidden.shape[1], hidden=hidden, valid=valid, class_attention=a_cls if
+                              layer <= last_memory_layer else None, memory=amem, pruned=None)
+                trace.append(record)
             if layer in prune:
                 pr = mpee_prune(hidden, valid, amem, a_cls, self.keep_ratio)  # eq. 7-8
                 hidden, valid, amem = pr.hidden, pr.valid, pr.memory
                 key_valid = valid
+                if record is not None:
+                    record["pruned"] = pr
+        return exit_logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                **unused) -> MPEETrainOutput:
+        """Every layer with token pruning applied, every exit (differentiable) and, with
+        ``labels`` [B], the loss L_CE + L_KD (mpee.txt eq. 14)."""
+        exit_logits = self._run(input_ids, attention_mask, token_type_ids)
         stacked = torch.stack(exit_logits)
         loss = ce = kd = teacher = None
         if labels is not None:
@@ -230,6 +242,19 @@ class MPEEModel(EarlyExitModel):
             loss, ce, kd, teacher = parts.loss, parts.ce, parts.kd, parts.teacher
         return MPEETrainOutput(loss=loss, logits=exit_logits[-1], exit_logits=stacked, ce_loss=ce, kd_loss=kd,
                                teacher_logits=teacher)
+
+    def trace_tokens(self, input_ids, attention_mask=None, token_type_ids=None) -> list:
+        """What the token-wise exit does, layer by layer, on the forward path (no grad).
+
+        Returns one dict per layer: ``layer``; ``width`` (padded width of the layer's
+        output, before pruning); ``hidden`` (that output); ``valid`` bool [B, width] (the slots that are real tokens); ``class_attention``
+        float32 [B, width] (eq. 5; None after the last pruning layer); ``memory`` (A_m after
+        eq. 6); ``pruned`` (the :class:`~eekernels.ops.PrunedTokens` after a pruning layer, else None).
+        """
+        trace: list = []
+        with torch.no_grad():
+            self._run(input_ids, attention_mask, token_type_ids, trace)
+        return trace
 
     # ------------------------------------------------------------------ inference
     def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion="entropy",
