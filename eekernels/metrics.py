@@ -4,6 +4,8 @@
   the number of samples exiting at layer i of an n-layer model.
 - :func:`encoder_layer_flops` / :func:`flops_speedup`: FLOPs of the full model over FLOPs
   executed, counted per sample with its own (unpadded) length (mpee.txt eq. 15).
+- :func:`mpee_token_counts` / :func:`flops_speedup_tokens`: the same when the sequence
+  shrinks layer by layer (MPEE's token-wise exit).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from eekernels.nn.distillation import (  # noqa: E402
 from eekernels.ops import mpee_kept_width  # noqa: E402
 
 from .helpers import kernel_backends, rel_err  # noqa: E402
-from .test_engine import ragged_batch  # noqa: E402
+from .test_engine import ragged_batch, tiny_classifier  # noqa: E402
 
 N_LAYERS, N_LABELS, VOCAB = 6, 3, 100
 PRUNE = (2, 3, 5)
@@ -317,6 +317,21 @@ def test_bad_options_and_inputs_clear_errors():
         m.early_exit(ids, mask, threshold=-1.0)
     base = convert_mpee(hf.bert, num_labels=2, prune_layers=PRUNE)  # a base model gets a classifier
     assert base.early_exit(ids, mask).logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "albert"])
+def test_other_architectures_parity_and_pruning(arch):
+    hf = tiny_classifier(arch, seed=17)  # 4 layers, hidden 32
+    ids, mask, _ = ragged_batch(5, 15, seed=18)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    off = convert_mpee(hf, prune_layers=(1, 2), keep_ratio=1.0)
+    assert rel_err(off.early_exit(ids, mask, threshold=0.0).logits, ref) <= 1e-5
+    on = convert_mpee(hf, prune_layers=(1, 2), keep_ratio=0.5)
+    out = on.early_exit(ids, mask, threshold=0.0)
+    assert out.widths == [15, 9, 6, 6] and out.flops_speedup > 1.0
+    with torch.no_grad():
+        assert torch.allclose(on(ids, mask).logits, out.logits, atol=1e-5)
 
 
 def test_benchmark_rows_run_on_cpu():
