@@ -4,6 +4,8 @@
   the number of samples exiting at layer i of an n-layer model.
 - :func:`encoder_layer_flops` / :func:`flops_speedup`: FLOPs of the full model over FLOPs
   executed, counted per sample with its own (unpadded) length (mpee.txt eq. 15).
+- :func:`mpee_token_counts` / :func:`flops_speedup_tokens`: the same when the sequence
+  shrinks layer by layer (MPEE's token-wise exit).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["encoder_layer_flops", "exit_head_flops", "flops_speedup", "layer_speedup"]
+__all__ = ["encoder_layer_flops", "exit_head_flops", "flops_speedup", "flops_speedup_tokens", "layer_speedup",
+           "mpee_token_counts"]
 
 
 def layer_speedup(exit_layer: torch.Tensor, num_layers: int) -> float:
@@ -192,3 +195,52 @@ def ece_from_logits(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 10
     z = torch.as_tensor(logits).detach().float()
     conf, pred = z.softmax(-1).max(-1)
     return expected_calibration_error(conf, pred == torch.as_tensor(labels).to(pred.device), n_bins)
+
+def mpee_token_counts(seq_len: torch.Tensor, num_layers: int, prune_layers, keep_ratio: float) -> torch.Tensor:
+    """Tokens each layer computes on, per sample, under MPEE's token-wise exit (mpee.txt eq. 7-8).
+
+    A sample with n valid tokens ([CLS] included) that is pruned after a layer keeps [CLS],
+    ceil(keep_ratio * (n-1)) tokens and one fusion token when at least one token was fused
+    (the per-sample rule of :func:`eekernels.ops.mpee_prune`). Returns int64 [B, num_layers]:
+    entry [b, l-1] is the token count entering layer l.
+    """
+    from .ops.tokens import mpee_kept_width
+
+    n = torch.as_tensor(seq_len, dtype=torch.int64).clone()
+    out = torch.empty(n.shape[0], num_layers, dtype=torch.int64)
+    prune = set(int(p) for p in prune_layers)
+    for layer in range(1, num_layers + 1):
+        out[:, layer - 1] = n
+        if layer in prune and layer < num_layers:
+            kept = torch.tensor([mpee_kept_width(int(v), keep_ratio) - 2 for v in n.tolist()], dtype=torch.int64)
+            fused = (n - 1 - kept) > 0
+            n = 1 + kept + fused.long()
+    return out
+
+
+def flops_speedup_tokens(exit_layer: torch.Tensor, tokens: torch.Tensor, full_seq_len: torch.Tensor,
+                         hidden: int, intermediate: int, num_labels: int, exit_layers: Optional[list] = None,
+                         pooler: bool = True, extra_flops: Optional[torch.Tensor] = None) -> float:
+    """FLOPs speed-up (mpee.txt eq. 15 as full / executed) when the token count changes by layer.
+
+    Args:
+        exit_layer: int [B], 1-based exit layer of each sample.
+        tokens: int [B, L], tokens entering each layer per sample (e.g. :func:`mpee_token_counts`).
+        full_seq_len: int [B], each sample's length in the full model (every layer).
+        exit_layers: the layers with an exit head (default all).
+        extra_flops: optional float [B, L] of per-layer FLOPs beyond the encoder layer
+            (e.g. class attention and token fusion), counted for the layers a sample ran.
+    """
+    e = torch.as_tensor(exit_layer, dtype=torch.int64)
+    tok = torch.as_tensor(tokens, dtype=torch.float64)
+    b, n_layers = tok.shape
+    ran = torch.arange(1, n_layers + 1)[None, :] <= e[:, None]  # [B, L]
+    per = encoder_layer_flops(tok, hidden, intermediate)
+    if extra_flops is not None:
+        per = per + torch.as_tensor(extra_flops, dtype=torch.float64)
+    head = exit_head_flops(hidden, num_labels, pooler)
+    exits = torch.tensor(sorted(exit_layers) if exit_layers else list(range(1, n_layers + 1)), dtype=torch.int64)
+    heads_run = (exits[None, :] <= e[:, None]).sum(dim=1).double()
+    full = (n_layers * encoder_layer_flops(full_seq_len, hidden, intermediate) + head).sum()
+    run = ((per * ran).sum(dim=1) + heads_run * head).sum()
+    return float(full / run)
