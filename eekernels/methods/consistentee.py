@@ -129,7 +129,7 @@ class ConsistentEEModel(EarlyExitModel):
         kwargs.setdefault("loss_weighting", model.loss_weighting)
         out = cls(model.hf, exit_layers=model.exit_layers, init="random", **kwargs)
         out.heads.load_state_dict(model.heads.state_dict())
-        return out
+        return out.train(model.hf.training)  # keep the HF model's mode (eval stays eval)
 
     def policy(self, layer: int) -> PolicyNet:
         """The policy net of the internal exit after ``layer`` (1-based)."""
