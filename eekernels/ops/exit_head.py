@@ -361,7 +361,7 @@ def exit_head(
     if _needs_autograd(hidden, weight, bias, pooler_weight, pooler_bias, memory, *policy.values()):
         return exit_head_reference(hidden, weight, bias, **kwargs, **policy)
     name = backends.resolve(backend, hidden.device)
-    if name == "torch" or criterion == "policy":  # TEMPORARY: kernels for "policy" follow
+    if name == "torch":
         return exit_head_reference(hidden, weight, bias, **kwargs, **policy)
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
@@ -371,4 +371,6 @@ def exit_head(
     if memory is not None:
         memory = memory.contiguous()
     kwargs.update(pooler_weight=pooler_weight, pooler_bias=pooler_bias, memory=memory)
+    if criterion == "policy":
+        kwargs.update({k: v.contiguous() for k, v in policy.items()})
     return backends.implementation("exit_head", name)(hidden, weight, bias, **kwargs)
