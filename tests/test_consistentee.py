@@ -220,6 +220,10 @@ def test_constructor_and_phase_errors():
         ConsistentEEModel.from_hf(tiny_bert(num_labels=1))
     with pytest.raises(ValueError, match="reward"):
         ConsistentEEModel.from_hf(tiny_bert(), reward="fast")
+    with pytest.raises(ValueError, match="num_samples"):
+        ConsistentEEModel.from_hf(tiny_bert(), num_samples=1)
+    with pytest.raises(ValueError, match="internal exits"):
+        ConsistentEEModel.from_hf(tiny_bert(), exit_layers=[N_LAYERS]).set_phase("policy")
     model = ConsistentEEModel.from_hf(tiny_bert(), exit_layers=[2])
     assert list(model.policies) == ["2"] and model.exit_layers == [2, N_LAYERS]
     with pytest.raises(ValueError, match="phase"):

@@ -73,9 +73,13 @@ class ConsistentEEModel(EarlyExitModel):
         policy_hidden: width P of each policy net's hidden layer (H -> P -> 1; default 32).
         reward: "hardness" (eq. 4, needs each sample's memorized layer) or "vanilla" (eq. 3).
         alpha: the accuracy/acceleration trade-off alpha of eq. 3-4 (per layer of depth).
-        num_samples: K trajectories sampled per sample in the policy phase (each batch
-            replicated K times; the per-sample mean reward is the baseline).
-        epsilon: epsilon-greedy exploration rate of the policy phase.
+        num_samples: K >= 2 trajectories sampled per sample in the policy phase; the
+            per-sample mean reward is the baseline. The frozen backbone runs once per batch
+            without dropout and the K trajectories are drawn on its states, which equals
+            replicating the batch K times.
+        epsilon: epsilon-greedy exploration rate of the policy phase: each action is a
+            coin flip with probability epsilon, else drawn from pi; log-probabilities are
+            taken under pi (the usual on-policy approximation).
         classifier_actions: how the frozen policy picks the exit in the classifier phase:
             "sample" (one trajectory drawn from pi, as eq. 6 reads) or "greedy" (pi > 0.5,
             the inference rule).
@@ -95,8 +99,9 @@ class ConsistentEEModel(EarlyExitModel):
             raise ValueError(f"classifier_actions must be one of {CLASSIFIER_ACTIONS}, got {classifier_actions!r}")
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (with one trajectory per sample the mean-reward "
+                             f"baseline equals the reward and nothing is learned), got {num_samples}")
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
         self.policy_hidden = int(policy_hidden)
@@ -148,6 +153,8 @@ class ConsistentEEModel(EarlyExitModel):
         """
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if phase == "policy" and not len(self.policies):
+            raise ValueError("the policy phase needs internal exits; this model exits only at the last layer")
         self.phase = phase
         self.set_training_stage("joint")
         for p in list(self.hf.parameters()) + list(self.heads.parameters()):
