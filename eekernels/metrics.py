@@ -6,6 +6,8 @@
   executed, counted per sample with its own (unpadded) length (mpee.txt eq. 15).
 - :func:`mpee_token_counts` / :func:`flops_speedup_tokens`: the same when the sequence
   shrinks layer by layer (MPEE's token-wise exit).
+- :func:`memorized_layer`: ConsistentEE's hardness of a sample (consistentee.txt eq. 7).
+- CascadeBERT: cascade speed-ups, DIS (eq. 1-3) and ECE.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Optional
 import torch
 
 __all__ = ["encoder_layer_flops", "exit_head_flops", "flops_speedup", "flops_speedup_tokens", "layer_speedup",
-           "mpee_token_counts"]
+           "memorized_layer", "mpee_token_counts"]
 
 
 def layer_speedup(exit_layer: torch.Tensor, num_layers: int) -> float:
@@ -244,3 +246,31 @@ def flops_speedup_tokens(exit_layer: torch.Tensor, tokens: torch.Tensor, full_se
     full = (n_layers * encoder_layer_flops(full_seq_len, hidden, intermediate) + head).sum()
     run = ((per * ran).sum(dim=1) + heads_run * head).sum()
     return float(full / run)
+
+def memorized_layer(pred: torch.Tensor, labels: torch.Tensor, exit_layers, num_layers: int) -> torch.Tensor:
+    """Memorized layer of each sample (consistentee.txt eq. 7): the first exit layer k from
+    which every exit at or after k predicts the label; ``num_layers`` when the last exit is
+    wrong (never memorized).
+
+    Args:
+        pred: int [E, B], the prediction of each exit (in the order of ``exit_layers``).
+        labels: int [B].
+        exit_layers: the E ascending 1-based layers of the exits (the last is ``num_layers``).
+        num_layers: L, the backbone's depth.
+
+    Returns:
+        int64 [B] with values in [1, L].
+    """
+    pred = torch.as_tensor(pred)
+    labels = torch.as_tensor(labels)
+    layers = torch.as_tensor(list(exit_layers), dtype=torch.int64)
+    if pred.dim() != 2 or labels.dim() != 1 or pred.shape != (layers.numel(), labels.numel()):
+        raise ValueError(f"memorized_layer: pred must be [E, B] = [{layers.numel()}, {labels.numel()}] "
+                         f"with labels [B], got pred {tuple(pred.shape)} and labels {tuple(labels.shape)}")
+    if layers.numel() == 0 or int(layers[-1]) != num_layers or bool((layers[1:] <= layers[:-1]).any()):
+        raise ValueError(f"memorized_layer: exit_layers must ascend and end at num_layers={num_layers}, got {layers.tolist()}")
+    correct = pred.to(labels.device) == labels[None, :]
+    # suffix[e, b]: exits e..E-1 all correct (a cumulative product from the last exit backwards)
+    suffix = correct.flip(0).long().cumprod(dim=0).flip(0).bool()
+    first = torch.where(suffix.any(dim=0), suffix.long().argmax(dim=0), torch.full_like(labels, layers.numel() - 1, dtype=torch.int64))
+    return layers.to(labels.device)[first]
