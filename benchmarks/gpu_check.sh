@@ -21,5 +21,7 @@ python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_exit_head.py benc
   --benchmark-columns=median,iqr,rounds --benchmark-json="$OUT/bench_micro.json" 2>&1 | tail -40
 echo "== exit_head timing vs floor"
 python3 benchmarks/exit_head_gpu.py --out "$OUT"
-echo "== end-to-end: BERT-base shape, fp16, seq 128, B = 1..512, 10% and 20% exit per layer"
-python3 benchmarks/e2e.py --out "$OUT" --repeats 20
+echo "== end-to-end: BERT-base shape, fp16, seq 128, B = 1..512, 10% and 20% exit per layer + measured profiles (benchmarks/profiles)"
+PROFILES=""
+for p in benchmarks/profiles/*.json; do [ -f "$p" ] && PROFILES="$PROFILES --measured-profile $p"; done
+python3 benchmarks/e2e.py --out "$OUT" --repeats 20 $PROFILES

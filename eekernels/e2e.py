@@ -23,7 +23,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,6 +39,37 @@ def profile_exit_layers(batch: int, num_layers: int, frac: float) -> torch.Tenso
     for layer in range(num_layers - 1, 0, -1):
         layers[q < 1 - (1 - frac) ** layer] = layer
     return layers
+
+
+def histogram_exit_layers(batch: int, num_layers: int, histogram: Dict[int, int], source_layers: int) -> torch.Tensor:
+    """Exit layers [B] drawn from a measured exit histogram (layer -> count) of a model with
+    ``source_layers`` layers, rescaled to ``num_layers`` by relative depth (layer l of n
+    becomes max(1, round(l * num_layers / n))). Row i takes the quantile (i+0.5)/B of the
+    measured distribution, so every batch size gets the same distribution."""
+    if not histogram or sum(histogram.values()) <= 0:
+        raise ValueError("histogram_exit_layers: the exit histogram is empty")
+    if any(l < 1 or l > source_layers for l in histogram):
+        raise ValueError(f"histogram_exit_layers: layers must be in [1, {source_layers}], got {sorted(histogram)}")
+    layers = sorted(histogram)
+    counts = torch.tensor([histogram[l] for l in layers], dtype=torch.float64)
+    cdf = counts.cumsum(0) / counts.sum()
+    q = (torch.arange(batch, dtype=torch.float64) + 0.5) / batch
+    pick = torch.searchsorted(cdf, q).clamp(max=len(layers) - 1)
+    src = torch.tensor(layers, dtype=torch.float64)[pick]
+    return (src * num_layers / source_layers).round().clamp(1, num_layers).long()
+
+
+def load_measured_profile(path: str) -> Tuple[str, Dict[int, int], int]:
+    """(label, histogram, number of layers) from a report of ``eekernels eval --report``."""
+    with open(path) as f:
+        rep = json.load(f)
+    try:
+        hist = {int(k): int(v) for k, v in rep["exit_histogram"].items()}
+        n = int(rep["num_layers"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not an `eekernels eval --report` file (needs exit_histogram and num_layers): {e}")
+    label = f"measured ({os.path.basename(path)}, mean exit {rep.get('mean_exit_layer', float('nan')):.2f}/{n})"
+    return label, hist, n
 
 
 def build_model(num_layers=12, hidden=768, heads=12, intermediate=3072, num_labels=2, max_positions=512,
@@ -83,8 +114,14 @@ def time_fn(fn: Callable, device: torch.device, repeats: int, warmup: int = 3) -
 def run(batch_sizes: List[int], fracs: List[float], seq_len: int = 128, device: Optional[str] = None,
         num_layers: int = 12, hidden: int = 768, heads: int = 12, intermediate: int = 3072,
         repeats: int = 20, compile_baseline: bool = True, backend: Optional[str] = None,
-        out_dir: Optional[str] = None, progress: bool = True) -> List[dict]:
-    """Run the benchmark; returns one dict per (batch size, profile) and writes JSON/PNG to out_dir."""
+        out_dir: Optional[str] = None, progress: bool = True,
+        measured: Optional[List[str]] = None) -> List[dict]:
+    """Run the benchmark; returns one dict per (batch size, profile) and writes JSON/PNG to out_dir.
+
+    Profiles: for each ``frac`` in ``fracs``, that fraction of the active rows exits after
+    every layer; for each path in ``measured``, the exit histogram of a trained model's
+    ``eekernels eval --report`` JSON, rescaled to ``num_layers`` by relative depth.
+    """
     from tqdm import tqdm
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -96,20 +133,25 @@ def run(batch_sizes: List[int], fracs: List[float], seq_len: int = 128, device: 
     if compile_baseline:
         mode = "reduce-overhead" if dev.type == "cuda" else "default"
         compiled = torch.compile(hf, mode=mode)
+    profiles = [(f"{frac * 100:g}% exit/layer", frac, lambda b, f=frac: profile_exit_layers(b, num_layers, f))
+                for frac in fracs]
+    for path in measured or []:
+        label, hist, n = load_measured_profile(path)
+        profiles.append((label, None, lambda b, h=hist, n=n: histogram_exit_layers(b, num_layers, h, n)))
     rows = []
-    jobs = [(b, f) for b in batch_sizes for f in fracs]
-    for b, frac in tqdm(jobs, desc="e2e", disable=not progress):
+    jobs = [(b, p) for b in batch_sizes for p in profiles]
+    for b, (label, frac, make_profile) in tqdm(jobs, desc="e2e", disable=not progress):
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(1000, 30000, (b, seq_len), generator=g).to(dev)
         mask = torch.ones_like(ids)
-        prof = profile_exit_layers(b, num_layers, frac)
+        prof = make_profile(b)
         ideal = metrics.layer_speedup(prof, num_layers)
         t_eager = time_fn(lambda: hf(input_ids=ids, attention_mask=mask), dev, repeats)
         t_comp = time_fn(lambda: compiled(input_ids=ids, attention_mask=mask), dev, repeats) if compiled else None
         t_ee = time_fn(lambda: model.early_exit(ids, mask, exit_profile=prof, backend=backend), dev, repeats)
         best = min(t_eager, t_comp) if t_comp is not None else t_eager
         row = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=str(dtype),
-                   batch=b, seq_len=seq_len, exit_frac=frac, ideal_layer_speedup=ideal,
+                   batch=b, seq_len=seq_len, profile=label, exit_frac=frac, ideal_layer_speedup=ideal,
                    t_hf_eager_ms=t_eager * 1e3, t_full_compiled_ms=None if t_comp is None else t_comp * 1e3,
                    t_early_exit_ms=t_ee * 1e3, realized_vs_eager=t_eager / t_ee, realized_vs_best=best / t_ee,
                    efficiency=(best / t_ee) / ideal, samples_per_s=b / t_ee)
@@ -130,13 +172,13 @@ def plot(rows: List[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for k, frac in enumerate(sorted({r["exit_frac"] for r in rows})):
-        rs = [r for r in rows if r["exit_frac"] == frac]
+    for k, label in enumerate(dict.fromkeys(r["profile"] for r in rows)):
+        rs = [r for r in rows if r["profile"] == label]
         bs = [r["batch"] for r in rs]
         color = f"C{k}"  # one colour per exit profile in both panels
-        axes[0].plot(bs, [r["efficiency"] for r in rs], marker="o", color=color, label=f"{int(frac * 100)}% exit/layer")
-        axes[1].plot(bs, [r["realized_vs_best"] for r in rs], marker="o", color=color, label=f"realized {int(frac * 100)}%")
-        axes[1].plot(bs, [r["ideal_layer_speedup"] for r in rs], linestyle="--", color=color, label=f"ideal {int(frac * 100)}%")
+        axes[0].plot(bs, [r["efficiency"] for r in rs], marker="o", color=color, label=label)
+        axes[1].plot(bs, [r["realized_vs_best"] for r in rs], marker="o", color=color, label=f"realized, {label}")
+        axes[1].plot(bs, [r["ideal_layer_speedup"] for r in rs], linestyle="--", color=color, label=f"ideal, {label}")
     for ax, title in zip(axes, ("efficiency = realized / ideal", "speed-up vs fastest full model")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -151,11 +193,11 @@ def plot(rows: List[dict], path: str) -> None:
 
 
 def print_table(rows: List[dict]) -> None:
-    print(f"{'B':>5s} {'exit%':>6s} {'ideal':>6s} {'eager ms':>9s} {'best ms':>8s} {'EE ms':>8s} "
+    print(f"{'B':>5s} {'profile':>24s} {'ideal':>6s} {'eager ms':>9s} {'best ms':>8s} {'EE ms':>8s} "
           f"{'vs eager':>8s} {'vs best':>8s} {'eff':>5s} {'samples/s':>10s}")
     for r in rows:
         best = min(r["t_hf_eager_ms"], r["t_full_compiled_ms"] or float("inf"))
-        print(f"{r['batch']:5d} {r['exit_frac'] * 100:5.0f}% {r['ideal_layer_speedup']:6.2f} {r['t_hf_eager_ms']:9.2f} "
+        print(f"{r['batch']:5d} {r['profile'][:24]:>24s} {r['ideal_layer_speedup']:6.2f} {r['t_hf_eager_ms']:9.2f} "
               f"{best:8.2f} {r['t_early_exit_ms']:8.2f} {r['realized_vs_eager']:8.2f} {r['realized_vs_best']:8.2f} "
               f"{r['efficiency']:5.2f} {r['samples_per_s']:10.1f}")
 
@@ -163,6 +205,9 @@ def print_table(rows: List[dict]) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,8,32,128,512")
     p.add_argument("--exit-fracs", default="0.1,0.2", help="fraction of active rows exiting per layer")
+    p.add_argument("--measured-profile", action="append", default=[], metavar="REPORT_JSON",
+                   help="also run the exit histogram of a trained model: a report written by "
+                        "`eekernels eval --report` (rescaled to the benchmark's depth); repeatable")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=20)
@@ -176,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     shape = dict(num_layers=4, hidden=64, heads=4, intermediate=128) if args.tiny else {}
     rows = run([int(x) for x in args.batch_sizes.split(",")], [float(x) for x in args.exit_fracs.split(",")],
                seq_len=args.seq_len, device=args.device, repeats=args.repeats, backend=args.backend,
-               compile_baseline=not args.no_compile, out_dir=args.out, **shape)
+               compile_baseline=not args.no_compile, out_dir=args.out, measured=args.measured_profile, **shape)
     print_table(rows)
     print(f"wrote {os.path.join(args.out, 'e2e.json')} and e2e.png")
     return 0

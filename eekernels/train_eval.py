@@ -66,6 +66,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the exit heads (pooler + classifier of every exit, the final one "
+                        "included); default: --lr. Freshly initialised heads on a pretrained backbone often "
+                        "need a larger one (e.g. 1e-3)")
     p.add_argument("--exit-layers", default=None, help="comma-separated 1-based layers with an exit (default: all)")
     p.add_argument("--loss-weighting", choices=("weighted", "sum"), default="weighted",
                    help="weighted: w_i = i / sum j (past-future); sum: DeeBERT")
@@ -264,6 +268,21 @@ def _load_for_training(args, label_names: List[str]):
         raise CLIError(str(e)) from None
 
 
+def _optimizer(model, args):
+    """AdamW with two parameter groups: the exit heads at ``--head-lr``, the rest at ``--lr``
+    (Trainer's defaults otherwise: weight decay 0, its linear schedule is built on top)."""
+    import torch
+
+    final = model.head(model.num_layers)
+    head_ids = {id(p) for m in (model.heads, final.pooler, final.classifier) if m is not None for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": args.lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": args.head_lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
 def _train(args) -> int:
     import torch
     import transformers
@@ -271,7 +290,9 @@ def _train(args) -> int:
     from .data import read_examples
 
     _check_model_dir(args.model)
-    for name in ("epochs", "lr", "batch_size"):
+    if args.head_lr is None:
+        args.head_lr = args.lr
+    for name in ("epochs", "lr", "head_lr", "batch_size"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.max_steps == 0 or args.max_steps < -1:
@@ -314,7 +335,7 @@ def _train(args) -> int:
                 remove_unused_columns=False, disable_tqdm=False,
             )
             trainer = transformers.Trainer(model=model, args=targs, train_dataset=_EncodedDataset(train_enc),
-                                           data_collator=_collate)
+                                           data_collator=_collate, optimizers=(_optimizer(model, args), None))
             if len(stages) > 1:
                 print(f"stage {stage!r}: " + ("backbone + final head" if stage == "final"
                                               else "internal exits, backbone frozen"))
@@ -341,7 +362,7 @@ def _train(args) -> int:
         "base_model": args.model, "train": args.train, "dev": args.dev, "num_train": len(train),
         "text_columns": list(train.text_columns), "label_column": train.label_column, "label_names": names,
         "exit_layers": model.exit_layers, "loss_weighting": model.loss_weighting, "two_stage": args.two_stage,
-        "max_length": max_length, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
+        "max_length": max_length, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr, "head_lr": args.head_lr,
         "batch_size": args.batch_size, "seed": args.seed, "training_loss": losses,
         "num_truncated": train_enc.num_truncated,
         "dev_accuracy": None if dev_acc is None else {str(l): a for l, a in zip(model.exit_layers, dev_acc)},

@@ -39,3 +39,26 @@ def test_bench_tiny_writes_json_and_plot(tmp_path):
     assert all(r["efficiency"] > 0 and r["ideal_layer_speedup"] >= 1 for r in data["rows"])
     assert (tmp_path / "e2e.png").stat().st_size > 1000
     assert "samples/s" in out
+
+
+def test_histogram_exit_layers_follows_the_measured_distribution():
+    from eekernels.e2e import histogram_exit_layers
+
+    # 6-layer model: half exit at layer 2, a quarter at 3, a quarter at 6; benchmark has 12 layers.
+    layers = histogram_exit_layers(8, 12, {2: 4, 3: 2, 6: 2}, 6)
+    assert layers.tolist() == [4, 4, 4, 4, 6, 6, 12, 12]
+    assert histogram_exit_layers(1, 12, {2: 4, 3: 2, 6: 2}, 6).tolist() == [4]  # quantile 0.5: the first half
+    with pytest.raises(ValueError, match="empty"):
+        histogram_exit_layers(4, 12, {}, 6)
+    with pytest.raises(ValueError, match=r"\[1, 6\]"):
+        histogram_exit_layers(4, 12, {7: 1}, 6)
+
+
+def test_bench_with_a_measured_profile(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"exit_histogram": {"1": 3, "2": 1, "4": 0}, "num_layers": 4, "mean_exit_layer": 1.25}))
+    run_cli("bench", "--tiny", "--device", "cpu", "--batch-sizes", "4", "--exit-fracs", "0.5",
+            "--measured-profile", str(report), "--repeats", "1", "--no-compile", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert len(rows) == 2 and rows[1]["profile"].startswith("measured (report.json")
+    assert rows[1]["ideal_layer_speedup"] == pytest.approx(4 * 4 / (1 + 1 + 1 + 2))
