@@ -265,6 +265,38 @@ def print_table(rows: List[dict]) -> None:
               f"{r['efficiency']:5.2f} {r['samples_per_s']:10.1f} {r['overhead_vs_eager']:+8.1%}")
 
 
+TOKEN_METHODS = ("hashee", "mpee")
+
+
+def run_token_methods(methods: Sequence[str], batch_sizes: List[int], seq_lens: List[int],
+                      device: Optional[str] = None, repeats: int = 20, backend: Optional[str] = None,
+                      compile_baseline: bool = True, tiny: bool = False) -> List[dict]:
+    """Token-level rows: HashEE (frequency hash) and MPEE (prune after 4, 7, 10 keeping 70%,
+    no row exits) against the full model; efficiency = realized (vs the fastest full model)
+    / FLOPs speed-up. Prints a table per method; returns all rows (key ``method``)."""
+    from .bench_tokens import hashee_e2e_rows, print_rows
+    from .methods.mpee_bench import mpee_rows
+
+    unknown = [m for m in methods if m not in TOKEN_METHODS]
+    if unknown:
+        raise ValueError(f"unknown token-level method(s) {unknown}; choose from {TOKEN_METHODS}")
+    rows = []
+    for m in methods:
+        if m == "hashee":
+            shape = dict(num_layers=3, hidden=64, heads=4, intermediate=128, vocab_size=1000) if tiny else {}
+            got = hashee_e2e_rows(batch_sizes, seq_lens, device=device, repeats=repeats,
+                                  compile_baseline=compile_baseline, backend=backend, **shape)
+            got = [dict(r, method="hashee") for r in got]
+        else:
+            shape = dict(num_layers=4, hidden=64, heads=4, intermediate=128, prune_layers=(1, 2)) if tiny else {}
+            got = mpee_rows(batch_sizes, seq_lens, fracs=(0.0,), device=device, repeats=repeats,
+                            compile_baseline=compile_baseline, backend=backend, **shape)
+        print(f"== {m}")
+        print_rows(got)
+        rows += got
+    return rows
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,8,32,128,512")
     p.add_argument("--exit-fracs", default="0.1,0.2", help="fraction of active rows exiting per layer")
@@ -273,6 +305,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "`eekernels eval --report` (rescaled to the benchmark's depth); repeatable")
     p.add_argument("--methods", default="early-exit",
                    help=f"comma-separated methods on the same backbone and profiles: {', '.join(E2E_METHODS)}")
+    p.add_argument("--token-methods", default="",
+                   help="token-level rows too (comma-separated: hashee, mpee): BERT-base shape at --token-seq-lens "
+                        "and --token-batch-sizes, FLOPs speed-up vs realized; written to e2e_tokens.json")
+    p.add_argument("--token-seq-lens", default="128,512")
+    p.add_argument("--token-batch-sizes", default="32,128")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=20)
@@ -290,4 +327,14 @@ def main(args: argparse.Namespace) -> int:
                methods=[m.strip() for m in args.methods.split(",") if m.strip()], **shape)
     print_table(rows)
     print(f"wrote {os.path.join(args.out, 'e2e.json')} and e2e.png")
+    token_methods = [m.strip() for m in args.token_methods.split(",") if m.strip()]
+    if token_methods:
+        token_rows = run_token_methods(token_methods, [int(x) for x in args.token_batch_sizes.split(",")],
+                                       [int(x) for x in args.token_seq_lens.split(",")], device=args.device,
+                                       repeats=args.repeats, backend=args.backend,
+                                       compile_baseline=not args.no_compile, tiny=args.tiny)
+        path = os.path.join(args.out, "e2e_tokens.json")
+        with open(path, "w") as f:
+            json.dump(dict(torch=torch.__version__, rows=token_rows), f, indent=1)
+        print(f"wrote {path}")
     return 0
