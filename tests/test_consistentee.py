@@ -20,6 +20,7 @@ from eekernels.ops import exit_head, exit_head_reference  # noqa: E402
 from eekernels.training import consistentee as ct  # noqa: E402
 
 from .helpers import kernel_backends, rel_err  # noqa: E402
+from .test_training import ParityTask  # noqa: E402
 
 N_LAYERS = 3
 
@@ -31,25 +32,6 @@ def tiny_bert(seed: int = 0, num_labels: int = 2):
                                   num_labels=num_labels, initializer_range=0.3, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0)
     return transformers.BertForSequenceClassification(cfg).eval()
-
-
-class MarkerTask(torch.utils.data.Dataset):
-    """Label 1 iff token 7 occurs among the three tokens after [CLS]: separable at layer 1."""
-
-    def __init__(self, n: int, seed: int, s: int = 8):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(8, 100, (n, s), generator=g)
-        self.ids[:, 0] = 2
-        flip = torch.rand(n, generator=g) < 0.5
-        pos = torch.randint(1, 4, (n,), generator=g)
-        self.ids[flip, pos[flip]] = 7
-        self.labels = flip.long()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
 def trainer_args(tmp_path, steps: int, lr: float = 3e-3, **kw):
@@ -124,7 +106,7 @@ def init_trained(tmp_path_factory):
     model = ConsistentEEModel.from_hf(tiny_bert(seed=5), init="random", reward="vanilla")
     model.set_phase("init")
     trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path_factory.mktemp("init"), 100),
-                                   train_dataset=MarkerTask(512, seed=1))
+                                   train_dataset=ParityTask(512, seed=1))
     trainer.train()
     return model, logged_losses(trainer)
 
@@ -254,7 +236,7 @@ def test_constructor_and_phase_errors():
     model.set_phase("classifier")
     assert all(p.requires_grad for p in list(model.hf.parameters()) + list(model.heads.parameters()))
     assert not any(p.requires_grad for p in model.policies.parameters())
-    data = MarkerTask(4, seed=0)
+    data = ParityTask(4, seed=0)
     with pytest.raises(ValueError, match="memorized_layer"):
         model.reward = "hardness"
         model.set_phase("policy")
@@ -275,12 +257,12 @@ def test_init_phase_trainer_loss_decreases(init_trained):
 def test_policy_phase_trainer_learns_to_exit_early(init_trained, tmp_path):
     model = copy.deepcopy(init_trained[0])
     model.alpha, model.epsilon = 0.5, 0.05
-    dev = MarkerTask(128, seed=2)
+    dev = ParityTask(128, seed=2)
     before = model.early_exit(dev.ids).exit_layer.float().mean()
     model.set_phase("policy")
     frozen = {k: v.clone() for k, v in model.heads.state_dict().items()}
     trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path, 20, lr=5e-2),
-                                   train_dataset=MarkerTask(512, seed=1))
+                                   train_dataset=ParityTask(512, seed=1))
     trainer.train()
     losses = logged_losses(trainer)  # mean negative reward of the sampled trajectories
     assert losses[-1] < losses[0] - 0.1, losses
@@ -293,7 +275,7 @@ def test_policy_phase_trainer_learns_to_exit_early(init_trained, tmp_path):
 def test_policy_phase_hardness_reward_with_memorized_layers(init_trained, tmp_path):
     model = copy.deepcopy(init_trained[0])
     model.reward, model.alpha = "hardness", 0.5
-    train = MarkerTask(256, seed=1)
+    train = ParityTask(256, seed=1)
     m = ct.compute_memorized_layers(model, train, batch_size=64, progress=False)
     assert m.shape == (256,) and m.min() >= 1 and m.max() <= N_LAYERS
     assert (m == 1).float().mean() > 0.5  # the task is easy: mostly memorized at layer 1
@@ -316,20 +298,20 @@ def test_classifier_phase_trainer_loss_decreases(tmp_path):
     model.set_phase("classifier")
     policy_before = {k: v.clone() for k, v in model.policies.state_dict().items()}
     trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path, 100),
-                                   train_dataset=MarkerTask(512, seed=1))
+                                   train_dataset=ParityTask(512, seed=1))
     trainer.train()
     losses = logged_losses(trainer)
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(torch.equal(v, model.policies.state_dict()[k]) for k, v in policy_before.items())
-    out = model(MarkerTask(64, seed=3).ids)
+    out = model(ParityTask(64, seed=3).ids)
     assert out.exit_layer.min() >= 1 and len(set(out.exit_layer.tolist())) > 1  # exits sampled over layers
 
 
 def test_iterative_loop_end_to_end(tmp_path):
     model = ConsistentEEModel.from_hf(tiny_bert(seed=5), init="random", reward="hardness", alpha=0.3)
     args = trainer_args(tmp_path, 10)
-    res = ct.train_consistentee(model, MarkerTask(256, seed=1), args, rounds=2, init_steps=100, policy_steps=5,
-                                classifier_steps=5, policy_learning_rate=5e-2, eval_dataset=MarkerTask(64, seed=2),
+    res = ct.train_consistentee(model, ParityTask(256, seed=1), args, rounds=2, init_steps=100, policy_steps=5,
+                                classifier_steps=5, policy_learning_rate=5e-2, eval_dataset=ParityTask(64, seed=2),
                                 progress=True)
     assert [(r.round, r.phase) for r in res.phases] == [
         (0, "init"), (1, "policy"), (1, "classifier"), (2, "policy"), (2, "classifier")]
@@ -342,7 +324,7 @@ def test_iterative_loop_end_to_end(tmp_path):
         assert sum(ev["exit_histogram"].values()) == 64
     assert model.phase == "classifier"
     with pytest.raises(ValueError, match="rounds"):
-        ct.train_consistentee(model, MarkerTask(8, seed=1), args, rounds=0)
+        ct.train_consistentee(model, ParityTask(8, seed=1), args, rounds=0)
 
 
 # --------------------------------------------------------------------------- inference

@@ -38,7 +38,7 @@ import torch
 from .. import backends, metrics
 from ..ops import compact_rows, mpee_prune, scatter_exits
 from ..ops.tokens import mpee_kept_width
-from .batched import EarlyExitOutput, ExitRule
+from .batched import EarlyExitOutput, ExitRule, check_inputs
 
 __all__ = ["TokenExitOutput", "TokenPruning", "class_attention_memory", "token_pruning_forward"]
 
@@ -143,18 +143,7 @@ def token_pruning_forward(model, input_ids: torch.Tensor, attention_mask: Option
     """
     from ..models.layer_parts import layer_parts
 
-    if input_ids.dim() != 2:
-        raise ValueError(f"early_exit: input_ids must be [B, S], got {tuple(input_ids.shape)}")
-    b, s = input_ids.shape
-    if s < 1:
-        raise ValueError("early_exit: the sequence needs at least the [CLS] token")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and s > max_pos:
-        raise ValueError(f"early_exit: sequence length {s} exceeds the model's max_position_embeddings {max_pos}; truncate the input")
-    if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
-        raise ValueError(f"early_exit: attention_mask must be [{b}, {s}], got {tuple(attention_mask.shape)}")
-    if exit_profile is not None and tuple(exit_profile.shape) != (b,):
-        raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(exit_profile.shape)}")
+    b, s = check_inputs(model, input_ids, attention_mask, exit_profile)
     dev = input_ids.device
     n_layers, c = model.num_layers, model.num_labels
     exit_layers = set(model.exit_layers)

@@ -516,9 +516,7 @@ def calibrate_cascade(model: CascadeModel, input_ids, labels, attention_mask=Non
 
     Returns an :class:`eekernels.calibration.CalibrationResult` (criterion "max_prob").
     """
-    import warnings
-
-    from ..calibration import CalibrationResult
+    from ..calibration import CalibrationResult, choose_threshold
 
     if (target_speedup is None) == (max_accuracy_drop is None):
         raise ValueError("calibrate_cascade: give exactly one of target_speedup and max_accuracy_drop")
@@ -542,15 +540,5 @@ def calibrate_cascade(model: CascadeModel, input_ids, labels, attention_mask=Non
     for t in cands:
         el, lg = simulate_cascade(z, points, t, conf_all)
         table.append((t, metrics.cascade_layer_speedup(el, n), float((lg.argmax(-1) == labels).float().mean())))
-    if target_speedup is not None:
-        ok = [r for r in table if r[1] >= target_speedup - 1e-12]
-        if not ok:
-            best = max(table, key=lambda r: r[1])
-            warnings.warn(f"calibrate_cascade: no threshold reaches layer speed-up {target_speedup}; "
-                          f"the fastest gives {best[1]:.3f}", RuntimeWarning, stacklevel=2)
-        else:
-            best = max(ok, key=lambda r: (r[2], -r[1]))
-    else:
-        ok = [r for r in table if r[2] >= full_acc - max_accuracy_drop - 1e-12]
-        best = max(ok, key=lambda r: (r[1], r[2]))
+    best = choose_threshold(table, full_acc, target_speedup, max_accuracy_drop, "calibrate_cascade")
     return CalibrationResult("max_prob", best[0], best[1], best[2], full_acc, table)
