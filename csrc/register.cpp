@@ -7,12 +7,16 @@
 
 TORCH_LIBRARY(eekernels, m) {
   // Fused exit head; see eekernels/ops/exit_head.py for the contract.
-  // criterion: 0 entropy, 1 max_prob, 2 patience. `counter` output is [N] int32 for
-  // patience and an empty [0] tensor otherwise.
+  // criterion: 0 entropy, 1 max_prob, 2 patience, 3 policy. `counter` output is [N] int32
+  // for patience and an empty [0] tensor otherwise. The policy network's parameters
+  // ([P, H], [P], [P], [1]) are given with criterion 3 only; they default to None so calls
+  // written before the policy criterion keep working.
   m.def(
       "exit_head(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, "
       "Tensor? pooler_bias, Tensor? memory, float memory_lambda, bool tanh_logits, "
-      "int criterion, float threshold, Tensor? prev_pred, Tensor? counter) -> "
+      "int criterion, float threshold, Tensor? prev_pred, Tensor? counter, "
+      "Tensor? policy_weight=None, Tensor? policy_bias=None, Tensor? policy_out_weight=None, "
+      "Tensor? policy_out_bias=None) -> "
       "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)");
   // Row compaction; see eekernels/ops/compaction.py for the contract. compact_rows reads
   // the survivor count M back to the host (outputs are [M, ...]); scatter_exits writes the

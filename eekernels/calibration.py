@@ -114,15 +114,22 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
     for t in cands:
         el, lg = simulate_exits(z, layers, n, criterion, t)
         table.append((t, metrics.layer_speedup(el, n), float((lg.argmax(-1) == labels).float().mean())))
+    best = choose_threshold(table, full_acc, target_speedup, max_accuracy_drop, "calibrate")
+    return CalibrationResult(criterion, best[0], best[1], best[2], full_acc, table)
+
+
+def choose_threshold(table, full_acc: float, target_speedup: Optional[float], max_accuracy_drop: Optional[float],
+                     who: str = "calibrate"):
+    """The (threshold, speed-up, accuracy) row of ``table`` that calibration picks: the most
+    accurate one reaching ``target_speedup`` (the fastest, with a warning, when none does),
+    or the fastest whose accuracy is within ``max_accuracy_drop`` of ``full_acc``."""
     if target_speedup is not None:
         ok = [r for r in table if r[1] >= target_speedup - 1e-12]
         if not ok:
             best = max(table, key=lambda r: r[1])
-            warnings.warn(f"calibrate: no threshold reaches layer speed-up {target_speedup}; "
-                          f"the fastest gives {best[1]:.3f}", RuntimeWarning, stacklevel=2)
-        else:
-            best = max(ok, key=lambda r: (r[2], -r[1]))
-    else:
-        ok = [r for r in table if r[2] >= full_acc - max_accuracy_drop - 1e-12]
-        best = max(ok, key=lambda r: (r[1], r[2]))
-    return CalibrationResult(criterion, best[0], best[1], best[2], full_acc, table)
+            warnings.warn(f"{who}: no threshold reaches layer speed-up {target_speedup}; "
+                          f"the fastest gives {best[1]:.3f}", RuntimeWarning, stacklevel=3)
+            return best
+        return max(ok, key=lambda r: (r[2], -r[1]))
+    ok = [r for r in table if r[2] >= full_acc - max_accuracy_drop - 1e-12]
+    return max(ok, key=lambda r: (r[1], r[2]))

@@ -31,6 +31,29 @@ def eager_exit_sequence(hidden, pooler_weight, pooler_bias, weight, bias, thresh
     return logits, entropy, entropy < threshold
 
 
+def eager_policy_sequence(hidden, pooler_weight, pooler_bias, weight, bias, policy_weight, policy_bias,
+                          policy_out_weight, policy_out_bias, threshold=0.5):
+    """The unfused ConsistentEE baseline, op by op: pooler, classifier, then the policy
+    network (linear, GELU, linear, sigmoid) on the same input and the exit compare."""
+    pooled = hidden
+    if pooler_weight is not None:
+        pooled = torch.tanh(torch.nn.functional.linear(hidden, pooler_weight, pooler_bias))
+    logits = torch.nn.functional.linear(pooled, weight, bias).float()
+    u = torch.nn.functional.gelu(torch.nn.functional.linear(pooled, policy_weight, policy_bias))
+    p_exit = torch.sigmoid((u @ policy_out_weight + policy_out_bias).float())
+    return logits, p_exit, p_exit > threshold
+
+
+def default_policy(hidden: int, units: int, device, dtype, seed: int = 1):
+    """A deterministic policy network H -> units -> 1 (weight, bias, out weight [units], out bias [1])."""
+    g = torch.Generator().manual_seed(seed)
+    qw = torch.randn(units, hidden, generator=g) / math.sqrt(hidden)
+    qb = torch.randn(units, generator=g) * 0.1
+    qo = torch.randn(units, generator=g) / math.sqrt(units)
+    qob = torch.zeros(1)
+    return [t.to(device=device, dtype=dtype) for t in (qw, qb, qo, qob)]
+
+
 def default_head(rows: int, hidden: int, classes: int, device, dtype, seed: int = 0):
     """Synthetic [CLS] states and a pooler+classifier head (deterministic)."""
     g = torch.Generator().manual_seed(seed)

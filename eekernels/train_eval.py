@@ -28,11 +28,12 @@ import sys
 import tempfile
 import time
 import warnings
+from types import SimpleNamespace
 from typing import List, Optional
 
 LABEL_NAMES_FILE = "label_names.json"
 TRAIN_RESULTS_FILE = "train_results.json"
-CRITERIA = ("entropy", "max_prob", "patience")
+CRITERIA = ("entropy", "max_prob", "patience", "policy")
 
 
 class CLIError(Exception):
@@ -62,10 +63,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training file (.tsv, .csv, .jsonl)")
     p.add_argument("--dev", default=None, help="dev file: per-exit accuracy after training")
     p.add_argument("--out", required=True, help="directory to save the early-exit model to")
+    p.add_argument("--method", default="early-exit",
+                   help="the early-exit method: early-exit (DeeBERT / PABEE / Right-Tool heads, default), "
+                        "past-future, consistentee, mpee, cascadebert; see --method-option")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. strategy=lstm (past-future), reward=vanilla "
+                        "(consistentee), keep_ratio=0.5 (mpee), small_layers=2 (cascadebert); "
+                        "`eekernels train --method NAME --method-option help=1` lists them")
     _add_data_arguments(p)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the exit heads (pooler + classifier of every exit, the final one "
+                        "included); default: --lr. Freshly initialised heads on a pretrained backbone often "
+                        "need a larger one (e.g. 1e-3)")
     p.add_argument("--exit-layers", default=None, help="comma-separated 1-based layers with an exit (default: all)")
     p.add_argument("--loss-weighting", choices=("weighted", "sum"), default="weighted",
                    help="weighted: w_i = i / sum j (past-future); sum: DeeBERT")
@@ -82,10 +94,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a directory written by `eekernels train`")
     p.add_argument("--data", required=True, help="labelled file to evaluate (.tsv, .csv, .jsonl)")
     _add_data_arguments(p)
-    p.add_argument("--criterion", choices=CRITERIA, default="entropy",
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help="entropy (exit when < threshold), max_prob (exit when >= threshold), "
-                        "patience (exit after threshold unchanged predictions)")
-    g = p.add_mutually_exclusive_group(required=True)
+                        "patience (exit after threshold unchanged predictions), policy (ConsistentEE: exit "
+                        "when p(exit) > threshold); default: the method's own (entropy; consistentee: policy; "
+                        "cascadebert: max_prob)")
+    g = p.add_mutually_exclusive_group()  # one of them is required, except for hashee (no threshold)
     g.add_argument("--threshold", type=float, default=None, help="the exit threshold (patience: an integer)")
     g.add_argument("--target-speedup", type=float, default=None,
                    help="calibrate the threshold on this data for this layer speed-up, then report")
@@ -108,7 +122,9 @@ def _check_model_dir(path: str) -> None:
         raise CLIError(f"model directory {path} does not exist")
     if not os.path.isdir(path):
         raise CLIError(f"--model {path} is not a directory (give a local HF model directory; nothing is downloaded)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    from .methods.registry import method_of_directory
+
+    if not os.path.isfile(os.path.join(path, "config.json")) and method_of_directory(path) is None:
         raise CLIError(f"{path} holds no config.json: not a Hugging Face model directory")
 
 
@@ -178,14 +194,39 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _exit_points(model) -> List[int]:
+    """The layers after which samples can leave: per-layer exits, or a cascade's cumulative depths."""
+    points = getattr(model, "exit_layers", None)
+    if points is None:
+        points = getattr(model, "exit_points", None)
+    return list(points if points is not None else [model.num_layers])  # HashEE: samples never exit early
+
+
+def _full_model(model):
+    """The HF model whose plain forward is the full-model baseline (a cascade's largest member)."""
+    return model.hf if hasattr(model, "hf") else model.members[-1]
+
+
 def _exit_accuracies(model, enc, batch_size: int, progress: bool):
-    """Accuracy of every exit (list, in the order of ``model.exit_layers``)."""
+    """Accuracy of every exit (list, in the order of :func:`_exit_points`)."""
     from .calibration import collect_exit_logits
 
     dev = next(model.parameters()).device
     tt = enc.get("token_type_ids")
-    z = collect_exit_logits(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev),
-                            None if tt is None else tt.to(dev), batch_size=batch_size, progress=progress)
+    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    tt = None if tt is None else tt.to(dev)
+    if hasattr(model, "member_logits"):  # a cascade: each member's own logits [M, B, C]
+        z = model.member_logits(ids, mask, tt, batch_size=batch_size, progress=progress).float().cpu()
+    elif getattr(model, "exit_layers", None) is None:  # no internal exits (HashEE): the model's logits
+        import torch
+
+        model.eval()
+        with torch.no_grad():
+            z = torch.cat([model(ids[s:s + batch_size], mask[s:s + batch_size],
+                                 None if tt is None else tt[s:s + batch_size]).logits.float().cpu()
+                           for s in range(0, ids.shape[0], batch_size)])[None]
+    else:
+        z = collect_exit_logits(model, ids, mask, tt, batch_size=batch_size, progress=progress)
     return (z.argmax(-1) == enc["labels"][None]).float().mean(dim=1).tolist()
 
 
@@ -226,11 +267,11 @@ def _parse_exit_layers(spec: Optional[str]):
     return layers
 
 
-def _load_for_training(args, label_names: List[str]):
+def _load_for_training(args, label_names: List[str], corpus=None):
     """The early-exit model to train: from an eekernels directory (heads kept) or a plain HF one."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .models import EarlyExitModel, convert
+    from .models import EarlyExitModel
     from .models.early_exit import _META_FILE
 
     num_labels = len(label_names)
@@ -241,6 +282,19 @@ def _load_for_training(args, label_names: List[str]):
         raise CLIError(f"--exit-layers {args.exit_layers}: layers must be within 1..{n} (the model has {n} layers)")
     id2label = {i: name for i, name in enumerate(label_names)}
     label2id = {name: i for i, name in enumerate(label_names)}
+    from .methods.registry import method_of_directory
+
+    spec = args.method_spec
+    saved = method_of_directory(args.model)
+    if saved is not None and saved.name != spec.name:
+        raise CLIError(f"{args.model} holds a {saved.name} model; train it with --method {saved.name} "
+                       f"(or start from the base model)")
+    if saved is not None and spec.name != "early-exit":
+        model = spec.load(args.model)
+        if model.num_labels != num_labels:
+            raise CLIError(f"{args.model} has {model.num_labels} classes, the training data has {num_labels}")
+        print(f"continuing training of the {spec.name} model in {args.model}")
+        return model
     if os.path.isfile(os.path.join(args.model, _META_FILE)):
         model = EarlyExitModel.from_pretrained(args.model, local_files_only=True)
         if model.num_labels != num_labels:
@@ -259,9 +313,24 @@ def _load_for_training(args, label_names: List[str]):
             args.model, num_labels=num_labels, id2label=id2label, label2id=label2id,
             ignore_mismatched_sizes=True, local_files_only=True)
     try:
-        return convert(hf, exit_layers=exit_layers, loss_weighting=args.loss_weighting)
+        return spec.build(hf, num_labels, exit_layers, args.method_options, corpus)
     except ValueError as e:
         raise CLIError(str(e)) from None
+
+
+def _optimizer(model, args):
+    """AdamW with two parameter groups: the exit heads at ``--head-lr``, the rest at ``--lr``
+    (Trainer's defaults otherwise: weight decay 0, its linear schedule is built on top)."""
+    import torch
+
+    final = model.head(model.num_layers)
+    head_ids = {id(p) for m in (model.heads, final.pooler, final.classifier) if m is not None for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": args.lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": args.head_lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
 def _train(args) -> int:
@@ -271,7 +340,32 @@ def _train(args) -> int:
     from .data import read_examples
 
     _check_model_dir(args.model)
-    for name in ("epochs", "lr", "batch_size"):
+    from .methods.registry import get_method, parse_options
+
+    try:
+        spec = get_method(args.method)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if any(o.strip().startswith("help=") for o in args.method_option):
+        print(f"options of --method {spec.name} ({spec.summary}):")
+        for k, (d, h) in spec.options.items():
+            print(f"  {k}={d!r}: {h}")
+        return 0
+    try:
+        args.method_options = parse_options(spec, args.method_option)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if spec.name != "early-exit":
+        if args.two_stage or args.head_lr is not None:
+            raise CLIError(f"--two-stage and --head-lr are options of --method early-exit, not {spec.name}")
+        if args.loss_weighting != "weighted":
+            raise CLIError(f"--loss-weighting is an option of --method early-exit; {spec.name} has its own loss")
+    else:
+        args.method_options["loss_weighting"] = args.loss_weighting
+    args.method_spec = spec
+    if args.head_lr is None:
+        args.head_lr = args.lr
+    for name in ("epochs", "lr", "head_lr", "batch_size"):
         if getattr(args, name) <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.max_steps == 0 or args.max_steps < -1:
@@ -289,17 +383,31 @@ def _train(args) -> int:
 
     transformers.set_seed(args.seed)
     tokenizer = _load_tokenizer(args.model)
-    model = _load_for_training(args, names)
+    model = _load_for_training(args, names, corpus=(train, tokenizer))
     max_length = _max_length(model.config, args.max_length)
     train_enc = _encode(tokenizer, train, max_length, "train")
     dev_enc = _encode(tokenizer, dev, max_length, "dev") if dev is not None else None
-    print(f"model: {type(model.hf).__name__}, {model.num_layers} layers, exits after {model.exit_layers}, "
-          f"loss weighting {model.loss_weighting}")
+    spec = args.method_spec
+    exit_points = _exit_points(model)
+    print(f"model: {spec.name} on {type(_full_model(model)).__name__}, {model.num_layers} layers, exits after "
+          f"{exit_points}" + (f", loss weighting {model.loss_weighting}" if spec.name == "early-exit" else "")
+          + (f", options {args.method_options}" if spec.name != "early-exit" else ""))
 
-    stages = ["final", "internal"] if args.two_stage else ["joint"]
+    def training_args(out_dir):
+        return transformers.TrainingArguments(
+            output_dir=out_dir, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
+            max_steps=args.max_steps, learning_rate=args.lr, seed=args.seed, use_cpu=args.cpu,
+            logging_steps=max(1, args.logging_steps), save_strategy="no", report_to=[],
+            remove_unused_columns=False, disable_tqdm=False,
+        )
+
     losses = {}
     with tempfile.TemporaryDirectory(prefix="eekernels-train-") as tmp:
-        for stage in stages:
+        if spec.name != "early-exit":
+            losses = spec.train(model, training_args(tmp), _EncodedDataset(train_enc), _collate, args.method_options)
+            print("training loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        stages = ["final", "internal"] if args.two_stage else ["joint"]
+        for stage in stages if spec.name == "early-exit" else []:
             if stage == "internal":  # start the internal heads from the trained final head
                 final = model.head(model.num_layers)
                 with torch.no_grad():
@@ -307,28 +415,24 @@ def _train(args) -> int:
                         h.pooler.load_state_dict(final.pooler.state_dict())
                         h.classifier.load_state_dict(final.classifier.state_dict())
             model.set_training_stage(stage)
-            targs = transformers.TrainingArguments(
-                output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
-                max_steps=args.max_steps, learning_rate=args.lr, seed=args.seed, use_cpu=args.cpu,
-                logging_steps=max(1, args.logging_steps), save_strategy="no", report_to=[],
-                remove_unused_columns=False, disable_tqdm=False,
-            )
-            trainer = transformers.Trainer(model=model, args=targs, train_dataset=_EncodedDataset(train_enc),
-                                           data_collator=_collate)
+            trainer = transformers.Trainer(model=model, args=training_args(tmp),
+                                           train_dataset=_EncodedDataset(train_enc),
+                                           data_collator=_collate, optimizers=(_optimizer(model, args), None))
             if len(stages) > 1:
                 print(f"stage {stage!r}: " + ("backbone + final head" if stage == "final"
                                               else "internal exits, backbone frozen"))
             result = trainer.train()
             losses[stage] = float(result.training_loss)
             print(f"stage {stage!r}: {result.global_step} steps, mean training loss {result.training_loss:.4f}")
-    model.set_training_stage("joint")
+        if spec.name == "early-exit":
+            model.set_training_stage("joint")
     model.eval()
 
     dev_acc = None
     if dev_enc is not None:
         dev_acc = _exit_accuracies(model, dev_enc, args.batch_size, progress=False)
         print(f"dev accuracy per exit ({len(dev)} examples from {args.dev}):")
-        for layer, acc in zip(model.exit_layers, dev_acc):
+        for layer, acc in zip(exit_points, dev_acc):
             print(f"  exit after layer {layer:2d}: {acc:.4f}")
 
     model.cpu()
@@ -340,15 +444,17 @@ def _train(args) -> int:
     summary = {
         "base_model": args.model, "train": args.train, "dev": args.dev, "num_train": len(train),
         "text_columns": list(train.text_columns), "label_column": train.label_column, "label_names": names,
-        "exit_layers": model.exit_layers, "loss_weighting": model.loss_weighting, "two_stage": args.two_stage,
-        "max_length": max_length, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
+        "method": spec.name, "method_options": {k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in args.method_options.items()},
+        "exit_layers": exit_points, "two_stage": args.two_stage,
+        "max_length": max_length, "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr, "head_lr": args.head_lr,
         "batch_size": args.batch_size, "seed": args.seed, "training_loss": losses,
         "num_truncated": train_enc.num_truncated,
-        "dev_accuracy": None if dev_acc is None else {str(l): a for l, a in zip(model.exit_layers, dev_acc)},
+        "dev_accuracy": None if dev_acc is None else {str(l): a for l, a in zip(exit_points, dev_acc)},
     }
     with open(os.path.join(args.out, TRAIN_RESULTS_FILE), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"saved the early-exit model, tokenizer and {LABEL_NAMES_FILE} to {args.out}")
+    print(f"saved the {spec.name} model, tokenizer and {LABEL_NAMES_FILE} to {args.out}")
     return 0
 
 
@@ -364,28 +470,30 @@ def run_train(args) -> int:
 
 # ---------------------------------------------------------------------- eval
 def _load_for_eval(path: str):
-    from .models import EarlyExitModel
+    from .methods.registry import load_model
 
     _check_model_dir(path)
     try:
-        model = EarlyExitModel.from_pretrained(path, local_files_only=True)
+        model, spec = load_model(path)
     except FileNotFoundError:
-        raise CLIError(f"{path} was not saved by `eekernels train` (no early_exit.json / exit heads); "
+        raise CLIError(f"{path} was not saved by `eekernels train` (no early-exit model of any method in it); "
                        f"train it first: eekernels train --model {path} --train FILE --out DIR") from None
     names = None
     names_file = os.path.join(path, LABEL_NAMES_FILE)
     if os.path.isfile(names_file):
         with open(names_file) as f:
             names = [str(x) for x in json.load(f)]
-    return model.eval(), names
+    return model.eval(), names, spec
 
 
 def _threshold_notes(hist, exit_layers, n, criterion) -> List[str]:
     total = sum(hist.values())
     if len(exit_layers) < 2 or total == 0:
         return []
-    more = {"entropy": "raise the threshold", "max_prob": "lower the threshold", "patience": "lower the patience"}
-    fewer = {"entropy": "lower the threshold", "max_prob": "raise the threshold", "patience": "raise the patience"}
+    more = {"entropy": "raise the threshold", "max_prob": "lower the threshold", "patience": "lower the patience",
+            "policy": "lower the threshold"}
+    fewer = {"entropy": "lower the threshold", "max_prob": "raise the threshold", "patience": "raise the patience",
+             "policy": "raise the threshold"}
     if hist[n] == total:
         return [f"the threshold never fires: all {total} samples ran every layer and exited at the last layer {n} "
                 f"(no speed-up); {more[criterion]} for earlier exits"]
@@ -432,7 +540,23 @@ def _eval(args) -> int:
     if args.criterion == "patience" and args.threshold is not None and math.isfinite(args.threshold) \
             and args.threshold != int(args.threshold):
         raise CLIError(f"--threshold for patience is a whole number of layers, got {args.threshold}")
-    model, names = _load_for_eval(args.model)
+    model, names, spec = _load_for_eval(args.model)
+    if args.criterion is None and spec.criteria:
+        args.criterion = spec.criteria[0]
+    if spec.criteria and args.criterion not in spec.criteria:
+        raise CLIError(f"--criterion {args.criterion}: a {spec.name} model takes {', '.join(spec.criteria)}")
+    if args.criterion in ("max_prob", "policy") and args.threshold is not None and args.threshold > 1:
+        raise CLIError(f"--threshold for {args.criterion} is a probability in [0, 1], got {args.threshold}")
+    cascade = spec.name == "cascadebert"
+    no_threshold = not spec.criteria  # HashEE: tokens exit by the hash table, samples never do
+    if no_threshold:
+        if args.threshold is not None or args.target_speedup is not None:
+            raise CLIError(f"a {spec.name} model has no exit threshold: drop --threshold / --target-speedup")
+        args.criterion = "none"
+        args.threshold = float("nan")
+    elif args.threshold is None and args.target_speedup is None:
+        raise CLIError("give --threshold or --target-speedup")
+    exit_points = _exit_points(model)
     data = read_examples(args.data, args.text_columns, args.label_column, label_names=names)
     n, c = model.num_layers, model.num_labels
     _check_labels(data.labels, c, args.data, names)
@@ -444,7 +568,7 @@ def _eval(args) -> int:
     labels = enc["labels"]
     progress = not args.no_progress
     print(f"data: {len(data)} examples from {args.data}, text {list(data.text_columns)}, "
-          f"label {data.label_column!r}; model: {n} layers, exits after {model.exit_layers}, {c} classes; "
+          f"label {data.label_column!r}; model: {spec.name}, {n} layers, exits after {exit_points}, {c} classes; "
           f"device {device}")
 
     calibration = None
@@ -452,11 +576,17 @@ def _eval(args) -> int:
     if args.target_speedup is not None:
         from .calibration import calibrate
 
+        if cascade:
+            from .methods.cascadebert import calibrate_cascade as calibrate
+        elif args.criterion == "policy":
+            raise CLIError("--target-speedup calibrates a confidence threshold; the policy rule's threshold is "
+                           "the paper's 0.5 (give --threshold 0.5, or pick --criterion entropy/max_prob/patience)")
         tt = enc.get("token_type_ids")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
+            crit = {} if cascade else {"criterion": args.criterion}
             cal = calibrate(model, enc["input_ids"].to(device), labels, enc["attention_mask"].to(device),
-                            None if tt is None else tt.to(device), criterion=args.criterion,
+                            None if tt is None else tt.to(device), **crit,
                             target_speedup=args.target_speedup, batch_size=args.batch_size, progress=progress)
         for w in caught:
             if issubclass(w.category, RuntimeWarning):
@@ -469,12 +599,18 @@ def _eval(args) -> int:
 
     batches = _batches(enc, args.batch_size, device)
 
+    full_model = _full_model(model)
+
     def full(b):
-        return model.hf(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2]).logits
+        return full_model(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2]).logits
 
     def early(b):
-        return model.early_exit(b[0], b[1], b[2], criterion=args.criterion, threshold=threshold,
-                                backend=args.backend)
+        if no_threshold:  # HashEE: token packing; every sample runs every layer
+            out = model.forward_packed(b[0], b[1], b[2], backend=args.backend)
+            return SimpleNamespace(pred=out.pred, flops_speedup=out.flops_speedup_total,
+                                   exit_layer=torch.full_like(out.pred, n))
+        crit = {} if cascade else {"criterion": args.criterion}
+        return model.early_exit(b[0], b[1], b[2], threshold=threshold, backend=args.backend, **crit)
 
     try:
         with torch.no_grad():
@@ -488,7 +624,7 @@ def _eval(args) -> int:
                 _sync(device)
                 t_full += time.perf_counter() - t0
                 full_preds.append(z.argmax(-1).cpu())
-            preds, exit_layer, t_early = [], [], 0.0
+            preds, exit_layer, t_early, flops = [], [], 0.0, []
             for b in tqdm(batches, desc="early exit", disable=not progress):
                 t0 = time.perf_counter()
                 out = early(b)
@@ -496,6 +632,7 @@ def _eval(args) -> int:
                 t_early += time.perf_counter() - t0
                 preds.append(out.pred.cpu())
                 exit_layer.append(out.exit_layer.cpu())
+                flops.append((float(b[1].sum()), out.flops_speedup))
     except BackendUnavailableError as e:
         raise CLIError(f"--backend {args.backend}: {e}") from None
     full_pred, pred, el = torch.cat(full_preds), torch.cat(preds), torch.cat(exit_layer)
@@ -503,13 +640,13 @@ def _eval(args) -> int:
     acc = float((pred == labels).float().mean())
     full_acc = float((full_pred == labels).float().mean())
     agreement = float((pred == full_pred).float().mean())
-    hist = {l: int((el == l).sum()) for l in model.exit_layers}
-    layer_speedup = metrics.layer_speedup(el, n)
-    seq_len = enc["attention_mask"].sum(dim=1)
-    cfg = model.config
-    flops_speedup = metrics.flops_speedup(el, seq_len, n, cfg.hidden_size, cfg.intermediate_size, c,
-                                          model.exit_layers)
-    notes = _threshold_notes(hist, model.exit_layers, n, args.criterion)
+    hist = {l: int((el == l).sum()) for l in exit_points}
+    layer_speedup = (metrics.cascade_layer_speedup if cascade else metrics.layer_speedup)(el, n)
+    # Each batch's FLOPs speed-up is the method's own count (token pruning, extra heads and
+    # cascade members included); batches combine by their share of the tokens.
+    tokens = sum(t for t, _ in flops)
+    flops_speedup = tokens / sum(t / sp for t, sp in flops)
+    notes = [] if no_threshold else _threshold_notes(hist, exit_points, exit_points[-1], args.criterion)
 
     print(f"criterion {args.criterion}, threshold {threshold:.6g}, {len(batches)} batches of <= {args.batch_size}")
     print(f"accuracy (early exit): {acc:.4f}")
@@ -517,7 +654,7 @@ def _eval(args) -> int:
     print("exit histogram:")
     width = 40
     top = max(hist.values()) or 1
-    for l in model.exit_layers:
+    for l in exit_points:
         print(f"  layer {l:2d}: {hist[l]:7d} {hist[l] / len(el):7.2%} {'#' * round(width * hist[l] / top)}")
     print(f"mean exit layer: {float(el.double().mean()):.3f} of {n}")
     print(f"layer speed-up: {layer_speedup:.3f}x   FLOPs speed-up: {flops_speedup:.3f}x")
@@ -532,7 +669,7 @@ def _eval(args) -> int:
         "text_columns": list(data.text_columns), "label_column": data.label_column,
         "criterion": args.criterion, "threshold": threshold, "calibration": calibration,
         "accuracy": acc, "full_accuracy": full_acc, "agreement_with_full": agreement,
-        "num_layers": n, "exit_layers": model.exit_layers,
+        "method": spec.name, "num_layers": n, "exit_layers": exit_points,
         "exit_histogram": {str(l): v for l, v in hist.items()},
         "mean_exit_layer": float(el.double().mean()),
         "layer_speedup": layer_speedup, "flops_speedup": flops_speedup,
@@ -547,7 +684,7 @@ def _eval(args) -> int:
             json.dump(report, f, indent=1)
         print(f"wrote {args.report}")
     if args.plot:
-        _plot(args.plot, hist, n, f"{os.path.basename(args.data)}: {args.criterion} {threshold:.4g}, "
+        _plot(args.plot, hist, exit_points[-1], f"{os.path.basename(args.data)}: {args.criterion} {threshold:.4g}, "
                                   f"acc {acc:.3f}, layer speed-up {layer_speedup:.2f}x")
         print(f"wrote {args.plot}")
     return 0

@@ -62,3 +62,24 @@ def test_bench_with_a_measured_profile(tmp_path):
     rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
     assert len(rows) == 2 and rows[1]["profile"].startswith("measured (report.json")
     assert rows[1]["ideal_layer_speedup"] == pytest.approx(4 * 4 / (1 + 1 + 1 + 2))
+
+
+def test_bench_every_method_on_the_same_profiles(tmp_path):
+    run_cli("bench", "--tiny", "--device", "cpu", "--batch-sizes", "3", "--exit-fracs", "0.3",
+            "--methods", "early-exit,past-future,consistentee,cascadebert", "--repeats", "1", "--no-compile",
+            "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["early-exit", "past-future", "consistentee", "cascadebert"]
+    per_layer = rows[0]["ideal_layer_speedup"]
+    assert all(r["ideal_layer_speedup"] == per_layer for r in rows[:3])  # one profile for the per-layer methods
+    assert rows[3]["ideal_layer_speedup"] != per_layer  # the cascade counts its small member too
+    assert all(r["t_no_exit_ms"] > 0 and r["efficiency"] > 0 for r in rows)
+
+
+def test_bench_token_methods_rows(tmp_path):
+    run_cli("bench", "--tiny", "--device", "cpu", "--batch-sizes", "2", "--exit-fracs", "0.3", "--repeats", "1",
+            "--no-compile", "--token-methods", "hashee,mpee", "--token-seq-lens", "16", "--token-batch-sizes", "2",
+            "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "e2e_tokens.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"hashee", "mpee"}
+    assert all(r["flops_speedup"] > 1.0 and r["efficiency"] > 0 for r in rows)

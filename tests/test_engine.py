@@ -214,3 +214,12 @@ def test_real_minilm_weights_convert_and_match():
     assert (out.exit_layer == 6).all() and rel_err(out.logits, ref) <= 1e-5
     alone = ee.early_exit(enc["input_ids"][:1], enc["attention_mask"][:1], threshold=0.0)
     assert torch.allclose(alone.logits[0], out.logits[0], atol=1e-5)
+
+
+def test_convert_keeps_the_hf_models_mode():
+    hf = tiny_classifier("bert")  # eval mode
+    ee = convert(hf)
+    assert not ee.training
+    ee.early_exit(torch.randint(5, 90, (2, 6)), threshold=0.5)
+    assert not hf.training and not ee.training  # early_exit restored eval mode, dropout stays off
+    assert convert(tiny_classifier("bert").train()).training

@@ -368,9 +368,9 @@ def test_eval_bad_input(trained, files, tmp_path, capsys, case):
     assert rc == 1 and needle in err and "Traceback" not in err, err
 
 
-def test_eval_argparse_needs_threshold_or_target(trained, files):
-    with pytest.raises(SystemExit):
-        parse(add_eval_arguments, ["--model", trained, "--data", files["dev"]])
+def test_eval_needs_threshold_or_target(trained, files, capsys):
+    assert evaluate(["--model", trained, "--data", files["dev"], "--cpu"]) == 1
+    assert "give --threshold or --target-speedup" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(add_eval_arguments, ["--model", trained, "--data", files["dev"], "--threshold", "1",
                                    "--target-speedup", "2"])
@@ -434,3 +434,59 @@ def test_train_continues_from_an_eekernels_dir(trained, files, tmp_path, capsys)
     # A three-class task does not fit the trained two-class heads.
     rc = train(["--model", trained, "--train", files["nli_train"], "--out", tmp_path / "x", "--max-steps", 1, "--cpu"])
     assert rc == 1 and "2 classes, the training data has 3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- --method
+METHOD_RUNS = [
+    ("past-future", ["strategy=lstm"], "past_future.json", "entropy", "0.3"),
+    ("consistentee", ["rounds=1", "num_samples=2"], "policy_nets.safetensors", "policy", "0.5"),
+    ("mpee", ["prune_layers=2", "keep_ratio=0.5"], "mpee.json", "entropy", "0.3"),
+    ("cascadebert", ["small_layers=1"], "cascade.json", "max_prob", "0.9"),
+    ("hashee", ["hash=frequency"], "hashee.json", "none", None),
+]
+
+
+@pytest.mark.parametrize("method,options,meta,criterion,threshold", METHOD_RUNS, ids=[r[0] for r in METHOD_RUNS])
+def test_train_and_eval_each_method(files, tmp_path, capsys, method, options, meta, criterion, threshold):
+    out = tmp_path / method
+    argv = ["--model", files["clf"], "--train", files["train"], "--dev", files["dev"], "--out", out,
+            "--method", method, "--max-steps", 6, "--batch-size", 16, "--lr", 1e-3, "--seed", 0, "--cpu",
+            "--logging-steps", 3]
+    for o in options:
+        argv += ["--method-option", o]
+    assert train(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"model: {method}" in printed and "dev accuracy per exit" in printed
+    assert (out / meta).is_file()
+    res = json.loads((out / "train_results.json").read_text())
+    assert res["method"] == method and len(res["dev_accuracy"]) == len(res["exit_layers"])
+    report = tmp_path / "report.json"
+    rc = evaluate(["--model", out, "--data", files["dev"], *(["--threshold", threshold] if threshold else []),
+                   "--batch-size", 16, "--report", report, "--cpu"])
+    assert rc == 0
+    r = json.loads(report.read_text())
+    assert r["method"] == method and r["criterion"] == criterion  # the method's own rule by default
+    assert sum(r["exit_histogram"].values()) == 64 and r["exit_layers"] == res["exit_layers"]
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["flops_speedup"] > 0 and r["layer_speedup"] > 0
+    if method == "hashee":  # tokens stop early, samples never do
+        assert r["layer_speedup"] == 1.0 and r["flops_speedup"] > 1.0 and r["exit_histogram"] == {"4": 64}
+
+
+def test_method_options_are_checked(files, tmp_path, capsys):
+    base = ["--model", files["clf"], "--train", files["train"], "--out", tmp_path / "x", "--max-steps", 1, "--cpu"]
+    assert train(base + ["--method", "nope"]) == 1
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert train(base + ["--method", "mpee", "--method-option", "keep_ratoi=0.5"]) == 1
+    assert "has no option 'keep_ratoi'" in capsys.readouterr().err
+    assert train(base + ["--method", "mpee", "--method-option", "keep_ratio=lots"]) == 1
+    assert "expected a value like 0.7" in capsys.readouterr().err
+    assert train(base + ["--method", "past-future", "--two-stage"]) == 1
+    assert "--two-stage and --head-lr are options of --method early-exit" in capsys.readouterr().err
+    assert train(base + ["--method", "cascadebert", "--method-option", "help=1"]) == 0
+    assert "small_layers" in capsys.readouterr().out
+
+
+def test_eval_refuses_a_criterion_the_method_lacks(trained, files, capsys):
+    rc = evaluate(["--model", trained, "--data", files["dev"], "--criterion", "policy", "--threshold", 0.5, "--cpu"])
+    assert rc == 1
+    assert "takes entropy, max_prob, patience" in capsys.readouterr().err

@@ -16,7 +16,11 @@ inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& wei
                                  const std::optional<at::Tensor>& memory, double memory_lambda,
                                  int64_t criterion, double threshold,
                                  const std::optional<at::Tensor>& prev_pred,
-                                 const std::optional<at::Tensor>& counter) {
+                                 const std::optional<at::Tensor>& counter,
+                                 const std::optional<at::Tensor>& policy_weight,
+                                 const std::optional<at::Tensor>& policy_bias,
+                                 const std::optional<at::Tensor>& policy_out_weight,
+                                 const std::optional<at::Tensor>& policy_out_bias) {
   TORCH_CHECK(hidden.dim() == 2, "exit_head: hidden must be [N, H], got ", hidden.sizes());
   const auto dt = hidden.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
@@ -56,8 +60,33 @@ inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& wei
                 "exit_head: memory must be float32 [", n, ", ", c, "]");
   }
   TORCH_CHECK(memory_lambda >= 0.0 && memory_lambda <= 1.0, "exit_head: memory_lambda must be in [0, 1]");
-  TORCH_CHECK(criterion >= 0 && criterion <= 2, "exit_head: criterion must be 0, 1 or 2");
+  TORCH_CHECK(criterion >= 0 && criterion <= 3, "exit_head: criterion must be 0, 1, 2 or 3, got ", criterion);
   TORCH_CHECK(threshold >= 0.0, "exit_head: threshold must be >= 0 and not NaN, got ", threshold);
+  // ConsistentEE policy network (criterion 3): all four parameters, and only then.
+  const int given = int(policy_weight.has_value()) + int(policy_bias.has_value()) +
+                    int(policy_out_weight.has_value()) + int(policy_out_bias.has_value());
+  if (criterion == 3) {
+    TORCH_CHECK(given == 4, "exit_head: criterion 3 (policy) needs policy_weight, policy_bias, ",
+                "policy_out_weight and policy_out_bias");
+    TORCH_CHECK(threshold <= 1.0, "exit_head: the policy threshold must be in [0, 1], got ", threshold);
+    for (const auto* t : {&*policy_weight, &*policy_bias, &*policy_out_weight, &*policy_out_bias}) {
+      same(*t, "a policy parameter");
+      TORCH_CHECK(t->scalar_type() == dt, "exit_head: policy parameters must have hidden's dtype ", dt,
+                  ", got ", t->scalar_type());
+    }
+    TORCH_CHECK(policy_weight->dim() == 2 && policy_weight->size(0) >= 1 && policy_weight->size(1) == h,
+                "exit_head: policy_weight must be [P, ", h, "] with P >= 1, got ", policy_weight->sizes());
+    const int64_t p = policy_weight->size(0);
+    TORCH_CHECK(policy_bias->dim() == 1 && policy_bias->size(0) == p, "exit_head: policy_bias must be [", p,
+                "], got ", policy_bias->sizes());
+    TORCH_CHECK(policy_out_weight->dim() == 1 && policy_out_weight->size(0) == p,
+                "exit_head: policy_out_weight must be [", p, "], got ", policy_out_weight->sizes());
+    TORCH_CHECK(policy_out_bias->dim() == 1 && policy_out_bias->size(0) == 1,
+                "exit_head: policy_out_bias must be [1], got ", policy_out_bias->sizes());
+  } else {
+    TORCH_CHECK(given == 0, "exit_head: policy parameters are given only with criterion 3 (policy), got criterion ",
+                criterion);
+  }
   if (prev_pred.has_value()) {
     same(*prev_pred, "prev_pred");
     TORCH_CHECK(prev_pred->scalar_type() == at::kLong && prev_pred->dim() == 1 && prev_pred->size(0) == n,

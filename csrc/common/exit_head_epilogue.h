@@ -3,7 +3,8 @@
 // Everything after the classifier's dot products lives here, as host+device inline
 // functions, so the CPU build (which CI runs) exercises the same arithmetic the CUDA
 // kernel runs: the logit transform (tanh, MPEE memory blend), online softmax statistics
-// (max, sum of exponentials, entropy numerator, argmax) and the exit decision.
+// (max, sum of exponentials, entropy numerator, argmax), the activations of ConsistentEE's
+// policy network (GELU, sigmoid) and the exit decision.
 // The specification is eekernels/ops/exit_head.py::exit_head_reference.
 #pragma once
 
@@ -19,7 +20,7 @@
 
 namespace eekernels {
 
-enum Criterion : int64_t { kEntropy = 0, kMaxProb = 1, kPatience = 2 };
+enum Criterion : int64_t { kEntropy = 0, kMaxProb = 1, kPatience = 2, kPolicy = 3 };
 
 // Online softmax statistics of a row of logits z_1..z_C:
 //   m = max z, s = sum exp(z - m), t = sum exp(z - m) * (z - m), arg = first argmax.
@@ -76,6 +77,19 @@ EE_HD float transform_logit(float z, bool tanh_logits, bool has_memory, float me
   return z;
 }
 
+// Exact (erf) GELU, as torch.nn.GELU(): the policy network's hidden activation
+// (consistentee.txt: a two-layer MLP; the public code uses GELU).
+EE_HD float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+
+// Logistic sigmoid without overflow: exp of a non-positive argument only, so a very
+// negative a gives a tiny positive probability (not 0 from 1/(1+inf)); +-inf -> 1 / 0,
+// NaN -> NaN.
+EE_HD float stable_sigmoid(float a) {
+  if (a >= 0.f) return 1.f / (1.f + expf(-a));
+  const float e = expf(a);  // NaN lands here too: NaN / (1 + NaN) = NaN
+  return e / (1.f + e);
+}
+
 struct Decision {
   float score;
   bool exit;
@@ -83,11 +97,12 @@ struct Decision {
   int32_t counter;
 };
 
-// The exit decision for one row. prev_pred/prev_counter are used by patience only.
+// The exit decision for one row. prev_pred/prev_counter are used by patience only,
+// policy_score (the policy network's p(exit), sigmoid applied) by policy only.
 // Scores are float32 and compared with the threshold rounded to float32, as the reference
 // (a float32 tensor against a Python float) does; the integer counter is compared exactly.
 EE_HD Decision decide(const SoftmaxStats& st, int64_t criterion, double threshold,
-                      int64_t prev_pred, int32_t prev_counter) {
+                      int64_t prev_pred, int32_t prev_counter, float policy_score = 0.f) {
   Decision d;
   if (!st.finite || st.arg < 0) {
     d.pred = -1;
@@ -101,6 +116,12 @@ EE_HD Decision decide(const SoftmaxStats& st, int64_t criterion, double threshol
     d.counter = (st.arg == prev_pred) ? prev_counter + 1 : 0;
     d.score = static_cast<float>(d.counter);
     d.exit = static_cast<double>(d.counter) >= threshold;
+  } else if (criterion == kPolicy) {
+    // ConsistentEE: exit when p(exit) > threshold (0.5 in consistentee.txt), strictly.
+    // A NaN policy score never exits and stays NaN; the prediction is kept.
+    d.counter = 0;
+    d.score = policy_score;
+    d.exit = policy_score > static_cast<float>(threshold);  // false for NaN
   } else if (criterion == kMaxProb) {
     d.counter = 0;
     d.score = 1.f / st.s;

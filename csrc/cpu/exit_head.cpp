@@ -1,5 +1,6 @@
-// Fused exit head, CPU: pooler -> classifier -> tanh/memory -> softmax statistics ->
-// criterion in one pass over tiles of 4 rows, tiles in parallel (at::parallel_for).
+// Fused exit head, CPU: pooler -> classifier (and, for criterion "policy", ConsistentEE's
+// policy MLP on the same input) -> tanh/memory -> softmax statistics -> criterion in one
+// pass over tiles of 4 rows, tiles in parallel (at::parallel_for).
 // Arithmetic in float32; weights are transposed (and widened from half types) once per
 // call into float32 scratch for a register-blocked micro-kernel. The per-row epilogue is shared with the CUDA kernel (exit_head_epilogue.h).
 #include <ATen/ATen.h>
@@ -63,8 +64,13 @@ void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at
                     const std::optional<at::Tensor>& pooler_bias,
                     const std::optional<at::Tensor>& memory, float lam, bool tanh_logits,
                     int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
-                    const std::optional<at::Tensor>& counter, at::Tensor& logits, at::Tensor& score,
-                    at::Tensor& exit_mask, at::Tensor& pred, at::Tensor& counter_out) {
+                    const std::optional<at::Tensor>& counter,
+                    const std::optional<at::Tensor>& policy_weight,
+                    const std::optional<at::Tensor>& policy_bias,
+                    const std::optional<at::Tensor>& policy_out_weight,
+                    const std::optional<at::Tensor>& policy_out_bias, at::Tensor& logits,
+                    at::Tensor& score, at::Tensor& exit_mask, at::Tensor& pred,
+                    at::Tensor& counter_out) {
   const int64_t n = hidden.size(0), h = hidden.size(1), c = weight.size(0);
   const int64_t row_stride = hidden.stride(0);
   const int64_t hp = round_up(h, kCols), cp = round_up(c, kCols);
@@ -73,6 +79,14 @@ void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at
   const std::vector<float> b = widen<scalar_t>(bias);
   const std::vector<float> pwt = has_pooler ? transpose_padded<scalar_t>(*pooler_weight) : std::vector<float>();
   const std::vector<float> pb = has_pooler ? widen<scalar_t>(*pooler_bias) : std::vector<float>();
+  // ConsistentEE policy network H -> P -> 1 (criterion "policy"): its hidden layer is one
+  // more GEMM on the classifier's input, same micro-kernel, same tile of rows.
+  const bool has_policy = criterion == kPolicy;
+  const int64_t np = has_policy ? policy_weight->size(0) : 0, npp = round_up(np, kCols);
+  const std::vector<float> qwt = has_policy ? transpose_padded<scalar_t>(*policy_weight) : std::vector<float>();
+  const std::vector<float> qb = has_policy ? widen<scalar_t>(*policy_bias) : std::vector<float>();
+  const std::vector<float> qo = has_policy ? widen<scalar_t>(*policy_out_weight) : std::vector<float>();
+  const float qob = has_policy ? widen<scalar_t>(*policy_out_bias)[0] : 0.f;
   const scalar_t* hid = hidden.data_ptr<scalar_t>();
   const float* mem = memory.has_value() ? memory->data_ptr<float>() : nullptr;
   const int64_t* prev = prev_pred.has_value() ? prev_pred->data_ptr<int64_t>() : nullptr;
@@ -85,10 +99,11 @@ void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at
 
   // Parallel over tiles of kRows rows; each tile runs pooler -> classifier -> epilogue.
   const int64_t tiles = (n + kRows - 1) / kRows;
-  const int64_t work_per_tile = kRows * (cp * h + (has_pooler ? hp * h : 0)) + 1;
+  const int64_t work_per_tile = kRows * (cp * h + (has_pooler ? hp * h : 0) + npp * h) + 1;
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / work_per_tile);
   at::parallel_for(0, tiles, grain, [&](int64_t tb, int64_t te) {
     std::vector<float> x(kRows * h), pooled(has_pooler ? kRows * hp : 0), z(kRows * cp);
+    std::vector<float> u(kRows * npp);  // policy pre-activations
     for (int64_t t = tb; t < te; ++t) {
       const int64_t r0 = t * kRows, rows = std::min(kRows, n - r0);
       for (int64_t r = 0; r < kRows; ++r)  // rows past N are zeros, computed and dropped
@@ -107,8 +122,16 @@ void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at
         feat_stride = h;
       }
       gemm_rows(feat, feat_stride, wt.data(), cp, z.data());
+      if (has_policy) gemm_rows(feat, feat_stride, qwt.data(), npp, u.data());
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = r0 + r;
+        float policy_score = 0.f;
+        if (has_policy) {
+          // p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo)   (consistentee.txt, policy network)
+          float a = 0.f;
+          for (int64_t j = 0; j < np; ++j) a += gelu_erf(u[r * npp + j] + qb[j]) * qo[j];
+          policy_score = stable_sigmoid(a + qob);
+        }
         SoftmaxStats st = stats_init();
         float* zrow = out_logits + row * c;
         for (int64_t k = 0; k < c; ++k) {
@@ -117,7 +140,8 @@ void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at
           zrow[k] = v;
           stats_push(st, v, k);
         }
-        const Decision d = decide(st, criterion, threshold, prev ? prev[row] : -1, cnt ? cnt[row] : 0);
+        const Decision d =
+            decide(st, criterion, threshold, prev ? prev[row] : -1, cnt ? cnt[row] : 0, policy_score);
         out_score[row] = d.score;
         out_exit[row] = d.exit;
         out_pred[row] = d.pred;
@@ -132,9 +156,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
     const std::optional<at::Tensor>& pooler_weight, const std::optional<at::Tensor>& pooler_bias,
     const std::optional<at::Tensor>& memory, double memory_lambda, bool tanh_logits,
     int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
-    const std::optional<at::Tensor>& counter) {
+    const std::optional<at::Tensor>& counter, const std::optional<at::Tensor>& policy_weight,
+    const std::optional<at::Tensor>& policy_bias, const std::optional<at::Tensor>& policy_out_weight,
+    const std::optional<at::Tensor>& policy_out_bias) {
   check_exit_head_args(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-                       criterion, threshold, prev_pred, counter);
+                       criterion, threshold, prev_pred, counter, policy_weight, policy_bias,
+                       policy_out_weight, policy_out_bias);
   const int64_t n = hidden.size(0), c = weight.size(0);
   const auto opts = hidden.options();
   at::Tensor logits = at::empty({n, c}, opts.dtype(at::kFloat));
@@ -147,18 +174,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
     case at::kFloat:
       exit_head_rows<float>(hidden, weight, bias, pooler_weight, pooler_bias, memory,
                             static_cast<float>(memory_lambda), tanh_logits, criterion, threshold,
-                            prev_pred, counter, logits, score, exit_mask, pred, counter_out);
+                            prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
+                            policy_out_bias, logits, score, exit_mask, pred, counter_out);
       break;
     case at::kHalf:
       exit_head_rows<at::Half>(hidden, weight, bias, pooler_weight, pooler_bias, memory,
                                static_cast<float>(memory_lambda), tanh_logits, criterion, threshold,
-                               prev_pred, counter, logits, score, exit_mask, pred, counter_out);
+                               prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
+                            policy_out_bias, logits, score, exit_mask, pred, counter_out);
       break;
     case at::kBFloat16:
       exit_head_rows<at::BFloat16>(hidden, weight, bias, pooler_weight, pooler_bias, memory,
                                    static_cast<float>(memory_lambda), tanh_logits, criterion,
-                                   threshold, prev_pred, counter, logits, score, exit_mask, pred,
-                                   counter_out);
+                                   threshold, prev_pred, counter, policy_weight, policy_bias,
+                                   policy_out_weight, policy_out_bias, logits, score, exit_mask,
+                                   pred, counter_out);
       break;
     default:
       TORCH_CHECK(false, "exit_head: unsupported dtype ", hidden.scalar_type());

@@ -15,13 +15,16 @@
 //        - otherwise (float32, unaligned or odd H, pre-Ampere): FP32 FMA tiles, 256 threads
 //          of 4x4 outputs, K tiles of 16 staged through shared memory with a register
 //          prefetch of the next tile.
-//   2. rows: one warp per row (grid-stride), classes in chunks of CT (1, 2, 4 or 8): each
+//   2. rows: one warp per row (grid-stride), outputs in chunks of CT (1, 2, 4 or 8): each
 //      lane accumulates CT partial dot products over its slice of H, reading the row with
 //      16-byte vector loads (when H % 8 == 0 and rows/weights are 16-byte aligned; scalar
 //      loads otherwise) and the weights through the read-only cache; butterfly shuffles
 //      give every lane the full dot products, then every lane runs the (warp-uniform)
 //      epilogue and lane 0 stores the decision. Its input is hidden itself, or the float32
-//      pooled scratch.
+//      pooled scratch. With criterion "policy" (ConsistentEE), the outputs are the C
+//      classes followed by the P hidden units of the policy network (rows of policy_weight):
+//      the same loop computes their dot products on the same input, and the epilogue folds
+//      each unit into the running sum wo . GELU(Wq x + bq) instead of the softmax stats.
 // No host synchronisation and no allocation besides the outputs and the pooler's scratch,
 // so the op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
@@ -122,6 +125,15 @@ constexpr int kRowWarps = 4;             // warps (rows in flight) per block
 constexpr int kRowThreads = kRowWarps * 32;
 constexpr int kUnroll = 4;               // vector loads in flight per lane and pass
 
+// ConsistentEE's policy network H -> P -> 1 (criterion "policy"); all nullptr otherwise.
+template <typename TW>
+struct PolicyArgs {
+  const TW* w;      // [P, H] hidden layer
+  const TW* b;      // [P]
+  const TW* w_out;  // [P] output unit
+  const TW* b_out;  // [1]
+};
+
 struct RowArgs {
   const float* memory;      // [N, C] or nullptr
   const int64_t* prev_pred; // [N] or nullptr
@@ -134,31 +146,36 @@ struct RowArgs {
   int64_t n;
   int c;
   int h;
+  int p;                    // policy hidden units (0 without the policy criterion)
   float lam;
   bool tanh_logits;
   int64_t criterion;
   double threshold;
 };
 
-// x: [N, H] rows of stride ldx (elements), w: [C, H] contiguous, b: [C].
-// VEC: H % 8 == 0 and x rows / w are 16-byte aligned (checked on the host).
+// x: [N, H] rows of stride ldx (elements), w: [C, H] contiguous, b: [C]; q: the policy
+// network (a.p > 0 only), q.w [P, H] contiguous.
+// VEC: H % 8 == 0 and x rows / w / q.w are 16-byte aligned (checked on the host).
 template <typename TI, typename TW, int CT, bool VEC>
 __global__ void __launch_bounds__(kRowThreads)
 exit_head_rows_kernel(const TI* __restrict__ x, int64_t ldx, const TW* __restrict__ w,
-                      const TW* __restrict__ b, RowArgs a) {
+                      const TW* __restrict__ b, PolicyArgs<TW> q, RowArgs a) {
   const int lane = threadIdx.x & 31;
   const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kRowWarps;
   const int C = a.c, H = a.h;
+  // Output o < C is class o (row o of w); o >= C is the policy's hidden unit o - C.
+  const int O = C + a.p;
   const bool has_memory = a.memory != nullptr;
-  // One pass over the classes reads each row once (stream it past the caches); with more
-  // than CT classes the row is re-read per chunk of classes, so keep it cached then.
-  const bool single_pass = C <= CT;
+  // One pass over the outputs reads each row once (stream it past the caches); with more
+  // than CT outputs the row is re-read per chunk of outputs, so keep it cached then.
+  const bool single_pass = O <= CT;
   // The row loop is warp-uniform, so full-mask shuffles are safe.
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); row < a.n;
        row += nwarps) {
     const TI* xr = x + row * ldx;
     SoftmaxStats st = stats_init();
-    for (int c0 = 0; c0 < C; c0 += CT) {
+    float policy_acc = 0.f;  // wo . GELU(Wq x + bq), summed in unit order (warp-uniform)
+    for (int c0 = 0; c0 < O; c0 += CT) {
       float acc[CT];
 #pragma unroll
       for (int j = 0; j < CT; ++j) acc[j] = 0.f;
@@ -182,9 +199,11 @@ exit_head_rows_kernel(const TI* __restrict__ x, int64_t ldx, const TW* __restric
               unpack(xp[u], xf);
 #pragma unroll
               for (int j = 0; j < CT; ++j) {
-                if (CT == 1 || c0 + j < C) {
+                if (CT == 1 || c0 + j < O) {
                   float wf[8];
-                  unpack(load_ro(w + static_cast<int64_t>(c0 + j) * H + static_cast<int64_t>(p) * 8), wf);
+                  const int o = c0 + j;
+                  const TW* wr = o < C ? w + static_cast<int64_t>(o) * H : q.w + static_cast<int64_t>(o - C) * H;
+                  unpack(load_ro(wr + static_cast<int64_t>(p) * 8), wf);
 #pragma unroll
                   for (int e = 0; e < 8; ++e) acc[j] = fmaf(xf[e], wf[e], acc[j]);
                 }
@@ -206,8 +225,11 @@ exit_head_rows_kernel(const TI* __restrict__ x, int64_t ldx, const TW* __restric
             if (hh < H) {
 #pragma unroll
               for (int j = 0; j < CT; ++j) {
-                if (CT == 1 || c0 + j < C)
-                  acc[j] = fmaf(xv[u], to_float(__ldg(w + static_cast<int64_t>(c0 + j) * H + hh)), acc[j]);
+                const int o = c0 + j;
+                if (CT == 1 || o < O) {
+                  const TW* wr = o < C ? w + static_cast<int64_t>(o) * H : q.w + static_cast<int64_t>(o - C) * H;
+                  acc[j] = fmaf(xv[u], to_float(__ldg(wr + hh)), acc[j]);
+                }
               }
             }
           }
@@ -219,7 +241,7 @@ exit_head_rows_kernel(const TI* __restrict__ x, int64_t ldx, const TW* __restric
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
       }
-      // Epilogue for this chunk of classes, in class order (uniform across the warp).
+      // Epilogue for this chunk of outputs, in output order (uniform across the warp).
 #pragma unroll
       for (int j = 0; j < CT; ++j) {
         const int cls = c0 + j;
@@ -229,13 +251,18 @@ exit_head_rows_kernel(const TI* __restrict__ x, int64_t ldx, const TW* __restric
           const float z = transform_logit(acc[j] + to_float(b[cls]), a.tanh_logits, has_memory, mem, a.lam);
           if (lane == j) a.logits[idx] = z;
           stats_push(st, z, cls);
+        } else if (cls < O) {
+          // Policy hidden unit (consistentee.txt: a two-layer MLP beside the classifier).
+          const int unit = cls - C;
+          policy_acc = fmaf(gelu_erf(acc[j] + to_float(q.b[unit])), to_float(q.w_out[unit]), policy_acc);
         }
       }
     }
     if (lane == 0) {
       const int64_t pp = a.prev_pred ? a.prev_pred[row] : int64_t(-1);
       const int32_t pc = a.prev_cnt ? a.prev_cnt[row] : 0;
-      const Decision d = decide(st, a.criterion, a.threshold, pp, pc);
+      const float ps = a.p > 0 ? stable_sigmoid(policy_acc + to_float(q.b_out[0])) : 0.f;
+      const Decision d = decide(st, a.criterion, a.threshold, pp, pc, ps);
       a.score[row] = d.score;
       a.exit_mask[row] = d.exit;
       a.pred[row] = d.pred;
@@ -245,14 +272,14 @@ exit_head_rows_kernel(const TI* __restrict__ x, int64_t ldx, const TW* __restric
 }
 
 template <typename TI, typename TW, int CT>
-void launch_rows_ct(const TI* x, int64_t ldx, const TW* w, const TW* b, const RowArgs& a, bool vec,
-                    cudaStream_t stream) {
+void launch_rows_ct(const TI* x, int64_t ldx, const TW* w, const TW* b, const PolicyArgs<TW>& q,
+                    const RowArgs& a, bool vec, cudaStream_t stream) {
   const int64_t blocks64 = (a.n + kRowWarps - 1) / kRowWarps;
   const unsigned int blocks = static_cast<unsigned int>(blocks64 < (int64_t(1) << 24) ? blocks64 : (int64_t(1) << 24));
   if (vec) {
-    exit_head_rows_kernel<TI, TW, CT, true><<<blocks, kRowThreads, 0, stream>>>(x, ldx, w, b, a);
+    exit_head_rows_kernel<TI, TW, CT, true><<<blocks, kRowThreads, 0, stream>>>(x, ldx, w, b, q, a);
   } else {
-    exit_head_rows_kernel<TI, TW, CT, false><<<blocks, kRowThreads, 0, stream>>>(x, ldx, w, b, a);
+    exit_head_rows_kernel<TI, TW, CT, false><<<blocks, kRowThreads, 0, stream>>>(x, ldx, w, b, q, a);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -260,18 +287,19 @@ void launch_rows_ct(const TI* x, int64_t ldx, const TW* w, const TW* b, const Ro
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename TI, typename TW>
-void launch_rows(const TI* x, int64_t ldx, const TW* w, const TW* b, const RowArgs& a,
-                 cudaStream_t stream) {
-  const bool vec = (a.h % 8 == 0) && aligned16(x) && aligned16(w) &&
+void launch_rows(const TI* x, int64_t ldx, const TW* w, const TW* b, const PolicyArgs<TW>& q,
+                 const RowArgs& a, cudaStream_t stream) {
+  const bool vec = (a.h % 8 == 0) && aligned16(x) && aligned16(w) && (a.p == 0 || aligned16(q.w)) &&
                    (a.n <= 1 || (ldx * static_cast<int64_t>(sizeof(TI))) % 16 == 0);
-  if (a.c == 1) {
-    launch_rows_ct<TI, TW, 1>(x, ldx, w, b, a, vec, stream);
-  } else if (a.c == 2) {
-    launch_rows_ct<TI, TW, 2>(x, ldx, w, b, a, vec, stream);
-  } else if (a.c <= 4) {
-    launch_rows_ct<TI, TW, 4>(x, ldx, w, b, a, vec, stream);
+  const int outputs = a.c + a.p;  // classes, then the policy's hidden units
+  if (outputs == 1) {
+    launch_rows_ct<TI, TW, 1>(x, ldx, w, b, q, a, vec, stream);
+  } else if (outputs == 2) {
+    launch_rows_ct<TI, TW, 2>(x, ldx, w, b, q, a, vec, stream);
+  } else if (outputs <= 4) {
+    launch_rows_ct<TI, TW, 4>(x, ldx, w, b, q, a, vec, stream);
   } else {
-    launch_rows_ct<TI, TW, 8>(x, ldx, w, b, a, vec, stream);
+    launch_rows_ct<TI, TW, 8>(x, ldx, w, b, q, a, vec, stream);
   }
 }
 
@@ -550,13 +578,21 @@ void launch_pooler(const T* x, int64_t ldx, const T* wp, const T* bp, float* out
 template <typename scalar_t>
 void run_exit_head(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
                    const std::optional<at::Tensor>& pooler_weight,
-                   const std::optional<at::Tensor>& pooler_bias, int64_t ldx, const RowArgs& a,
+                   const std::optional<at::Tensor>& pooler_bias,
+                   const std::optional<at::Tensor>& policy_weight,
+                   const std::optional<at::Tensor>& policy_bias,
+                   const std::optional<at::Tensor>& policy_out_weight,
+                   const std::optional<at::Tensor>& policy_out_bias, int64_t ldx, const RowArgs& a,
                    cudaStream_t stream) {
   using T = typename DevType<scalar_t>::type;
   static_assert(sizeof(T) == sizeof(scalar_t), "storage types must match");
   const T* x = reinterpret_cast<const T*>(hidden.const_data_ptr<scalar_t>());
   const T* w = reinterpret_cast<const T*>(weight.const_data_ptr<scalar_t>());
   const T* b = reinterpret_cast<const T*>(bias.const_data_ptr<scalar_t>());
+  auto ptr = [](const std::optional<at::Tensor>& t) -> const T* {
+    return t.has_value() ? reinterpret_cast<const T*>(t->const_data_ptr<scalar_t>()) : nullptr;
+  };
+  const PolicyArgs<T> q{ptr(policy_weight), ptr(policy_bias), ptr(policy_out_weight), ptr(policy_out_bias)};
   if (pooler_weight.has_value()) {
     // Pooled features stay float32 (one scratch buffer); the classifier reads them as input.
     at::Tensor pooled = at::empty({a.n, static_cast<int64_t>(a.h)}, hidden.options().dtype(at::kFloat));
@@ -564,9 +600,9 @@ void run_exit_head(const at::Tensor& hidden, const at::Tensor& weight, const at:
     launch_pooler<T>(x, ldx, reinterpret_cast<const T*>(pooler_weight->const_data_ptr<scalar_t>()),
                      reinterpret_cast<const T*>(pooler_bias->const_data_ptr<scalar_t>()), pp, a.n, a.h,
                      stream);
-    launch_rows<float, T>(pp, a.h, w, b, a, stream);
+    launch_rows<float, T>(pp, a.h, w, b, q, a, stream);
   } else {
-    launch_rows<T, T>(x, ldx, w, b, a, stream);
+    launch_rows<T, T>(x, ldx, w, b, q, a, stream);
   }
 }
 
@@ -575,13 +611,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
     const std::optional<at::Tensor>& pooler_weight, const std::optional<at::Tensor>& pooler_bias,
     const std::optional<at::Tensor>& memory, double memory_lambda, bool tanh_logits,
     int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
-    const std::optional<at::Tensor>& counter) {
+    const std::optional<at::Tensor>& counter, const std::optional<at::Tensor>& policy_weight,
+    const std::optional<at::Tensor>& policy_bias, const std::optional<at::Tensor>& policy_out_weight,
+    const std::optional<at::Tensor>& policy_out_bias) {
   TORCH_CHECK(hidden.is_cuda(), "exit_head (CUDA): hidden must be a CUDA tensor, got ", hidden.device());
   check_exit_head_args(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-                       criterion, threshold, prev_pred, counter);
+                       criterion, threshold, prev_pred, counter, policy_weight, policy_bias,
+                       policy_out_weight, policy_out_bias);
   const int64_t n = hidden.size(0), h = hidden.size(1), c = weight.size(0);
-  TORCH_CHECK(h <= INT32_MAX / 8 && c <= INT32_MAX / 8, "exit_head (CUDA): H and C must fit in int32, got H=", h,
-              ", C=", c);
+  const int64_t np = criterion == kPolicy ? policy_weight->size(0) : 0;
+  TORCH_CHECK(h <= INT32_MAX / 8 && c + np <= INT32_MAX / 8,
+              "exit_head (CUDA): H and C + P must fit in int32, got H=", h, ", C=", c, ", P=", np);
   TORCH_CHECK(hidden.stride(0) >= 0, "exit_head (CUDA): hidden's row stride must be >= 0");
 
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
@@ -607,6 +647,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   a.n = n;
   a.c = static_cast<int>(c);
   a.h = static_cast<int>(h);
+  a.p = static_cast<int>(np);
   a.lam = static_cast<float>(memory_lambda);
   a.tanh_logits = tanh_logits;
   a.criterion = criterion;
@@ -615,13 +656,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   const int64_t ldx = hidden.stride(0);
   switch (hidden.scalar_type()) {
     case at::kFloat:
-      run_exit_head<float>(hidden, weight, bias, pooler_weight, pooler_bias, ldx, a, stream);
+      run_exit_head<float>(hidden, weight, bias, pooler_weight, pooler_bias, policy_weight, policy_bias,
+                                policy_out_weight, policy_out_bias, ldx, a, stream);
       break;
     case at::kHalf:
-      run_exit_head<at::Half>(hidden, weight, bias, pooler_weight, pooler_bias, ldx, a, stream);
+      run_exit_head<at::Half>(hidden, weight, bias, pooler_weight, pooler_bias, policy_weight, policy_bias,
+                                policy_out_weight, policy_out_bias, ldx, a, stream);
       break;
     case at::kBFloat16:
-      run_exit_head<at::BFloat16>(hidden, weight, bias, pooler_weight, pooler_bias, ldx, a, stream);
+      run_exit_head<at::BFloat16>(hidden, weight, bias, pooler_weight, pooler_bias, policy_weight, policy_bias,
+                                policy_out_weight, policy_out_bias, ldx, a, stream);
       break;
     default:
       TORCH_CHECK(false, "exit_head (CUDA): unsupported dtype ", hidden.scalar_type());

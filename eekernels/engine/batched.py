@@ -41,6 +41,25 @@ class EarlyExitOutput:
     layers_run: int
 
 
+def check_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 exit_profile: Optional[torch.Tensor]):
+    """Validate an engine call's inputs (clear errors, no tensor reads); returns (B, S)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"early_exit: input_ids must be [B, S], got {tuple(input_ids.shape)}")
+    b, s = input_ids.shape
+    if s < 1:
+        raise ValueError("early_exit: the sequence needs at least the [CLS] token")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and s > max_pos:
+        raise ValueError(f"early_exit: sequence length {s} exceeds the model's max_position_embeddings {max_pos}; "
+                         f"truncate the input")
+    if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
+        raise ValueError(f"early_exit: attention_mask must be [{b}, {s}], got {tuple(attention_mask.shape)}")
+    if exit_profile is not None and tuple(exit_profile.shape) != (b,):
+        raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(exit_profile.shape)}")
+    return b, s
+
+
 @dataclass
 class ExitDecision:
     """What an exit rule says about the N active rows at one exit layer.
@@ -118,16 +137,7 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
         rule: a method's :class:`ExitRule` (then ``criterion``/``threshold`` are unused);
             default: :class:`ExitHeadRule` with ``criterion`` and ``threshold``.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"early_exit: input_ids must be [B, S], got {tuple(input_ids.shape)}")
-    b, s = input_ids.shape
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and s > max_pos:
-        raise ValueError(f"early_exit: sequence length {s} exceeds the model's max_position_embeddings {max_pos}; truncate the input")
-    if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
-        raise ValueError(f"early_exit: attention_mask must be [{b}, {s}], got {tuple(attention_mask.shape)}")
-    if exit_profile is not None and tuple(exit_profile.shape) != (b,):
-        raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(exit_profile.shape)}")
+    b, s = check_inputs(model, input_ids, attention_mask, exit_profile)
     dev = input_ids.device
     ad = model.adapter
     n_layers = model.num_layers

@@ -90,6 +90,9 @@ class EarlyExitModel(nn.Module):
                 head.classifier.load_state_dict(final.classifier.state_dict())
             self.heads[str(l)] = head.to(device=final.classifier.weight.device, dtype=final.classifier.weight.dtype)
         self._final_dropout = nn.Dropout(dropout)
+        # Start in the HF model's mode: an eval-mode model stays in eval mode (no dropout)
+        # after early_exit(), which restores the mode it found.
+        self.train(hf_model.training)
 
     # ------------------------------------------------------------------ structure
     @property

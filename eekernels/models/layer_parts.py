@@ -101,7 +101,8 @@ class LayerParts:
         """MPEE's class attention (mpee.txt eq. 5): the [CLS] row of the attention
         probabilities, averaged over heads. q_cls [B, nh, 1, d] -> float32 [B, S];
         padded keys get 0. Dropout never applies (it is a score, not a layer output)."""
-        scores = torch.matmul(q_cls.float(), k.float().transpose(-1, -2)) * self.scaling  # [B, nh, 1, S]
+        # The product in the inputs' dtype (no float32 copy of all keys), the softmax in float32.
+        scores = torch.matmul(q_cls, k.transpose(-1, -2)).float() * self.scaling  # [B, nh, 1, S]
         if key_valid is not None:
             scores = scores.masked_fill(~key_valid_mask(key_valid), float("-inf"))
         return torch.softmax(scores, dim=-1).mean(dim=1)[:, 0]

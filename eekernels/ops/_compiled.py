@@ -24,7 +24,8 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("eekernels::exit_head")
     def _exit_head_fake(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-                        tanh_logits, criterion, threshold, prev_pred, counter):
+                        tanh_logits, criterion, threshold, prev_pred, counter, policy_weight=None,
+                        policy_bias=None, policy_out_weight=None, policy_out_bias=None):
         return exit_head_empty_outputs(hidden, weight, criterion)
 
     @torch.library.register_fake("eekernels::compact_rows")
@@ -83,11 +84,13 @@ def mpee_prune_fake(hidden, valid, memory, attention, keep_ratio):
 
 
 def exit_head_compiled(hidden, weight, bias, *, pooler_weight, pooler_bias, tanh_logits, memory,
-                       memory_lambda, criterion, threshold, prev_pred, counter) -> ExitHeadOutput:
+                       memory_lambda, criterion, threshold, prev_pred, counter, policy_weight=None,
+                       policy_bias=None, policy_out_weight=None, policy_out_bias=None) -> ExitHeadOutput:
     """exit_head through ``torch.ops.eekernels.exit_head`` (C++ CPU or CUDA kernel)."""
     logits, score, exit_, pred, cnt = torch.ops.eekernels.exit_head(
         hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda, tanh_logits,
         CRITERIA[criterion], threshold, prev_pred, counter,
+        policy_weight, policy_bias, policy_out_weight, policy_out_bias,
     )
     return ExitHeadOutput(logits, score, exit_, pred, cnt if criterion == "patience" else None)
 

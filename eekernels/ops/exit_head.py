@@ -10,14 +10,22 @@ For N active rows it maps each row's [CLS] (or pooled) state ``hidden[n]`` to
     score  = entropy(p) in nats       criterion "entropy"   (DeeBERT; exit when score <  threshold)
            = max(p)                   criterion "max_prob"  (Right-Tool; exit when score >= threshold)
            = counter                  criterion "patience"  (PABEE; exit when counter >= threshold)
+           = sigmoid(wo . GELU(Wq x + bq) + bo)
+                                      criterion "policy"    (ConsistentEE; exit when score > threshold)
 
 and returns float32 logits, the score, the exit mask, the argmax prediction and (for
-patience) the updated counter. ``exit_head_reference`` below is the specification; the
+patience) the updated counter. The "policy" criterion is ConsistentEE's policy network
+(consistentee.txt: "a policy network is introduced to an intermediate layer besides an
+internal classifier. This policy network shares the same input with the internal
+classifier", a two-layer MLP; an instance exits when p(exit) > 0.5): a hidden layer of P
+units with exact (erf) GELU, then one output unit and a sigmoid, on the classifier's input
+``x``. ``exit_head_reference`` below is the specification; the
 C++ CPU, Triton and CUDA kernels compute the same thing in one fused pass per row.
 
 Defined behaviour for non-finite values: a row whose final logits contain NaN or +-inf
-never exits; its score is NaN (entropy, max_prob) or 0 (patience), its prediction is -1
-and its patience counter is reset to 0.
+never exits; its score is NaN (entropy, max_prob, policy) or 0 (patience), its prediction
+is -1 and its patience counter is reset to 0. With "policy", a row whose policy score is
+NaN also never exits and has score NaN, but keeps its prediction (the logits are finite).
 """
 
 from __future__ import annotations
@@ -31,13 +39,18 @@ from .. import backends
 
 __all__ = [
     "CRITERIA",
+    "DEFAULT_THRESHOLD",
     "ExitHeadOutput",
     "exit_head",
     "exit_head_reference",
 ]
 
 #: Criterion name -> integer code used by the compiled kernels.
-CRITERIA = {"entropy": 0, "max_prob": 1, "patience": 2}
+CRITERIA = {"entropy": 0, "max_prob": 1, "patience": 2, "policy": 3}
+
+#: Threshold used when ``threshold`` is None: 0.0 as before for the classifier criteria,
+#: 0.5 for the policy network (consistentee.txt: exit when p(exit) > 0.5).
+DEFAULT_THRESHOLD = {"entropy": 0.0, "max_prob": 0.0, "patience": 0.0, "policy": 0.5}
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,8 +61,8 @@ class ExitHeadOutput(NamedTuple):
     Attributes:
         logits: float32 [N, C], the final logits (after tanh and the memory blend, so
             this is also the next layer's classifier memory for MPEE).
-        score: float32 [N], the criterion's score (entropy in nats, max probability, or
-            the patience counter as a float).
+        score: float32 [N], the criterion's score (entropy in nats, max probability, the
+            patience counter as a float, or the policy network's exit probability).
         exit: bool [N], True where the row exits at this layer.
         pred: int64 [N], argmax of the logits (first index on ties; -1 for non-finite rows).
         counter: int32 [N], the updated patience counter ("patience" only, else None).
@@ -76,9 +89,13 @@ def exit_head_reference(
     memory: Optional[torch.Tensor] = None,
     memory_lambda: float = 1.0,
     criterion: str = "entropy",
-    threshold: float = 0.0,
+    threshold: Optional[float] = None,
     prev_pred: Optional[torch.Tensor] = None,
     counter: Optional[torch.Tensor] = None,
+    policy_weight: Optional[torch.Tensor] = None,
+    policy_bias: Optional[torch.Tensor] = None,
+    policy_out_weight: Optional[torch.Tensor] = None,
+    policy_out_bias: Optional[torch.Tensor] = None,
 ) -> ExitHeadOutput:
     """Plain-PyTorch exit head: the specification every backend is tested against.
 
@@ -87,6 +104,8 @@ def exit_head_reference(
     differentiable, so it serves training. Arguments are as for :func:`exit_head`
     (already validated).
     """
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD[criterion]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     x = hidden.to(acc)
     if pooler_weight is not None:
@@ -108,7 +127,7 @@ def exit_head_reference(
     elif criterion == "max_prob":
         score = torch.softmax(z, dim=1).max(dim=1).values
         exit_ = score >= threshold
-    else:  # patience (PABEE): consecutive layers with an unchanged prediction
+    elif criterion == "patience":  # PABEE: consecutive layers with an unchanged prediction
         n = z.shape[0]
         if prev_pred is None:
             prev_pred = torch.full((n,), -1, dtype=torch.long, device=z.device)
@@ -118,6 +137,16 @@ def exit_head_reference(
         new_counter = torch.where(same, counter + 1, torch.zeros_like(counter)).to(torch.int32)
         score = new_counter.to(z.dtype)
         exit_ = new_counter.double() >= threshold
+    else:  # policy
+        # ConsistentEE's policy network on the classifier's input x (consistentee.txt: it
+        # "shares the same input with the internal classifier"; a two-layer MLP):
+        # u = GELU(Wq x + bq) (exact erf GELU), p(exit) = sigmoid(wo . u + bo).
+        u = torch.nn.functional.gelu(
+            torch.nn.functional.linear(x, policy_weight.to(acc), policy_bias.to(acc)))
+        score = torch.sigmoid(u @ policy_out_weight.to(acc) + policy_out_bias.to(acc))
+        # sigmoid maps +-inf to 1 / 0, so only NaN is a non-finite policy score.
+        finite = finite & ~torch.isnan(score)
+        exit_ = score > threshold  # strict: exit when p(exit) > 0.5 by default
     nan = torch.full_like(score, math.nan)
     if criterion != "patience":
         score = torch.where(finite, score, nan)
@@ -154,9 +183,48 @@ def _check_tensor(name, t, ndim, dtypes=None, device=None):
         raise ValueError(f"exit_head: {name} is on {t.device} but hidden is on {device}")
 
 
+_POLICY_NAMES = ("policy_weight", "policy_bias", "policy_out_weight", "policy_out_bias")
+
+
+def _validate_policy_args(hidden, criterion, policy_weight, policy_bias, policy_out_weight, policy_out_bias):
+    """The policy network's parameters: all four with criterion "policy", none otherwise.
+
+    Shapes: policy_weight [P, H] (P >= 1), policy_bias [P], policy_out_weight [P] (the
+    output unit's weight row, 1-D), policy_out_bias [1]; dtype and device of ``hidden``.
+    """
+    given = [name for name, t in zip(_POLICY_NAMES, (policy_weight, policy_bias, policy_out_weight,
+                                                      policy_out_bias)) if t is not None]
+    if criterion != "policy":
+        if given:
+            raise ValueError(f"exit_head: {', '.join(given)} given with criterion={criterion!r}; "
+                             "the policy network's parameters go only with criterion='policy'")
+        return
+    if len(given) != 4:
+        missing = [name for name in _POLICY_NAMES if name not in given]
+        raise ValueError(f"exit_head: criterion='policy' needs {', '.join(_POLICY_NAMES)}; missing "
+                         f"{', '.join(missing)}")
+    dev, dt = hidden.device, hidden.dtype
+    h = hidden.shape[1]
+    _check_tensor("policy_weight", policy_weight, 2, (dt,), dev)
+    p = policy_weight.shape[0]
+    if p < 1 or policy_weight.shape[1] != h:
+        raise ValueError(f"exit_head: policy_weight must be [P, {h}] with P >= 1, got {tuple(policy_weight.shape)}")
+    _check_tensor("policy_bias", policy_bias, 1, (dt,), dev)
+    if policy_bias.shape[0] != p:
+        raise ValueError(f"exit_head: policy_bias must be [{p}] (P={p}), got {tuple(policy_bias.shape)}")
+    _check_tensor("policy_out_weight", policy_out_weight, 1, (dt,), dev)
+    if policy_out_weight.shape[0] != p:
+        raise ValueError(f"exit_head: policy_out_weight must be [{p}] (P={p}; pass a [1, P] weight as "
+                         f"weight[0]), got {tuple(policy_out_weight.shape)}")
+    _check_tensor("policy_out_bias", policy_out_bias, 1, (dt,), dev)
+    if policy_out_bias.shape[0] != 1:
+        raise ValueError(f"exit_head: policy_out_bias must be [1], got {tuple(policy_out_bias.shape)}")
+
+
 def validate_exit_head_args(
     hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
     criterion, threshold, prev_pred, counter,
+    policy_weight=None, policy_bias=None, policy_out_weight=None, policy_out_bias=None,
 ):
     """Raise a clear TypeError/ValueError for any bad argument; return nothing.
 
@@ -192,9 +260,13 @@ def validate_exit_head_args(
         raise ValueError(f"exit_head: memory_lambda must be in [0, 1], got {memory_lambda}")
     if criterion not in CRITERIA:
         raise ValueError(f"exit_head: unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
-    thr = float(threshold)
-    if math.isnan(thr) or thr < 0.0:
-        raise ValueError(f"exit_head: threshold must be a number >= 0 (inf allowed), got {threshold}")
+    if threshold is not None:
+        thr = float(threshold)
+        if math.isnan(thr) or thr < 0.0:
+            raise ValueError(f"exit_head: threshold must be a number >= 0 (inf allowed), got {threshold}")
+        if criterion == "policy" and thr > 1.0:
+            raise ValueError(f"exit_head: the policy threshold is a probability and must be in [0, 1], got {threshold}")
+    _validate_policy_args(hidden, criterion, policy_weight, policy_bias, policy_out_weight, policy_out_bias)
     if criterion != "patience" and (prev_pred is not None or counter is not None):
         raise ValueError("exit_head: prev_pred/counter are patience state; pass them only with criterion='patience'")
     if prev_pred is not None:
@@ -225,9 +297,13 @@ def exit_head(
     memory: Optional[torch.Tensor] = None,
     memory_lambda: float = 1.0,
     criterion: str = "entropy",
-    threshold: float = 0.0,
+    threshold: Optional[float] = None,
     prev_pred: Optional[torch.Tensor] = None,
     counter: Optional[torch.Tensor] = None,
+    policy_weight: Optional[torch.Tensor] = None,
+    policy_bias: Optional[torch.Tensor] = None,
+    policy_out_weight: Optional[torch.Tensor] = None,
+    policy_out_bias: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> ExitHeadOutput:
     """Fused exit head + exit criterion for N active rows.
@@ -243,12 +319,21 @@ def exit_head(
             logits become ``(1-memory_lambda)*memory + memory_lambda*z`` (mpee.txt eq. 10).
         memory_lambda: the blend weight lambda in [0, 1].
         criterion: "entropy" (exit when entropy < threshold), "max_prob" (exit when
-            max softmax probability >= threshold) or "patience" (exit when the counter
-            of consecutive unchanged predictions >= threshold).
+            max softmax probability >= threshold), "patience" (exit when the counter
+            of consecutive unchanged predictions >= threshold) or "policy" (exit when
+            the policy network's exit probability > threshold; ConsistentEE).
         threshold: a number >= 0; ``inf`` is allowed (entropy: always exit; max_prob and
             patience: never exit); 0 never exits for entropy and always for max_prob.
+            For "policy" a probability in [0, 1] (1 never exits). ``None`` (default):
+            0.0, or 0.5 for "policy" (consistentee.txt: exit when p(exit) > 0.5).
         prev_pred, counter: patience state from the previous layer (int64 [N], int32 [N]);
             ``None`` means "first exit" (-1 and 0).
+        policy_weight, policy_bias, policy_out_weight, policy_out_bias: ConsistentEE's
+            policy network, [P, H], [P], [P] and [1], same dtype and device as ``hidden``;
+            required with criterion "policy" and rejected otherwise. On the classifier's
+            input x (after the pooler): score = sigmoid(policy_out_weight .
+            GELU(policy_weight x + policy_bias) + policy_out_bias), exact (erf) GELU,
+            float32. A ``torch.nn.Linear(P, 1)`` output layer passes ``weight[0]``.
         backend: "torch", "cpu", "triton" or "cuda"; default: :func:`eekernels.get_backend`
             or the fastest available for ``hidden``'s device.
 
@@ -256,22 +341,28 @@ def exit_head(
         :class:`ExitHeadOutput` (logits, score, exit, pred, counter).
 
     When autograd is recording and any input requires grad, the differentiable reference
-    runs whatever the backend, so training through the same modules gets true gradients.
+    runs whatever the backend, so training through the same modules gets true gradients
+    (the policy network's parameters included).
     """
     validate_exit_head_args(
         hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
         criterion, threshold, prev_pred, counter,
+        policy_weight, policy_bias, policy_out_weight, policy_out_bias,
     )
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD[criterion]
     kwargs = dict(
         pooler_weight=pooler_weight, pooler_bias=pooler_bias, tanh_logits=bool(tanh_logits),
         memory=memory, memory_lambda=float(memory_lambda), criterion=criterion,
         threshold=float(threshold), prev_pred=prev_pred, counter=counter,
     )
-    if _needs_autograd(hidden, weight, bias, pooler_weight, pooler_bias, memory):
-        return exit_head_reference(hidden, weight, bias, **kwargs)
+    policy = dict(policy_weight=policy_weight, policy_bias=policy_bias,
+                  policy_out_weight=policy_out_weight, policy_out_bias=policy_out_bias)
+    if _needs_autograd(hidden, weight, bias, pooler_weight, pooler_bias, memory, *policy.values()):
+        return exit_head_reference(hidden, weight, bias, **kwargs, **policy)
     name = backends.resolve(backend, hidden.device)
     if name == "torch":
-        return exit_head_reference(hidden, weight, bias, **kwargs)
+        return exit_head_reference(hidden, weight, bias, **kwargs, **policy)
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     weight, bias = weight.contiguous(), bias.contiguous()
@@ -280,4 +371,6 @@ def exit_head(
     if memory is not None:
         memory = memory.contiguous()
     kwargs.update(pooler_weight=pooler_weight, pooler_bias=pooler_bias, memory=memory)
+    if criterion == "policy":
+        kwargs.update({k: v.contiguous() for k, v in policy.items()})
     return backends.implementation("exit_head", name)(hidden, weight, bias, **kwargs)

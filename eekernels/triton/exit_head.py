@@ -10,6 +10,8 @@ One kernel launch computes, for a block of ``BLOCK_N`` rows per program and in o
     online softmax statistics over class tiles (csrc/common/exit_head_epilogue.h):
         m = running max, s = sum exp(z - m), t = sum exp(z - m) (z - m), first argmax
     entropy = max(log(s) - t/s, 0), max_prob = 1/s, patience counter, exit mask, pred.
+    policy  = sigmoid(wo . GELU(Wq x + bq) + bo)   criterion "policy" (ConsistentEE's policy
+              network on the classifier's input x, P hidden units, exact erf GELU).
 
 Rows whose final logits contain NaN/+-inf: score NaN (0 for patience), exit False,
 pred -1, counter 0.
@@ -27,6 +29,14 @@ exit decision at the end of ``_exit_head_kernel``):
   this program to a scratch buffer [N, H] (allocated by the launcher), then
   ``tl.debug_barrier()``, then phase 2 runs the no-pooler loop reading the pooled rows
   back (each program only reads rows it wrote itself).
+* policy network (criterion "policy", ``POLICY`` != 0): its P hidden units are more
+  outputs of the classifier's input x in the same program. ``POLICY == 1`` ("fused",
+  P <= BLOCK_P): a [BLOCK_N, BLOCK_P] accumulator gets ``x Wq^T`` from the very tiles the
+  classifier loads (the pooler's j loop, or the k loop of the first class tile), so x is
+  read once. ``POLICY == 2`` ("tiled", large P): after the classes, a loop over P tiles
+  re-reads the program's x rows (hidden, or the pooled scratch: a pooler with large P
+  always takes the scratch path). Each tile folds ``wo . GELU(acc + bq)`` into a running
+  [BLOCK_N] sum; the sigmoid and the strict ``> threshold`` come at the end.
 
 Precision: float32 inputs use ``input_precision="ieee"`` everywhere (TF32 would miss the
 1e-5 tolerance). Half inputs (fp16/bf16) feed tensor-core dots in the input dtype with a
@@ -54,6 +64,13 @@ pooler, C<=64  "fused": BLOCK_C = max(np2(C), 16) (one class tile), BLOCK_K =
 pooler, C>64   "scratch": BLOCK_C = 64 if BLOCK_N == 16 else 32, BLOCK_K =
                clamp(np2(H), 16, 32), BLOCK_J = clamp(np2(H), 16, 64).
 num_warps      8 if BLOCK_N * BLOCK_C >= 2048 or BLOCK_N == 64, else 4.
+policy         "fused" with BLOCK_P = max(np2(P), 16) when np2(P) <= 64 (32 with a
+               fused pooler or float32 inputs), else "tiled" with BLOCK_P = 32 (and the
+               scratch path when there is a pooler). The interpreter table fuses
+               np2(P) <= 32 and tiles by 32 above, so P = 33 tests the tiled loop on
+               CPU. sm_90 (triton 3.9, cuobjdump): no spills with policy except fp32
+               with BLOCK_N = 64 (16 bytes, as without policy) and bf16 tiled with a
+               pooler (8 bytes); P = 32 at N <= 512 uses 143-254 registers, stack 0.
 ============== ==================================================================
 
 The W^T / Wp^T tile [BLOCK_K, BLOCK_C] (pointers + values in registers) dominates the
@@ -119,6 +136,41 @@ def _tanh(x):
     big = (1.0 - e) / (1.0 + e)
     big = tl.where(x < 0.0, -big, big)
     return tl.where(ax < 0.25, small, big)  # NaN -> big -> NaN
+
+
+@triton.jit
+def _gelu(x):
+    """Exact (erf) GELU, as torch.nn.GELU(): the policy network's hidden activation."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _sigmoid(a):
+    """Logistic sigmoid without overflow (exp of -|a| only): +-inf -> 1 / 0, NaN -> NaN."""
+    e = tl.exp(-tl.abs(a))
+    r = 1.0 / (1.0 + e)
+    return tl.where(a >= 0.0, r, e * r)
+
+
+@triton.jit
+def _policy_wt(q_ptr, ks, k_ok, p0, P, H, BLOCK_P: tl.constexpr):
+    """Wq^T tile [BLOCK_K, BLOCK_P]: element (k, p) = Wq[p0 + p, k] (zero outside)."""
+    ps = p0 + tl.arange(0, BLOCK_P)
+    return tl.load(q_ptr + ps[None, :].to(tl.int64) * H + ks[:, None],
+                   mask=k_ok[:, None] & (ps < P)[None, :], other=0.0)
+
+
+@triton.jit
+def _policy_units(accp, p0, qb_ptr, qo_ptr, P, BLOCK_P: tl.constexpr):
+    """sum_p wo[p] * GELU(accp[:, p] + bq[p]) over units p0 .. p0 + BLOCK_P (consistentee.txt:
+    the policy network is a two-layer MLP); padded units are forced to 0 (an inf in x
+    times a zero-padded Wq row is NaN)."""
+    ps = p0 + tl.arange(0, BLOCK_P)
+    p_ok = ps < P
+    bq = tl.load(qb_ptr + ps, mask=p_ok, other=0.0).to(tl.float32)
+    wo = tl.load(qo_ptr + ps, mask=p_ok, other=0.0).to(tl.float32)
+    v = _gelu(accp + bq[None, :]) * wo[None, :]
+    return tl.sum(tl.where(p_ok[None, :], v, 0.0), axis=1)
 
 
 @triton.jit
@@ -226,14 +278,16 @@ def _logit_tile(acc, rows64, row_ok, c0, b_ptr, mem_ptr, logits_ptr, C, mem_a, m
 @triton.jit(do_not_specialize=["N"])
 def _exit_head_kernel(
     h_ptr, stride_hn, w_ptr, b_ptr, wp_ptr, bp_ptr, mem_ptr, prev_ptr, cnt_ptr, scratch_ptr,
+    q_ptr, qb_ptr, qo_ptr, qob_ptr,
     logits_ptr, score_ptr, exit_ptr, pred_ptr, cnt_out_ptr,
-    N, H, C, mem_a, mem_lam, thr,
+    N, H, C, P, mem_a, mem_lam, thr,
     POOL: tl.constexpr,  # 0 none, 1 fused (single class tile), 2 scratch
+    POLICY: tl.constexpr,  # 0 none, 1 fused (single P tile, same loads as the classes), 2 tiled
     TANH_LOGITS: tl.constexpr, HAS_MEMORY: tl.constexpr, CRITERION: tl.constexpr,
     HAS_PREV: tl.constexpr, HAS_COUNTER: tl.constexpr, IS_F32: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_J: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -245,6 +299,8 @@ def _exit_head_kernel(
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
     arg = tl.full([BLOCK_N], -1, tl.int32)
     bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+    accp = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)  # policy pre-activations (fused)
+    pol = tl.zeros([BLOCK_N], dtype=tl.float32)  # wo . GELU(Wq x + bq)
 
     if POOL == 1:
         # C <= BLOCK_C: logits = sum_j tanh(h Wp_j^T + bp_j) W[:, j]^T, no scratch.
@@ -258,6 +314,9 @@ def _exit_head_kernel(
             wt = tl.load(w_ptr + cols[None, :].to(tl.int64) * H + js[:, None],
                          mask=(js < H)[:, None] & c_ok[None, :], other=0.0)
             acc += _dot_f32_lhs(p, wt, IS_F32, UPCAST)
+            if POLICY == 1:  # the policy reads the same pooled tile (its input is x too)
+                qt = _policy_wt(q_ptr, js, js < H, 0, P, H, BLOCK_P)
+                accp += _dot_f32_lhs(p, qt, IS_F32, UPCAST)
         m, s, t, arg, bad = _logit_tile(acc, rows64, row_ok, 0, b_ptr, mem_ptr, logits_ptr,
                                         C, mem_a, mem_lam, m, s, t, arg, bad,
                                         TANH_LOGITS, HAS_MEMORY, BLOCK_C)
@@ -285,13 +344,41 @@ def _exit_head_kernel(
                     x = tl.load(scratch_ptr + rows64[:, None] * H + ks[None, :],
                                 mask=a_mask, other=0.0)
                     acc += _dot_f32_lhs(x, wt, IS_F32, UPCAST)
+                    if POLICY == 1:
+                        if c0 == 0:  # first class tile: the policy shares its x tiles
+                            qt = _policy_wt(q_ptr, ks, k_ok, 0, P, H, BLOCK_P)
+                            accp += _dot_f32_lhs(x, qt, IS_F32, UPCAST)
                 else:
                     a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
                                 mask=a_mask, other=0.0)
                     acc += _dot_in(a, wt, IS_F32, UPCAST)
+                    if POLICY == 1:
+                        if c0 == 0:
+                            qt = _policy_wt(q_ptr, ks, k_ok, 0, P, H, BLOCK_P)
+                            accp += _dot_in(a, qt, IS_F32, UPCAST)
             m, s, t, arg, bad = _logit_tile(acc, rows64, row_ok, c0, b_ptr, mem_ptr,
                                             logits_ptr, C, mem_a, mem_lam, m, s, t, arg, bad,
                                             TANH_LOGITS, HAS_MEMORY, BLOCK_C)
+        if POLICY == 2:
+            # Large P: tiles of BLOCK_P units, each re-reading this program's x rows.
+            for p0 in range(0, P, BLOCK_P):
+                accq = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < H
+                    a_mask = row_ok[:, None] & k_ok[None, :]
+                    qt = _policy_wt(q_ptr, ks, k_ok, p0, P, H, BLOCK_P)
+                    if POOL == 2:
+                        x = tl.load(scratch_ptr + rows64[:, None] * H + ks[None, :],
+                                    mask=a_mask, other=0.0)
+                        accq += _dot_f32_lhs(x, qt, IS_F32, UPCAST)
+                    else:
+                        a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
+                                    mask=a_mask, other=0.0)
+                        accq += _dot_in(a, qt, IS_F32, UPCAST)
+                pol += _policy_units(accq, p0, qb_ptr, qo_ptr, P, BLOCK_P)
+    if POLICY == 1:
+        pol = _policy_units(accp, 0, qb_ptr, qo_ptr, P, BLOCK_P)
 
     # ---- exit decision (exit_head_epilogue.h decide) ----
     finite = (bad == 0) & (arg >= 0)
@@ -311,6 +398,12 @@ def _exit_head_kernel(
         score = new_cnt.to(tl.float32)
         ex = finite & (score >= thr)
         tl.store(cnt_out_ptr + rows, new_cnt, mask=row_ok)
+    elif CRITERION == 3:  # policy (ConsistentEE): exit when p(exit) > threshold, strictly
+        bo = tl.load(qob_ptr).to(tl.float32)
+        pscore = _sigmoid(pol + bo)
+        ok = finite & (pscore == pscore)  # a NaN policy score never exits
+        score = tl.where(ok, pscore, float("nan"))
+        ex = ok & (score > thr)
     elif CRITERION == 1:  # max_prob: max softmax probability = 1/s
         score = tl.where(finite, 1.0 / s, float("nan"))
         ex = finite & (score >= thr)
@@ -342,16 +435,31 @@ _BF16_INTERPRETER_MODE = 1 if _INTERPRETED else 0
 _FUSED_MAX_C = 64  # pooler + C <= this: single class tile, no scratch buffer
 
 
+def _policy_config(p: int, has_pooler: bool, pool: int, is_f32: bool, interpreted: bool):
+    """(POOL, POLICY, BLOCK_P) for a policy network of p hidden units (p = 0: none)."""
+    if p == 0:
+        return pool, 0, 16
+    # A 64-unit fused tile spills on sm_90 with float32 inputs (8-48 bytes of stack).
+    fused_max = 32 if interpreted or pool == 1 or is_f32 else 64
+    if _np2(p) <= fused_max:
+        return pool, 1, max(_np2(p), 16)
+    # Tiled: the fused pooler cannot re-read its (never stored) pooled rows: use scratch.
+    return (2 if has_pooler else pool), 2, 32
+
+
 @functools.lru_cache(maxsize=4096)
-def _config(n: int, h: int, c: int, is_f32: bool, has_pooler: bool, interpreted: bool = False):
-    """(POOL, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_J, num_warps); see the module docstring."""
-    pool = 0 if not has_pooler else (1 if c <= _FUSED_MAX_C else 2)
+def _config(n: int, h: int, c: int, is_f32: bool, has_pooler: bool, interpreted: bool = False,
+            p: int = 0):
+    """(POOL, BLOCK_N, BLOCK_C, BLOCK_K, BLOCK_J, num_warps, POLICY, BLOCK_P); see the
+    module docstring. ``p``: the policy network's hidden units (0 without it)."""
+    pool, policy, block_p = _policy_config(
+        p, has_pooler, 0 if not has_pooler else (1 if c <= _FUSED_MAX_C else 2), is_f32, interpreted)
     if interpreted:
         # Interpreter: time is per tile *iteration*, not per element, so use big tiles.
         block_n = min(max(_np2(n), 16), 128)
         block_c = max(_np2(c), 16) if pool == 1 else min(max(_np2(c), 16), 256)
         block_k = block_j = min(max(_np2(h), 16), 256)
-        return pool, block_n, block_c, block_k, block_j, 4
+        return pool, block_n, block_c, block_k, block_j, 4, policy, block_p
     # GPU table: every entry compiles for sm_90 without register spills (ptxas stack 0).
     block_n = 16 if n <= 512 else (32 if n <= 2048 else 64)
     kmax = 32 if is_f32 else 64
@@ -366,7 +474,7 @@ def _config(n: int, h: int, c: int, is_f32: bool, has_pooler: bool, interpreted:
         block_c = 64 if block_n == 16 else 32
         block_k, block_j = min(max(_np2(h), 16), 32), min(max(_np2(h), 16), 64)
     num_warps = 8 if block_n * block_c >= 2048 or block_n == 64 else 4
-    return pool, block_n, block_c, block_k, block_j, num_warps
+    return pool, block_n, block_c, block_k, block_j, num_warps, policy, block_p
 
 
 @functools.lru_cache(maxsize=256)
@@ -391,11 +499,12 @@ def _threshold32(x: float, patience: bool) -> float:
 
 
 def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-            tanh_logits, criterion, threshold, prev_pred, counter):
+            tanh_logits, criterion, threshold, prev_pred, counter, policy_weight=None,
+            policy_bias=None, policy_out_weight=None, policy_out_bias=None):
     """Allocate outputs and launch; returns (logits, score, exit, pred, counter-or-[0]).
 
     Arguments in the order of the C++ op ``eekernels::exit_head`` (csrc/register.cpp);
-    criterion is the integer code (0 entropy, 1 max_prob, 2 patience)."""
+    criterion is the integer code (0 entropy, 1 max_prob, 2 patience, 3 policy)."""
     n, h = hidden.shape
     c = weight.shape[0]
     dev = hidden.device
@@ -409,8 +518,10 @@ def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lam
         return logits, score, exit_, pred, cnt_out
     is_f32 = hidden.dtype == torch.float32
     has_pooler = pooler_weight is not None
-    pool, block_n, block_c, block_k, block_j, num_warps = _config(
-        n, h, c, is_f32, has_pooler, _INTERPRETED)
+    has_policy = criterion == 3
+    p = policy_weight.shape[0] if has_policy else 0
+    pool, block_n, block_c, block_k, block_j, num_warps, policy, block_p = _config(
+        n, h, c, is_f32, has_pooler, _INTERPRETED, p)
     scratch = torch.empty((n, h), dtype=torch.float32, device=dev) if pool == 2 else logits
     lam = float(memory_lambda)
     # Triton launches on the current device; switch only when hidden lives elsewhere.
@@ -423,14 +534,17 @@ def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lam
             memory if memory is not None else logits,
             prev_pred if prev_pred is not None else pred,  # dummies are never read
             counter if counter is not None else score,
-            scratch, logits, score, exit_, pred, cnt_out if patience else score,
-            n, h, c, 1.0 - lam, lam, _threshold32(float(threshold), patience),
-            POOL=pool, TANH_LOGITS=bool(tanh_logits), HAS_MEMORY=memory is not None,
+            scratch,
+            policy_weight if has_policy else weight, policy_bias if has_policy else bias,
+            policy_out_weight if has_policy else bias, policy_out_bias if has_policy else bias,
+            logits, score, exit_, pred, cnt_out if patience else score,
+            n, h, c, p, 1.0 - lam, lam, _threshold32(float(threshold), patience),
+            POOL=pool, POLICY=policy, TANH_LOGITS=bool(tanh_logits), HAS_MEMORY=memory is not None,
             CRITERION=criterion, HAS_PREV=patience and prev_pred is not None,
             HAS_COUNTER=patience and counter is not None, IS_F32=is_f32,
             UPCAST=_BF16_INTERPRETER_MODE if hidden.dtype == torch.bfloat16 else 0,
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_J=block_j,
-            num_warps=num_warps,
+            BLOCK_P=block_p, num_warps=num_warps,
         )
     return logits, score, exit_, pred, cnt_out
 
@@ -441,13 +555,15 @@ def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lam
 _OP_SCHEMA = (
     "(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, Tensor? pooler_bias, "
     "Tensor? memory, float memory_lambda, bool tanh_logits, int criterion, float threshold, "
-    "Tensor? prev_pred, Tensor? counter) -> "
+    "Tensor? prev_pred, Tensor? counter, Tensor? policy_weight=None, Tensor? policy_bias=None, "
+    "Tensor? policy_out_weight=None, Tensor? policy_out_bias=None) -> "
     "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)"
 )
 
 
 def _fake(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-          tanh_logits, criterion, threshold, prev_pred, counter):
+          tanh_logits, criterion, threshold, prev_pred, counter, policy_weight=None,
+          policy_bias=None, policy_out_weight=None, policy_out_bias=None):
     return exit_head_empty_outputs(hidden, weight, criterion)
 
 
@@ -483,16 +599,21 @@ def exit_head_triton(
     threshold: float = 0.0,
     prev_pred: Optional[torch.Tensor] = None,
     counter: Optional[torch.Tensor] = None,
+    policy_weight: Optional[torch.Tensor] = None,
+    policy_bias: Optional[torch.Tensor] = None,
+    policy_out_weight: Optional[torch.Tensor] = None,
+    policy_out_bias: Optional[torch.Tensor] = None,
 ) -> ExitHeadOutput:
     """Fused exit head in one Triton launch; arguments as for ``eekernels.ops.exit_head``
     (already validated; everything contiguous except ``hidden``'s row stride)."""
     code = CRITERIA[criterion]
+    policy = (policy_weight, policy_bias, policy_out_weight, policy_out_bias)
     if torch.compiler.is_compiling():
         logits, score, exit_, pred, cnt = _op(
             hidden, weight, bias, pooler_weight, pooler_bias, memory, float(memory_lambda),
-            bool(tanh_logits), code, float(threshold), prev_pred, counter)
+            bool(tanh_logits), code, float(threshold), prev_pred, counter, *policy)
     else:
         logits, score, exit_, pred, cnt = _launch(
             hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-            tanh_logits, code, threshold, prev_pred, counter)
+            tanh_logits, code, threshold, prev_pred, counter, *policy)
     return ExitHeadOutput(logits, score, exit_, pred, cnt if code == 2 else None)
