@@ -20,6 +20,7 @@ from eekernels.ops import (
     PrunedTokens,
     mpee_kept_width,
     mpee_prune,
+    mpee_prune_differentiable,
     mpee_prune_reference,
     pack_tokens,
     pack_tokens_padded,
@@ -197,9 +198,14 @@ def mpee_inputs(b, s, h, dtype, g, device="cpu", ties=True, padding=True):
     return [t.to(device) for t in (hidden, valid, memory, attention)]
 
 
-def check_prune(backend, hidden, valid, memory, attention, keep_ratio):
+def check_prune(backend, hidden, valid, memory, attention, keep_ratio, fn=None):
+    """``mpee_prune`` on ``backend`` (or ``fn(hidden, valid, memory, attention, keep_ratio)``)
+    against the reference."""
     ref = mpee_prune_reference(hidden, valid, memory, attention, keep_ratio)
-    out = mpee_prune(hidden, valid, memory, attention, keep_ratio, backend=backend)
+    if fn is None:
+        out = mpee_prune(hidden, valid, memory, attention, keep_ratio, backend=backend)
+    else:
+        out = fn(hidden, valid, memory, attention, keep_ratio)
     assert isinstance(out, PrunedTokens)
     width = mpee_kept_width(hidden.shape[1], keep_ratio)
     assert out.hidden.shape == (hidden.shape[0], width, hidden.shape[2]) and out.hidden.dtype == hidden.dtype
@@ -530,3 +536,39 @@ def test_keep_count_is_exact_for_products():
     for backend in ["torch"] + kernel_backends("cpu"):
         out = mpee_prune(hidden, valid, memory, attention, 0.7, backend=backend)
         assert int(out.valid.sum()) == 1 + 7 + 1, backend
+
+
+# --------------------------------------------------------------------------- mpee_prune under autograd
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-S{}-H{}".format(*s))
+def test_mpee_prune_differentiable_equals_reference(shape, dtype):
+    b, s, h = shape
+    g = torch.Generator().manual_seed(seed(shape, dtype) + 1)
+    for k, ratio in enumerate(RATIOS):
+        args = mpee_inputs(b, s, h, dtype, g, ties=k % 2 == 0, padding=k < 2)
+        check_prune(None, *args, ratio, fn=mpee_prune_differentiable)
+
+
+def test_mpee_prune_differentiable_memory_order_edge_cases():
+    nan, inf = float("nan"), float("inf")
+    memory = torch.tensor([[9.0, nan, 0.0, -0.0, 1.0, -inf, 1.0, 5.0, 0.5], [nan, 2.0, -inf, nan, 0.0, 1.0, -inf, 3, 3]])
+    valid = torch.tensor([[True, True, True, True, True, True, True, False, True], [True] * 7 + [False] * 2])
+    hidden, attention = torch.randn(2, 9, 3), torch.rand(2, 9)
+    for ratio in (0.2, 0.5, 0.7, 1.0):
+        check_prune(None, hidden, valid, memory, attention, ratio, fn=mpee_prune_differentiable)
+
+
+def test_mpee_prune_under_autograd_has_the_references_gradients():
+    g = torch.Generator().manual_seed(7)
+    hidden, valid, memory, attention = mpee_inputs(3, 11, 5, torch.float32, g, ties=True, padding=True)
+    weight = torch.randn(3, mpee_kept_width(11, 0.6), 5, generator=g)
+    grads = []
+    for fn in (mpee_prune_reference, mpee_prune):  # mpee_prune under autograd: the vectorised form
+        hd, at = hidden.clone().requires_grad_(), attention.clone().requires_grad_()
+        out = fn(hd, valid, memory, at, 0.6)
+        (out.hidden * weight).sum().backward()
+        grads.append((hd.grad, at.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6) and grads[0][0].abs().sum() > 0
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5) and grads[0][1].abs().sum() > 0

@@ -63,6 +63,7 @@ __all__ = [
     "PrunedTokens",
     "mpee_kept_width",
     "mpee_prune",
+    "mpee_prune_differentiable",
     "mpee_prune_reference",
     "pack_tokens",
     "pack_tokens_padded",
@@ -203,6 +204,50 @@ def mpee_prune_reference(hidden: torch.Tensor, valid: torch.Tensor, memory: torc
     return PrunedTokens(out_h, out_valid, out_mem, out_src)
 
 
+def mpee_prune_differentiable(hidden: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor,
+                              attention: torch.Tensor, keep_ratio: float) -> PrunedTokens:
+    """The same result as :func:`mpee_prune_reference`, vectorised over the batch with no
+    host synchronisation (stable sorts for the ranks, a cumsum for the slots, scatters for
+    the rows, a masked weighted sum for the fusion token). Differentiable in ``hidden``
+    and ``attention``: the training path (the reference's per-sample loop syncs per row).
+    """
+    b, s, h = hidden.shape
+    width = mpee_kept_width(s, keep_ratio)
+    dev = hidden.device
+    cand = valid.clone()
+    cand[:, 0] = False  # [CLS] is kept apart
+    n = cand.sum(dim=1)
+    m = torch.ceil(keep_ratio * n.double() - _KEEP_EPS).long()
+    pos = torch.arange(s, device=dev).expand(b, s)
+    # Rank = place in the reference's order: candidates first; among them memory descending,
+    # NaN last, ties to the lower position. Three stable sorts, least significant key first.
+    mem = memory.float()
+    nan = torch.isnan(mem)
+    order = torch.sort(torch.where(nan, float("-inf"), mem), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(nan.gather(1, order).to(torch.int8), dim=1, stable=True).indices)
+    order = order.gather(1, torch.sort((~cand).gather(1, order).to(torch.int8), dim=1, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, pos.contiguous())
+    kept = cand & (rank < m[:, None])
+    fused = cand & ~kept
+    spare = width  # one extra column collects the tokens that go nowhere; cut at the end
+    dest = torch.where(kept, kept.long().cumsum(dim=1), spare)
+    dest[:, 0] = 0
+    has_fusion = fused.any(dim=1)
+    fusion_slot = torch.where(has_fusion, 1 + m, spare)[:, None]
+    out_h = hidden.new_zeros(b, width + 1, h).scatter(1, dest[:, :, None].expand(b, s, h), hidden)
+    weights = torch.where(fused, attention.float(), 0.0)
+    fusion = torch.einsum("bs,bsh->bh", weights, hidden.float()).to(hidden.dtype)  # eq. 8
+    out_h = out_h.scatter(1, fusion_slot[:, :, None].expand(b, 1, h), fusion[:, None, :])
+    out_mem = mem.new_zeros(b, width + 1).scatter(1, dest, torch.where(kept | (pos == 0), mem, 0.0))
+    out_mem = out_mem.scatter(1, fusion_slot, torch.where(fused, mem, 0.0).sum(dim=1, keepdim=True))
+    out_valid = torch.zeros(b, width + 1, dtype=torch.bool, device=dev).scatter(1, dest, kept | (pos == 0))
+    out_valid = out_valid.scatter(1, fusion_slot, has_fusion[:, None])
+    out_src = torch.full((b, width + 1), -1, dtype=torch.int64, device=dev).scatter(
+        1, dest, torch.where(kept | (pos == 0), pos, -1))
+    out_src = out_src.scatter(1, fusion_slot, torch.full_like(fusion_slot, -1))
+    return PrunedTokens(out_h[:, :width], out_valid[:, :width], out_mem[:, :width], out_src[:, :width])
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -338,13 +383,17 @@ def mpee_prune(hidden: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor, 
         backend: "torch", "cpu", "triton" or "cuda"; default: automatic.
 
     Returns:
-        :class:`PrunedTokens` of width 2 + ceil(keep_ratio * (S - 1)). Never synchronises.
-        Under autograd the differentiable reference runs.
+        :class:`PrunedTokens` of width 2 + ceil(keep_ratio * (S - 1)). Never synchronises
+        (the "torch" backend's per-sample reference does). Under autograd (``hidden`` or
+        ``attention`` requiring grad) the vectorised, differentiable
+        :func:`mpee_prune_differentiable` runs, with no host syncs either.
     """
     validate_mpee_prune_args(hidden, valid, memory, attention, keep_ratio)
     keep_ratio = float(keep_ratio)
     name = backends.resolve(backend, hidden.device, op="mpee_prune")
-    if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
+    if torch.is_grad_enabled() and (hidden.requires_grad or attention.requires_grad):
+        return mpee_prune_differentiable(hidden, valid, memory, attention, keep_ratio)
+    if name == "torch":
         return mpee_prune_reference(hidden, valid, memory, attention, keep_ratio)
     return backends.implementation("mpee_prune", name)(_rows_contiguous(hidden), valid.contiguous(),
                                                        memory.contiguous(), attention.contiguous(), keep_ratio)
