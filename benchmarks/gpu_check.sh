@@ -40,7 +40,10 @@ PROFILES=""
 for p in benchmarks/profiles/*.json; do [ -f "$p" ] && PROFILES="$PROFILES --measured-profile $p"; done
 if has e2e; then
   echo "== end-to-end: BERT-base shape, fp16, seq 128, B = 1..512, 10% and 20% exit per layer + measured profiles"
-  python3 benchmarks/e2e.py --out "$OUT" --repeats 20 $PROFILES
+  python3 benchmarks/e2e.py --out "$OUT" --repeats 20 --methods early-exit,fixed-capacity $PROFILES
+  echo "== end-to-end, the fixed-capacity engine captured as one CUDA graph (torch.cond -> IF nodes), B <= 32"
+  mkdir -p "$OUT/graphed"
+  python3 benchmarks/e2e.py --out "$OUT/graphed" --repeats 20 --batch-sizes 1,8,32 --methods graphed $PROFILES
 fi
 if has methods; then
   echo "== end-to-end, every sample-level method on the same profiles"

@@ -112,7 +112,52 @@ def time_fn(fn: Callable, device: torch.device, repeats: int, warmup: int = 3) -
 
 
 #: Methods the e2e benchmark can run on the same backbone and exit profiles.
-E2E_METHODS = ("early-exit", "past-future", "consistentee", "cascadebert")
+E2E_METHODS = ("early-exit", "fixed-capacity", "graphed", "past-future", "consistentee", "cascadebert")
+
+
+class GraphedEarlyExit:
+    """The fixed-capacity engine (:mod:`eekernels.engine.graphed`) captured as one CUDA graph
+    per input shape (``torch.cond`` -> conditional IF nodes); a call copies the inputs into
+    the graph's static buffers and replays it. CUDA only."""
+
+    def __init__(self, model, backend: Optional[str] = None):
+        self.model, self.backend, self.graphs = model, backend, {}
+
+    def _capture(self, ids, mask, prof):
+        from torch._higher_order_ops.cudagraph_conditional_nodes import (
+            ControlFlowOpWarmupDispatchMode,
+            CUDAGraphCaptureControlFlowOpDispatchMode,
+        )
+
+        from .engine.graphed import fixed_capacity_forward
+
+        static = [ids.clone(), mask.clone(), prof.clone()]
+
+        def fwd():
+            return fixed_capacity_forward(self.model, static[0], static[1], exit_profile=static[2],
+                                          backend=self.backend, with_metrics=False)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), ControlFlowOpWarmupDispatchMode():
+            for _ in range(2):
+                fwd()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), CUDAGraphCaptureControlFlowOpDispatchMode():
+            out = fwd()
+        return graph, static, out
+
+    def __call__(self, ids, mask, prof):
+        key = tuple(ids.shape)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(ids, mask, prof.to(ids.device))
+        graph, static, out = self.graphs[key]
+        static[0].copy_(ids)
+        static[1].copy_(mask)
+        static[2].copy_(prof)
+        graph.replay()
+        return out
 
 
 def method_runner(method: str, model, backend: Optional[str], cascade_small: int = 2):
@@ -125,6 +170,17 @@ def method_runner(method: str, model, backend: Optional[str], cascade_small: int
     (cascadebert.txt section 4.1 counts every layer of every member tried).
     """
     n = model.num_layers
+    if method in ("fixed-capacity", "graphed"):
+        from .engine.graphed import fixed_capacity_forward
+
+        if method == "graphed":
+            if model.hf.device.type != "cuda":
+                raise ValueError("e2e method 'graphed' captures a CUDA graph: it needs --device cuda")
+            run = GraphedEarlyExit(model, backend)
+        else:
+            def run(ids, mask, prof):
+                return fixed_capacity_forward(model, ids, mask, exit_profile=prof, backend=backend)
+        return (run, lambda prof: metrics.layer_speedup(prof, n), lambda b: torch.full((b,), n, dtype=torch.long))
     if method == "early-exit":
         ee = model
     elif method == "past-future":

@@ -66,12 +66,14 @@ def test_bench_with_a_measured_profile(tmp_path):
 
 def test_bench_every_method_on_the_same_profiles(tmp_path):
     run_cli("bench", "--tiny", "--device", "cpu", "--batch-sizes", "3", "--exit-fracs", "0.3",
-            "--methods", "early-exit,past-future,consistentee,cascadebert", "--repeats", "1", "--no-compile",
+            "--methods", "early-exit,past-future,consistentee,cascadebert,fixed-capacity", "--repeats", "1",
+            "--no-compile",
             "--out", str(tmp_path))
     rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["early-exit", "past-future", "consistentee", "cascadebert"]
+    assert [r["method"] for r in rows] == ["early-exit", "past-future", "consistentee", "cascadebert",
+                                           "fixed-capacity"]
     per_layer = rows[0]["ideal_layer_speedup"]
-    assert all(r["ideal_layer_speedup"] == per_layer for r in rows[:3])  # one profile for the per-layer methods
+    assert all(r["ideal_layer_speedup"] == per_layer for r in rows[:3] + rows[4:])  # one profile, per-layer methods
     assert rows[3]["ideal_layer_speedup"] != per_layer  # the cascade counts its small member too
     assert all(r["t_no_exit_ms"] > 0 and r["efficiency"] > 0 for r in rows)
 
