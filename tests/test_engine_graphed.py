@@ -91,3 +91,13 @@ def test_fixed_capacity_captures_into_one_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(out.exit_layer, ref.exit_layer)
     assert torch.allclose(out.logits, ref.logits, rtol=1e-3, atol=1e-3)
+
+
+def test_early_exit_engine_option():
+    ee = convert(tiny_classifier("bert"))
+    ids, mask, _ = ragged_batch(3, 8, seed=8)
+    a = ee.early_exit(ids, mask, threshold=0.5, engine="rows")
+    b = ee.early_exit(ids, mask, threshold=0.5, engine="fixed")
+    assert torch.equal(a.exit_layer, b.exit_layer) and torch.allclose(a.logits, b.logits, atol=1e-5)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        ee.early_exit(ids, mask, engine="graph")

@@ -181,12 +181,22 @@ class EarlyExitModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion="entropy",
-                   threshold=0.0, backend=None, exit_profile=None):
-        """Batched early-exit inference; see :func:`eekernels.engine.early_exit_forward`."""
-        from ..engine.batched import early_exit_forward
+                   threshold=0.0, backend=None, exit_profile=None, engine: str = "rows"):
+        """Batched early-exit inference.
 
-        return early_exit_forward(self, input_ids, attention_mask, token_type_ids, criterion=criterion,
-                                  threshold=threshold, backend=backend, exit_profile=exit_profile)
+        ``engine``: "rows" (default) compacts the active rows after each exit layer
+        (:func:`eekernels.engine.early_exit_forward`; one host sync per exit layer); "fixed"
+        keeps the batch at capacity and decides on the device
+        (:func:`eekernels.engine.fixed_capacity_forward`; no sync, for small batches).
+        """
+        from ..engine.batched import early_exit_forward
+        from ..engine.graphed import fixed_capacity_forward
+
+        engines = {"rows": early_exit_forward, "fixed": fixed_capacity_forward}
+        if engine not in engines:
+            raise ValueError(f"early_exit: engine must be one of {sorted(engines)}, got {engine!r}")
+        return engines[engine](self, input_ids, attention_mask, token_type_ids, criterion=criterion,
+                               threshold=threshold, backend=backend, exit_profile=exit_profile)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str) -> None:
