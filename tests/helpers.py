@@ -37,3 +37,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     num = (out[fin] - ref[fin]).norm()
     den = max(float(ref[fin].norm()), float(fin.sum()) ** 0.5)
     return float(num) / den if den > 0 else float(num)
+
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape, device and bit pattern (NaNs, -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if a.dtype.is_floating_point:
+        it = _INT_VIEW[a.element_size()]
+        return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
+    return torch.equal(a, b)

@@ -17,13 +17,12 @@ from eekernels.ops import (
     scatter_exits_reference,
 )
 
-from .helpers import kernel_backends, poison_allocator
+from .helpers import kernel_backends, poison_allocator, same_bits
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
 NS = (0, 1, 2, 7, 513)
 MASKS = ("all", "none", "random", "alternate")
 S, H = 5, 33  # odd trailing sizes
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def rnd(shape, dtype, g, device="cpu"):
@@ -50,14 +49,6 @@ def make_keep(n, kind, g, device="cpu"):
         k = torch.rand(n, generator=g) < 0.5
     return k.to(device)
 
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
-        return False
-    if a.dtype.is_floating_point:
-        it = _INT_VIEW[a.element_size()]
-        return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
-    return torch.equal(a, b)
 
 
 def mixed_tensors(n, g, device="cpu"):

@@ -30,9 +30,8 @@ from eekernels.ops import (
     scatter_tokens_reference,
 )
 
-from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err
+from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err, same_bits
 
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 # (B, S, H): S in {1, 2, 7, 130}, H in {1, 24, 200}; B = 1 included.
 SHAPES = [(1, 1, 1), (3, 2, 24), (1, 7, 200), (4, 7, 1), (2, 130, 24)]
 MASKS = ("all", "none", "random", "ragged")
@@ -65,14 +64,6 @@ def make_active(b, s, kind, g, device="cpu"):
         a = torch.rand(b, s, generator=g) < 0.5
     return a.to(device)
 
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
-        return False
-    if a.dtype.is_floating_point:
-        it = _INT_VIEW[a.element_size()]
-        return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
-    return torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- pack / scatter

@@ -27,13 +27,13 @@ The host wrappers launch directly; under ``torch.compile`` they call the custom 
 import, with fake kernels; the compaction's output size is a data-dependent symbol).
 """
 
-import contextlib
 from typing import List
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard, next_pow2
 from ..ops.compaction import CompactedRows
 
 __all__ = ["compact_rows_triton", "scatter_exits_triton"]
@@ -137,21 +137,13 @@ def _scatter_kernel(out_logits_ptr, out_layer_ptr, bidx_ptr, exit_ptr, logits_pt
 
 
 _INTERPRETED = type(_scan_kernel).__name__ == "InterpretedFunction"
-_NO_GUARD = contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- host code
 
 
-def _np2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def _guard(dev: torch.device):
-    """Triton launches on the current device; switch only when the tensors live elsewhere."""
-    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
-        return torch.cuda.device(dev)
-    return _NO_GUARD
+_np2 = next_pow2
+_guard = device_guard
 
 
 def _word(ptr: int, row_bytes: int, stride_bytes: int, dst_ptr: int) -> int:

@@ -101,7 +101,6 @@ other torch ops, no host syncs). Under ``torch.compile`` it calls the custom op
 the launch is opaque to Dynamo/Inductor and capturable in CUDA graphs.
 """
 
-import contextlib
 import functools
 import math
 import struct
@@ -111,6 +110,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard, next_pow2
 from ..ops.exit_head import CRITERIA, ExitHeadOutput, exit_head_empty_outputs
 
 __all__ = ["exit_head_triton"]
@@ -422,11 +422,7 @@ def _exit_head_kernel(
 _INTERPRETED = type(_exit_head_kernel).__name__ == "InterpretedFunction"
 
 
-def _np2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-_NO_GUARD = contextlib.nullcontext()
+_np2 = next_pow2
 
 # bf16 dots under the interpreter: 0 native (GPU), 1 float32 dots (fast; the default when
 # interpreted), 2 float32 dots that emulate the GPU's hi/lo/lo2 split exactly (tests).
@@ -524,10 +520,7 @@ def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lam
         n, h, c, is_f32, has_pooler, _INTERPRETED, p)
     scratch = torch.empty((n, h), dtype=torch.float32, device=dev) if pool == 2 else logits
     lam = float(memory_lambda)
-    # Triton launches on the current device; switch only when hidden lives elsewhere.
-    other_gpu = dev.type == "cuda" and dev.index != torch.cuda.current_device()
-    guard = torch.cuda.device(dev) if other_gpu else _NO_GUARD
-    with guard:
+    with device_guard(dev):
         _exit_head_kernel[(triton.cdiv(n, block_n),)](
             hidden, hidden.stride(0), weight, bias,
             pooler_weight if has_pooler else weight, pooler_bias if has_pooler else bias,

@@ -37,12 +37,12 @@ The host wrappers launch directly; under ``torch.compile`` they call the custom 
 (registered at import, with the fake kernels of ``eekernels.ops._compiled``).
 """
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard, next_pow2
 from ..ops._compiled import mpee_prune_fake, pack_tokens_fake, pack_tokens_padded_fake
 from ..ops.tokens import PackedTokens, PaddedTokens, PrunedTokens, mpee_kept_width
 
@@ -238,21 +238,13 @@ def _mpee_kernel(hidden_ptr, valid_ptr, mem_ptr, att_ptr, ratio_ptr, fused_ptr,
 
 
 _INTERPRETED = type(_scatter_kernel).__name__ == "InterpretedFunction"
-_NO_GUARD = contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- host code
 
 
-def _np2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def _guard(dev: torch.device):
-    """Triton launches on the current device; switch only when the tensors live elsewhere."""
-    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
-        return torch.cuda.device(dev)
-    return _NO_GUARD
+_np2 = next_pow2
+_guard = device_guard
 
 
 def _row_tile(rows: int, h: int):
