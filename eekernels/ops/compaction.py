@@ -42,6 +42,7 @@ from typing import List, NamedTuple, Sequence
 import torch
 
 from .. import backends
+from ._checks import check_tensor
 
 __all__ = [
     "CompactedRows",
@@ -93,30 +94,15 @@ def scatter_exits_reference(
 # --------------------------------------------------------------------------- validation
 
 
-def _check(name, op, t, ndim=None, dtypes=None, device=None, min_dim=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dim(s), got shape {tuple(t.shape)}")
-    if min_dim is not None and t.dim() < min_dim:
-        raise ValueError(f"{op}: {name} must have at least {min_dim} dim(s), got a {t.dim()}-d tensor")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {device} was expected (all inputs on one device)")
-
-
 def validate_compact_rows_args(keep, tensors) -> None:
     """Raise a clear TypeError/ValueError for any bad argument (never reads tensor values)."""
     op = "compact_rows"
-    _check("keep", op, keep, ndim=1, dtypes=(torch.bool,))
+    check_tensor("keep", op, keep, ndim=1, dtypes=(torch.bool,))
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{op}: tensors must be a list or tuple of tensors, got {type(tensors).__name__}")
     n = keep.shape[0]
     for j, t in enumerate(tensors):
-        _check(f"tensors[{j}]", op, t, min_dim=1, device=keep.device)
+        check_tensor(f"tensors[{j}]", op, t, min_dim=1, device=keep.device)
         if t.shape[0] != n:
             raise ValueError(f"{op}: tensors[{j}] has {t.shape[0]} rows (shape {tuple(t.shape)}) but keep has N={n}")
         if t.is_quantized:
@@ -126,23 +112,23 @@ def validate_compact_rows_args(keep, tensors) -> None:
 def validate_scatter_exits_args(out_logits, out_layer, batch_index, exit, logits, layer) -> None:
     """Raise a clear TypeError/ValueError for any bad argument (never reads tensor values)."""
     op = "scatter_exits"
-    _check("logits", op, logits, ndim=2, dtypes=(torch.float32,))
+    check_tensor("logits", op, logits, ndim=2, dtypes=(torch.float32,))
     dev = logits.device
     n, c = logits.shape
-    _check("out_logits", op, out_logits, ndim=2, dtypes=(torch.float32,), device=dev)
+    check_tensor("out_logits", op, out_logits, ndim=2, dtypes=(torch.float32,), device=dev)
     if out_logits.shape[1] != c:
         raise ValueError(f"{op}: out_logits is {tuple(out_logits.shape)} but logits has C={c}; expected [B, {c}]")
     if c > 1 and out_logits.stride(1) != 1:
         raise ValueError(f"{op}: out_logits is written in place, so its last dim must be contiguous (stride 1), "
                          f"got strides {out_logits.stride()}")
     b = out_logits.shape[0]
-    _check("out_layer", op, out_layer, ndim=1, dtypes=_LAYER_DTYPES, device=dev)
+    check_tensor("out_layer", op, out_layer, ndim=1, dtypes=_LAYER_DTYPES, device=dev)
     if out_layer.shape[0] != b:
         raise ValueError(f"{op}: out_layer has {out_layer.shape[0]} entries but out_logits has B={b} rows")
-    _check("batch_index", op, batch_index, ndim=1, dtypes=(torch.int64,), device=dev)
+    check_tensor("batch_index", op, batch_index, ndim=1, dtypes=(torch.int64,), device=dev)
     if batch_index.shape[0] != n:
         raise ValueError(f"{op}: batch_index has {batch_index.shape[0]} entries but logits has N={n} rows")
-    _check("exit", op, exit, ndim=1, dtypes=(torch.bool,), device=dev)
+    check_tensor("exit", op, exit, ndim=1, dtypes=(torch.bool,), device=dev)
     if exit.shape[0] != n:
         raise ValueError(f"{op}: exit has {exit.shape[0]} entries but logits has N={n} rows")
     if isinstance(layer, bool) or not isinstance(layer, int):

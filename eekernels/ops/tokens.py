@@ -56,6 +56,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import backends
+from ._checks import check_tensor
 
 __all__ = [
     "PackedTokens",
@@ -251,22 +252,9 @@ def mpee_prune_differentiable(hidden: torch.Tensor, valid: torch.Tensor, memory:
 # --------------------------------------------------------------------------- validation
 
 
-def _check(name, op, t, ndim, dtypes=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    if t.dim() != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {device} was expected (all inputs on one device)")
-
-
 def _check_hidden_active(op, hidden, active, active_name="active"):
-    _check("hidden", op, hidden, 3, _FLOAT_DTYPES)
-    _check(active_name, op, active, 2, (torch.bool,), hidden.device)
+    check_tensor("hidden", op, hidden, 3, _FLOAT_DTYPES)
+    check_tensor(active_name, op, active, 2, (torch.bool,), hidden.device)
     if tuple(active.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"{op}: {active_name} must be [B, S] = {tuple(hidden.shape[:2])}, got {tuple(active.shape)}")
 
@@ -279,13 +267,13 @@ def validate_pack_tokens_args(hidden, active, op="pack_tokens") -> None:
 def validate_scatter_tokens_args(hidden, index, values) -> None:
     """Raise a clear TypeError/ValueError for any bad argument (never reads tensor values)."""
     op = "scatter_tokens"
-    _check("hidden", op, hidden, 3, _FLOAT_DTYPES)
+    check_tensor("hidden", op, hidden, 3, _FLOAT_DTYPES)
     if not hidden.is_contiguous():
         raise ValueError(f"{op}: hidden is written in place and must be contiguous, got strides {hidden.stride()}")
     if not isinstance(index, torch.Tensor) or index.dim() not in (1, 2):
         raise ValueError(f"{op}: index must be an int64 tensor [nnz] or [B, M]")
-    _check("index", op, index, index.dim(), (torch.int64,), hidden.device)
-    _check("values", op, values, index.dim() + 1, _FLOAT_DTYPES, hidden.device)
+    check_tensor("index", op, index, index.dim(), (torch.int64,), hidden.device)
+    check_tensor("values", op, values, index.dim() + 1, _FLOAT_DTYPES, hidden.device)
     if tuple(values.shape[:-1]) != tuple(index.shape) or values.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"{op}: values must be {tuple(index.shape) + (hidden.shape[-1],)} for index "
                          f"{tuple(index.shape)} and H={hidden.shape[-1]}, got {tuple(values.shape)}")
@@ -303,7 +291,7 @@ def validate_mpee_prune_args(hidden, valid, memory, attention, keep_ratio) -> No
     if hidden.shape[1] < 1:
         raise ValueError(f"{op}: the sequence needs at least the [CLS] token, got S=0")
     for name, t in (("memory", memory), ("attention", attention)):
-        _check(name, op, t, 2, (torch.float32,), hidden.device)
+        check_tensor(name, op, t, 2, (torch.float32,), hidden.device)
         if tuple(t.shape) != tuple(hidden.shape[:2]):
             raise ValueError(f"{op}: {name} must be [B, S] = {tuple(hidden.shape[:2])}, got {tuple(t.shape)}")
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):

@@ -1,0 +1,22 @@
+"""Argument checks shared by the op families' validators (clear errors, no tensor reads)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(name: str, op: str, t, ndim=None, dtypes=None, device=None, min_dim=None) -> None:
+    """Raise TypeError/ValueError unless ``t`` is a dense tensor with ``ndim`` dims (or at
+    least ``min_dim``), a dtype in ``dtypes`` and on ``device`` (each when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dim{'' if ndim == 1 else 's'}, got shape {tuple(t.shape)}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dim(s), got a {t.dim()}-d tensor")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {device} was expected (all inputs on one device)")
