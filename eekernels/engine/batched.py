@@ -60,6 +60,28 @@ def check_inputs(model, input_ids: torch.Tensor, attention_mask: Optional[torch.
     return b, s
 
 
+def leave_mask(decision_exit: torch.Tensor, layer: int, last: bool, forced: Optional[torch.Tensor]) -> torch.Tensor:
+    """Which active rows leave after ``layer``: all at the last layer, else the benchmark's
+    forced profile (``forced <= layer``) when given, else the rule's decision."""
+    if last:
+        return torch.ones_like(decision_exit)
+    if forced is not None:
+        return forced <= layer
+    return decision_exit
+
+
+def compact_named(keep: torch.Tensor, rows: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor],
+                  backend: Optional[str]):
+    """``compact_rows`` over named per-row tensors plus an exit rule's state; returns
+    (rows, state) of the kept rows, or None when no row is kept."""
+    names = list(rows) + [f"state.{k}" for k in state]
+    packed = compact_rows(keep, list(rows.values()) + list(state.values()), backend=backend)
+    if packed.index.numel() == 0:
+        return None
+    out = dict(zip(names, packed.tensors))
+    return ({k: out[k] for k in rows}, {k: out[f"state.{k}"] for k in state})
+
+
 @dataclass
 class ExitDecision:
     """What an exit rule says about the N active rows at one exit layer.
@@ -165,12 +187,7 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
                     continue
                 last = layer == n_layers
                 out = rule.decide(layer, hidden, state)
-                if last:
-                    exit_mask = torch.ones_like(out.exit)  # the last layer takes all
-                elif forced is not None:
-                    exit_mask = forced <= layer
-                else:
-                    exit_mask = out.exit
+                exit_mask = leave_mask(out.exit, layer, last, forced)
                 scatter_exits(out_logits, out_layer, batch_index, exit_mask, out.logits, layer, backend=backend)
                 if last:
                     break
@@ -179,17 +196,14 @@ def early_exit_forward(model, input_ids: torch.Tensor, attention_mask: Optional[
                 rows = {"hidden": hidden, "batch_index": batch_index}
                 if mask is not None and mask.shape[0] == hidden.shape[0]:
                     rows["mask"] = mask
-                state_names = [f"state.{k}" for k in out.state]
-                rows.update(zip(state_names, out.state.values()))
                 if forced is not None:
                     rows["forced"] = forced
-                packed = compact_rows(~exit_mask, list(rows.values()), backend=backend)
-                if packed.index.numel() == 0:
+                kept = compact_named(~exit_mask, rows, out.state, backend)
+                if kept is None:
                     break
-                rows = dict(zip(rows, packed.tensors))
+                rows, state = kept
                 hidden, batch_index = rows["hidden"], rows["batch_index"]
                 mask = rows.get("mask", mask)
-                state = {k[len("state."):]: rows[k] for k in state_names}
                 forced = rows.get("forced")
     finally:
         model.train(was_training)

@@ -35,7 +35,7 @@ import torch
 from .. import metrics
 from ..ops import scatter_exits
 from ..models.layer_parts import layer_parts
-from .batched import EarlyExitOutput, ExitHeadRule, ExitRule, check_inputs
+from .batched import EarlyExitOutput, ExitHeadRule, ExitRule, check_inputs, leave_mask
 
 __all__ = ["row_buckets", "fixed_capacity_forward"]
 
@@ -130,12 +130,7 @@ def fixed_capacity_forward(model, input_ids: torch.Tensor, attention_mask: Optio
                     state = rule.observe(layer, hidden, state)
                     continue
                 out = rule.decide(layer, hidden, state)
-                if layer == n_layers:
-                    leave = active
-                elif forced is not None:
-                    leave = active & (forced <= layer)
-                else:
-                    leave = active & out.exit
+                leave = active & leave_mask(out.exit, layer, layer == n_layers, forced)
                 scatter_exits(out_logits, out_layer, batch_index, leave, out.logits, layer, backend=backend)
                 if layer == n_layers:
                     break

@@ -36,9 +36,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import backends, metrics
-from ..ops import compact_rows, mpee_prune, scatter_exits
+from ..ops import mpee_prune, scatter_exits
 from ..ops.tokens import mpee_kept_width
-from .batched import EarlyExitOutput, ExitRule, check_inputs
+from .batched import EarlyExitOutput, ExitRule, check_inputs, compact_named, leave_mask
 
 __all__ = ["TokenExitOutput", "TokenPruning", "class_attention_memory", "token_pruning_forward"]
 
@@ -190,12 +190,7 @@ def token_pruning_forward(model, input_ids: torch.Tensor, attention_mask: Option
                 last = layer == n_layers
                 if layer in exit_layers or last:
                     out = rule.decide(layer, hidden, state)
-                    if last:
-                        exit_mask = torch.ones_like(out.exit)
-                    elif forced is not None:
-                        exit_mask = forced <= layer
-                    else:
-                        exit_mask = out.exit
+                    exit_mask = leave_mask(out.exit, layer, last, forced)
                     scatter_exits(out_logits, out_layer, batch_index, exit_mask, out.logits, layer, backend=backend)
                     if last:
                         break
@@ -208,17 +203,14 @@ def token_pruning_forward(model, input_ids: torch.Tensor, attention_mask: Option
                         rows["a_cls"] = a_cls
                     if forced is not None:
                         rows["forced"] = forced
-                    state_names = [f"state.{k}" for k in out.state]
-                    rows.update(zip(state_names, out.state.values()))
-                    packed = compact_rows(~exit_mask, list(rows.values()), backend=backend)
-                    if packed.index.numel() == 0:
+                    kept = compact_named(~exit_mask, rows, out.state, backend)
+                    if kept is None:
                         break
-                    rows = dict(zip(rows, packed.tensors))
+                    rows, state = kept
                     hidden, batch_index = rows["hidden"], rows["batch_index"]
                     valid = rows.get("valid")
                     amem, a_cls = rows.get("amem"), rows.get("a_cls")
                     forced = rows.get("forced")
-                    state = {k[len("state."):]: rows[k] for k in state_names}
                 else:
                     state = rule.observe(layer, hidden, state)
                 if layer in prune:
