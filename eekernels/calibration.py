@@ -4,6 +4,11 @@ One full forward over the dev set gives every exit's logits; the exit rule is th
 replayed for each candidate threshold with the same op semantics the engine uses
 (:func:`eekernels.ops.exit_head_reference` on the logits), so a calibrated threshold gives
 the engine exactly the exit layers it was calibrated on.
+
+Candidate thresholds are midpoints between neighbouring distinct scores of the dev set
+(:func:`midpoint_thresholds`), never a sample's own score: a score recomputed in another
+batch, with other padding, threads or backend differs in its last bits, and a threshold
+sitting on it would send that sample either way.
 """
 
 from __future__ import annotations
@@ -57,6 +62,34 @@ def simulate_exits(exit_logits: torch.Tensor, exit_layers: Sequence[int], num_la
     return out_layer, out_logits
 
 
+#: Smallest gap between two neighbouring scores that a candidate threshold is placed in: a
+#: sample's score then sits at least half of it away from the threshold, far beyond float32
+#: noise between backends and batch compositions.
+MIN_SCORE_GAP = 1e-5
+
+
+def midpoint_thresholds(scores: torch.Tensor, candidates: int = 200, min_gap: float = MIN_SCORE_GAP) -> List[float]:
+    """Up to ``candidates`` thresholds spread over the quantiles of ``scores``, each the
+    midpoint of a gap of at least ``min_gap`` between two neighbouring sorted finite scores
+    (so no score lies within ``min_gap / 2`` of a threshold). Ascending; empty when no two
+    scores are that far apart."""
+    s = scores.detach().double().flatten().cpu()
+    s = s[torch.isfinite(s)].sort().values
+    if s.numel() < 2:
+        return []
+    wide = ((s[1:] - s[:-1]) >= min_gap).nonzero().flatten()
+    if wide.numel() == 0:
+        return []
+    # gap k lies between sorted positions k and k+1: take the gaps nearest evenly spaced ranks
+    ranks = torch.linspace(0, s.numel() - 1, candidates, dtype=torch.float64)
+    pos = torch.searchsorted(wide.double() + 0.5, ranks).clamp(max=wide.numel() - 1)
+    lower = (pos - 1).clamp(min=0)
+    nearer = torch.where((wide[lower].double() + 0.5 - ranks).abs() < (wide[pos].double() + 0.5 - ranks).abs(),
+                         lower, pos)
+    k = wide[nearer].unique()
+    return ((s[k] + s[k + 1]) / 2).tolist()
+
+
 def collect_exit_logits(model, input_ids, attention_mask=None, token_type_ids=None, batch_size: int = 64,
                         progress: bool = True) -> torch.Tensor:
     """Every exit's float32 logits [E, B, C] for a dataset (no grad, eval mode)."""
@@ -104,12 +137,11 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
     if criterion == "patience":
         cands = [float(p) for p in range(len(layers))]
     else:
-        p = z[:-1].softmax(-1)
-        score = -(p * p.clamp_min(1e-30).log()).sum(-1) if criterion == "entropy" else p.max(-1).values
-        qs = torch.quantile(score.flatten().double(), torch.linspace(0, 1, candidates, dtype=torch.float64))
-        # Nudge each candidate just past a score so that sample exits (entropy: <, max_prob: >=).
-        cands = sorted({float(q) * (1 + 1e-6) + 1e-9 if criterion == "entropy" else float(q) for q in qs})
-        cands = [0.0] + cands + [float("inf")]
+        e, b, c = z[:-1].shape
+        # the scores as the engine's rule computes them (float32), then thresholds between them
+        score = exit_head_reference(z[:-1].reshape(e * b, c), torch.eye(c), torch.zeros(c),
+                                    criterion=criterion).score
+        cands = [0.0] + midpoint_thresholds(score, candidates) + [float("inf")]
     table = []
     for t in cands:
         el, lg = simulate_exits(z, layers, n, criterion, t)

@@ -50,3 +50,26 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         it = _INT_VIEW[a.element_size()]
         return torch.equal(a.contiguous().view(it), b.contiguous().view(it))
     return torch.equal(a, b)
+
+
+def threshold_between(scores, quantile: float = 0.5, min_gap: float = 1e-4) -> float:
+    """A threshold strictly between two neighbouring distinct scores, never on one.
+
+    The finite ``scores`` are sorted; among the gaps between neighbours that are at least
+    ``min_gap`` wide, the one nearest the ``quantile`` of the sorted scores is taken and its
+    midpoint returned. Every score then sits at least ``min_gap / 2`` from the threshold, far
+    beyond float32 noise (padding, batch composition, thread count and backend change the
+    last bits of a score), so which side a sample falls on cannot flip. The quantile keeps
+    samples on both sides, so exits spread over layers.
+    """
+    s = torch.as_tensor(scores).detach().double().flatten().cpu()
+    s = s[torch.isfinite(s)].sort().values
+    if s.numel() < 2:
+        raise AssertionError(f"threshold_between: need at least 2 finite scores, got {s.numel()}")
+    gaps = s[1:] - s[:-1]
+    wide = (gaps >= min_gap).nonzero().flatten()
+    if wide.numel() == 0:
+        raise AssertionError(f"threshold_between: no two scores are {min_gap} apart (range {float(s[0])}..{float(s[-1])})")
+    target = quantile * (s.numel() - 1)
+    k = int(wide[(wide.double() + 0.5 - target).abs().argmin()])
+    return float((s[k] + s[k + 1]) / 2)

@@ -25,7 +25,7 @@ from eekernels.training.cascadebert import (  # noqa: E402
     kfold_difficulty_labels,
 )
 
-from .helpers import kernel_backends, rel_err  # noqa: E402
+from .helpers import kernel_backends, rel_err, threshold_between  # noqa: E402
 from .test_training import ParityTask  # noqa: E402
 
 VOCAB, N_LABELS = 100, 3
@@ -63,12 +63,7 @@ def spread_threshold(cm: CascadeModel, ids, mask) -> float:
     """A tau halfway between two neighbouring confidences of the non-last members (never
     on a sample's confidence, so fp noise cannot flip a decision), near their median."""
     z = cm.member_logits(ids, mask)
-    conf = z[:-1].softmax(-1).max(-1).values.flatten().sort().values
-    gaps = conf[1:] - conf[:-1]
-    mid = conf.numel() // 2
-    k = mid - 2 + int(gaps[mid - 2:mid + 2].argmax())  # the widest gap near the median
-    assert gaps[k] > 1e-4
-    return float((conf[k] + conf[k + 1]) / 2)
+    return threshold_between(z[:-1].softmax(-1).max(-1).values)
 
 
 def backends_under_test():

@@ -19,7 +19,7 @@ from eekernels.nn import PolicyNet  # noqa: E402
 from eekernels.ops import exit_head, exit_head_reference  # noqa: E402
 from eekernels.training import consistentee as ct  # noqa: E402
 
-from .helpers import kernel_backends, rel_err  # noqa: E402
+from .helpers import kernel_backends, rel_err, threshold_between  # noqa: E402
 from .test_training import ParityTask  # noqa: E402
 
 N_LAYERS = 3
@@ -85,10 +85,14 @@ def spread_policies(model: ConsistentEEModel, seed: int = 0):
 
 
 def median_policy_score(model: ConsistentEEModel, ids, mask=None) -> float:
-    """The median of pi(Exit) at the first exit: as a threshold it sends about half the rows on."""
+    """A threshold near the median of pi(Exit) over the internal exits (it sends about half
+    the rows on at each), strictly between two distinct policy scores so that no row's own
+    score sits on it."""
     with torch.no_grad():
-        cls = model.hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1][:, 0]
-        return float(model.policy(1)(torch.tanh(model.head(1).pooler(cls))).median())
+        states = model.hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        scores = [model.policy(l)(torch.tanh(model.head(l).pooler(states[l][:, 0])))
+                  for l in model.exit_layers[:-1]]
+    return threshold_between(torch.cat(scores))
 
 
 @pytest.fixture(scope="module", autouse=True)

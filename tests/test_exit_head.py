@@ -13,7 +13,7 @@ import eekernels
 from eekernels.ops import exit_head, exit_head_reference
 from eekernels.ops.exit_head import ExitHeadOutput
 
-from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err
+from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err, threshold_between
 
 CRITERIA = ("entropy", "max_prob", "patience")
 
@@ -99,12 +99,15 @@ def check_against_spec(out: ExitHeadOutput, ref: ExitHeadOutput, dtype, criterio
 
 
 def thresholds_for(criterion, ref_scores):
-    """Edges (0, inf) and one inside the score range so that some rows exit and some don't."""
-    fin = ref_scores[torch.isfinite(ref_scores)]
-    mid = float(fin.median()) if fin.numel() else 0.5
+    """Edges (0, inf) and one inside the score range so that some rows exit and some don't,
+    strictly between two distinct scores (where there are two)."""
     if criterion == "patience":
         return (0.0, 2.0, math.inf)
-    return (0.0, max(mid, 0.0), math.inf)
+    try:
+        mid = threshold_between(ref_scores, min_gap=1e-3)
+    except AssertionError:  # N = 1, or every score alike: the edges alone
+        return (0.0, math.inf)
+    return (0.0, mid, math.inf)
 
 
 # Every N, H and C value of the issue is crossed (64 shapes); dtype, criterion and options
@@ -219,6 +222,47 @@ def test_threshold_edges_semantics():
         assert exit_head(**args, criterion="max_prob", threshold=0.0, backend=backend).exit.all()
         assert not exit_head(**args, criterion="max_prob", threshold=math.inf, backend=backend).exit.any()
         assert not exit_head(**args, criterion="patience", threshold=math.inf, backend=backend).exit.any()
+
+
+#: What a score exactly equal to the threshold does (the contract of ``exit_head``).
+TIE_EXITS = {"entropy": False, "max_prob": True, "patience": True, "policy": False}
+
+
+@pytest.mark.parametrize("crit", CRITERIA + ("policy",))
+def test_tie_at_the_threshold(crit):
+    """A score equal to the threshold: entropy (<) and policy (>) stay, max_prob (>=) and
+    patience (>=) exit; on every backend, with the tie constructed from each backend's own
+    float32 scores (a threshold that is a float32 value compares exactly)."""
+    from .test_exit_head_policy import policy_params
+
+    n = 40
+    args = make_inputs(n, 24, 3, torch.float32, "cpu", pooler=True, memory=False, patience=(crit == "patience"),
+                       seed=11)
+    if crit == "policy":
+        args.update(policy_params(24, 8, torch.float32, "cpu", seed=11))
+    # two rows with exactly representable scores as well: zero logits give max_prob 1/2 exactly
+    # with C = 2 (below), and patience counters are integers
+    for backend in ["torch"] + kernel_backends("cpu"):
+        first = exit_head(**args, criterion=crit, threshold=0.0, backend=backend)
+        for k in (0, n // 2, n - 1):
+            tie = float(first.score[k])  # a float32 value: no rounding on the way in
+            out = exit_head(**args, criterion=crit, threshold=tie, backend=backend)
+            assert float(out.score[k]) == tie, (backend, k)  # deterministic
+            assert bool(out.exit[k]) == TIE_EXITS[crit], (backend, crit, k, tie)
+            above, below = out.score > tie, out.score < tie
+            if crit in ("entropy",):
+                assert torch.equal(out.exit, below), backend
+            elif crit == "policy":
+                assert torch.equal(out.exit, above), backend
+            else:
+                assert torch.equal(out.exit, ~below), backend
+    if crit == "max_prob":
+        zero = dict(hidden=torch.randn(5, 8), weight=torch.zeros(2, 8), bias=torch.zeros(2))
+        for backend in ["torch"] + kernel_backends("cpu"):
+            out = exit_head(**zero, criterion="max_prob", threshold=0.5, backend=backend)
+            assert (out.score == 0.5).all() and out.exit.all(), backend
+            assert not exit_head(**zero, criterion="max_prob", threshold=float(torch.nextafter(
+                torch.tensor(0.5), torch.tensor(1.0))), backend=backend).exit.any(), backend
 
 
 def test_patience_counts_consecutive_layers():

@@ -15,7 +15,7 @@ from eekernels.nn.past_pooling import build_pooling  # noqa: E402
 from eekernels.ops import compact_rows  # noqa: E402
 from eekernels.training.past_future import LayerFreezingCallback, freeze_probabilities  # noqa: E402
 
-from .helpers import kernel_backends, rel_err  # noqa: E402
+from .helpers import kernel_backends, rel_err, threshold_between  # noqa: E402
 from .test_engine import N_LAYERS, ragged_batch, tiny_classifier  # noqa: E402
 from .test_training import ParityTask  # noqa: E402
 
@@ -182,10 +182,27 @@ def test_joint_loss_is_weighted_ce_plus_cos():
 # --------------------------------------------------------------------------- inference
 
 
+def decision_scores(model, ids, mask):
+    """The entropy each internal exit decides on, for every row: the merged head's (the
+    training forward equals the rule), the mean probabilities' (ensemble) or the layer's own
+    head's (voting)."""
+    with torch.no_grad():
+        if model.strategy == "voting":
+            states = model.hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            z = torch.stack([model.heads[str(l)](states[l][:, 0]) for l in model.exit_layers[:-1]])
+        else:
+            z = model(ids, mask).exit_logits[:-1]  # ensemble: log of the mean probabilities
+    p = z.float().softmax(-1)
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
 def spread_threshold(model, ids, mask, backend):
-    """An entropy threshold at which exits spread over the most distinct layers."""
+    """An entropy threshold at which exits spread over the most distinct layers, each candidate
+    strictly between two distinct decision scores (never on a row's own score)."""
+    scores = decision_scores(model, ids, mask)
     best, best_n = None, 0
-    for t in torch.linspace(0.02, math.log(3) - 0.02, 24).tolist():
+    for q in (0.2, 0.35, 0.5, 0.65, 0.8):
+        t = threshold_between(scores, quantile=q)
         n = len(set(model.early_exit(ids, mask, threshold=t, backend=backend).exit_layer.tolist()))
         if n > best_n:
             best, best_n = t, n

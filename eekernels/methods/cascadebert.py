@@ -516,7 +516,7 @@ def calibrate_cascade(model: CascadeModel, input_ids, labels, attention_mask=Non
 
     Returns an :class:`eekernels.calibration.CalibrationResult` (criterion "max_prob").
     """
-    from ..calibration import CalibrationResult, choose_threshold
+    from ..calibration import CalibrationResult, choose_threshold, midpoint_thresholds
 
     if (target_speedup is None) == (max_accuracy_drop is None):
         raise ValueError("calibrate_cascade: give exactly one of target_speedup and max_accuracy_drop")
@@ -532,10 +532,8 @@ def calibrate_cascade(model: CascadeModel, input_ids, labels, attention_mask=Non
     points, n = model.exit_points, model.num_layers
     full_acc = float((z[-1].argmax(-1) == labels).float().mean())
     conf_all = z.softmax(-1).max(-1).values  # [M, B] float32
-    conf = conf_all[:-1].flatten().double()
-    qs = torch.quantile(conf, torch.linspace(0, 1, candidates, dtype=torch.float64)) if conf.numel() else conf
-    # each candidate just below a confidence, so that sample is emitted (rule: c > tau)
-    cands = sorted({0.0, 1.0} | {float(torch.nextafter(q.float(), torch.tensor(0.0))) for q in qs})
+    # thresholds between neighbouring distinct confidences, never on a sample's own (rule: c > tau)
+    cands = sorted({0.0, 1.0} | set(midpoint_thresholds(conf_all[:-1], candidates)))
     table = []
     for t in cands:
         el, lg = simulate_cascade(z, points, t, conf_all)

@@ -22,6 +22,13 @@ units with exact (erf) GELU, then one output unit and a sigmoid, on the classifi
 ``x``. ``exit_head_reference`` below is the specification; the
 C++ CPU, Triton and CUDA kernels compute the same thing in one fused pass per row.
 
+Ties. Every backend rounds the threshold to float32 and compares it with the float32 score
+(patience: the integer counter with the threshold). A score exactly equal to the threshold
+exits for "max_prob" and "patience" (``>=``) and does not for "entropy" (``<``) and
+"policy" (``>``). A threshold chosen on observed scores should therefore sit between two of
+them, never on one: a score recomputed in another batch, with other padding, thread count
+or backend may differ in its last bit (:func:`eekernels.calibration.midpoint_thresholds`).
+
 Defined behaviour for non-finite values: a row whose final logits contain NaN or +-inf
 never exits; its score is NaN (entropy, max_prob, policy) or 0 (patience), its prediction
 is -1 and its patience counter is reset to 0. With "policy", a row whose policy score is
@@ -326,6 +333,8 @@ def exit_head(
             patience: never exit); 0 never exits for entropy and always for max_prob.
             For "policy" a probability in [0, 1] (1 never exits). ``None`` (default):
             0.0, or 0.5 for "policy" (consistentee.txt: exit when p(exit) > 0.5).
+            Compared in float32; at a tie (score == threshold) max_prob and patience
+            exit, entropy and policy do not (see the module docstring).
         prev_pred, counter: patience state from the previous layer (int64 [N], int32 [N]);
             ``None`` means "first exit" (-1 and 0).
         policy_weight, policy_bias, policy_out_weight, policy_out_bias: ConsistentEE's
