@@ -1,4 +1,4 @@
-"""HashEE token-level benchmark (implementation: eekernels/bench_tokens.py).
+"""HashEE token-level benchmark (implementation: benchmarks/token_methods.py).
 
     python benchmarks/hashee_gpu.py --out hashee-results          # GPU: BERT-base shape, fp16
     python benchmarks/hashee_gpu.py --tiny --device cpu --repeats 2
@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from eekernels import bench_tokens
+from common import print_rows
+from token_methods import hashee_e2e_rows, token_layer_rows
 
 
 def main() -> int:
@@ -33,14 +34,14 @@ def main() -> int:
     shape = dict(num_layers=3, hidden=64, heads=4, intermediate=128, vocab_size=1000) if a.tiny else {}
     layer_shape = {k: shape[k] for k in ("hidden", "heads", "intermediate")} if a.tiny else {}
     bs = [int(x) for x in a.batch_sizes.split(",")]
-    e2e_rows = bench_tokens.hashee_e2e_rows(bs, [int(x) for x in a.seq_lens.split(",")], device=a.device,
+    e2e_rows = hashee_e2e_rows(bs, [int(x) for x in a.seq_lens.split(",")], device=a.device,
                                             repeats=a.repeats, compile_baseline=not a.no_compile,
                                             backend=a.backend, **shape)
-    bench_tokens.print_rows(e2e_rows)
-    layer_rows = bench_tokens.token_layer_rows([float(x) for x in a.active_fracs.split(",")], batch=max(bs),
+    print_rows(e2e_rows)
+    layer_rows = token_layer_rows([float(x) for x in a.active_fracs.split(",")], batch=max(bs),
                                                seq_len=128, device=a.device, repeats=max(a.repeats, 20),
                                                backend=a.backend, **layer_shape)
-    bench_tokens.print_rows(layer_rows)
+    print_rows(layer_rows)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "hashee.json")
     with open(path, "w") as f:

@@ -25,6 +25,13 @@ from .backends import (
 __version__ = "0.1.0"
 
 
+def load(path: str, **hf_kwargs):
+    """Load a model of any method from a directory its ``save_pretrained`` wrote."""
+    from .methods.registry import load_model
+
+    return load_model(path, **hf_kwargs)[0]
+
+
 def __getattr__(name):
     # The HF integration imports transformers: load it only when asked for.
     if name in ("convert", "EarlyExitModel"):
@@ -42,6 +49,7 @@ __all__ = [
     "backend_report",
     "convert",
     "get_backend",
+    "load",
     "ops",
     "set_backend",
 ]

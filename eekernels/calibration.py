@@ -19,7 +19,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import metrics
 from .ops import exit_head_reference
 
 
@@ -110,10 +109,23 @@ def collect_exit_logits(model, input_ids, attention_mask=None, token_type_ids=No
     return torch.cat(chunks, dim=1)
 
 
-def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None, *, criterion: str = "entropy",
+def exit_accuracies(model, enc, batch_size: int = 64, progress: bool = False) -> List[float]:
+    """Accuracy of every exit of ``model`` on an encoded set (in the order of ``model.exit_points``)."""
+    dev = next(model.parameters()).device
+    tt = enc.get("token_type_ids")
+    z = collect_exit_logits(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev),
+                            None if tt is None else tt.to(dev), batch_size=batch_size, progress=progress)
+    return (z.argmax(-1) == enc["labels"][None]).float().mean(dim=1).tolist()
+
+
+def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None, *, criterion: Optional[str] = None,
               target_speedup: Optional[float] = None, max_accuracy_drop: Optional[float] = None,
               batch_size: int = 64, candidates: int = 200, progress: bool = True) -> CalibrationResult:
-    """Pick the threshold for ``criterion`` on a labelled dev set.
+    """Pick the threshold for ``criterion`` (default: the model's own) on a labelled dev set.
+
+    Works for every method with an exit threshold: one training forward gives every exit's
+    logits (:func:`collect_exit_logits`), and the model's own rule is replayed on them for
+    each candidate (:meth:`~eekernels.models.base.EarlyExitBase.simulate_exits`).
 
     Exactly one of:
         target_speedup: the most accurate threshold whose layer speed-up is >= this.
@@ -121,31 +133,38 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
     """
     if (target_speedup is None) == (max_accuracy_drop is None):
         raise ValueError("calibrate: give exactly one of target_speedup and max_accuracy_drop")
-    if criterion not in ("entropy", "max_prob", "patience"):
-        raise ValueError(f"calibrate: unknown criterion {criterion!r}")
-    if target_speedup is not None and not (1.0 <= target_speedup <= model.num_layers):
-        raise ValueError(f"calibrate: target_speedup must be in [1, {model.num_layers}], got {target_speedup}")
+    if not model.criteria:
+        raise ValueError(f"calibrate: a {model.method} model has no exit threshold to calibrate")
+    criterion = model.criteria[0] if criterion is None else criterion
+    if criterion not in ("entropy", "max_prob", "patience") or criterion not in model.criteria:
+        calibratable = [c for c in model.criteria if c in ("entropy", "max_prob", "patience")]
+        raise ValueError(f"calibrate: criterion {criterion!r} cannot be calibrated for a {model.method} model; "
+                         f"choose one of {calibratable}")
+    best_possible = model.num_layers / model.exit_points[0]
+    if target_speedup is not None and not (0.0 < target_speedup <= best_possible):
+        raise ValueError(f"calibrate: target_speedup must be in (0, {best_possible:g}] for this model, "
+                         f"got {target_speedup}")
     if max_accuracy_drop is not None and not (0.0 <= max_accuracy_drop <= 1.0):
         raise ValueError(f"calibrate: max_accuracy_drop must be in [0, 1], got {max_accuracy_drop}")
     labels = torch.as_tensor(labels).long().cpu()
     if labels.shape[0] != input_ids.shape[0] or labels.shape[0] == 0:
         raise ValueError("calibrate: need one label per input row, and at least one row")
     z = collect_exit_logits(model, input_ids, attention_mask, token_type_ids, batch_size, progress)
-    layers, n = model.exit_layers, model.num_layers
     full_acc = float((z[-1].argmax(-1) == labels).float().mean())
 
     if criterion == "patience":
-        cands = [float(p) for p in range(len(layers))]
+        cands = [float(p) for p in range(len(model.exit_points))]
     else:
         e, b, c = z[:-1].shape
         # the scores as the engine's rule computes them (float32), then thresholds between them
         score = exit_head_reference(z[:-1].reshape(e * b, c), torch.eye(c), torch.zeros(c),
                                     criterion=criterion).score
-        cands = [0.0] + midpoint_thresholds(score, candidates) + [float("inf")]
+        lo, hi = model.threshold_bounds(criterion)
+        cands = [lo] + [t for t in midpoint_thresholds(score, candidates) if lo < t < hi] + [hi]
     table = []
     for t in cands:
-        el, lg = simulate_exits(z, layers, n, criterion, t)
-        table.append((t, metrics.layer_speedup(el, n), float((lg.argmax(-1) == labels).float().mean())))
+        el, lg = model.simulate_exits(z, criterion, t)
+        table.append((t, model.layer_speedup(el), float((lg.argmax(-1) == labels).float().mean())))
     best = choose_threshold(table, full_acc, target_speedup, max_accuracy_drop, "calibrate")
     return CalibrationResult(criterion, best[0], best[1], best[2], full_acc, table)
 

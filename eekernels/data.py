@@ -26,7 +26,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["LABEL_COLUMNS", "TEXT_COLUMNS", "Encoded", "LabelledTexts", "encode", "read_examples"]
+__all__ = ["LABEL_COLUMNS", "TEXT_COLUMNS", "Encoded", "EncodedDataset", "LabelledTexts", "batches", "check_labels",
+           "collate_trimmed", "encode", "encode_quietly", "load_tokenizer", "max_length_for", "read_examples"]
 
 #: Label columns tried in order when none is given.
 LABEL_COLUMNS = ("label", "Quality", "gold_label", "labels")
@@ -336,3 +337,90 @@ def encode(tokenizer, examples: LabelledTexts, max_length: int = 128) -> Encoded
         warnings.warn(f"{examples.path or 'encode'}: {num_truncated} of {len(examples)} examples are longer than "
                       f"{max_length} tokens and were truncated", UserWarning, stacklevel=2)
     return out
+
+
+# ---------------------------------------------------------------------- batching
+class EncodedDataset:
+    """An :class:`Encoded` set as a map-style dataset of dict rows (what HF ``Trainer`` takes)."""
+
+    def __init__(self, enc: Encoded):
+        self.enc = enc
+        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in enc]
+
+    def __len__(self):
+        return self.enc["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: self.enc[k][i] for k in self.keys}
+
+
+def collate_trimmed(rows):
+    """Stack dict rows, then cut the padding columns no row in the batch uses (dynamic padding)."""
+    import torch
+
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    width = max(int(batch["attention_mask"].sum(dim=1).max()), 1)
+    for k in ("input_ids", "attention_mask", "token_type_ids"):
+        if k in batch:
+            batch[k] = batch[k][:, :width]
+    return batch
+
+
+def batches(enc: Encoded, batch_size: int, device=None):
+    """(input_ids, attention_mask, token_type_ids) per batch of ``batch_size`` rows in order,
+    on ``device``, each trimmed to its own longest row (dynamic padding)."""
+    n = enc["input_ids"].shape[0]
+    out = []
+    for s in range(0, n, batch_size):
+        mask = enc["attention_mask"][s:s + batch_size]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        ids = enc["input_ids"][s:s + batch_size, :width].to(device)
+        tt = enc.get("token_type_ids")
+        tt = None if tt is None else tt[s:s + batch_size, :width].to(device)
+        out.append((ids, mask[:, :width].to(device), tt))
+    return out
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in a local model directory (offline), or a ValueError saying what is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError, ...
+        raise ValueError(f"could not load a tokenizer from {path} (it needs vocab.txt / tokenizer.json and "
+                         f"tokenizer_config.json): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def max_length_for(config, requested: int, log=print) -> int:
+    """``requested``, capped by what the model's position embeddings allow."""
+    if requested < 2:
+        raise ValueError(f"--max-length must be >= 2, got {requested}")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is None:
+        return requested
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        max_pos -= (getattr(config, "pad_token_id", 1) or 0) + 1  # positions start after the padding index
+    if requested > max_pos:
+        log(f"note: --max-length {requested} exceeds the model's {max_pos} positions; using {max_pos}")
+        return max_pos
+    return requested
+
+
+def encode_quietly(tokenizer, examples: LabelledTexts, max_length: int, what: str, log=print) -> Encoded:
+    """:func:`encode` with its truncation warning turned into one ``log`` line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        enc = encode(tokenizer, examples, max_length=max_length)
+    if enc.num_truncated:
+        log(f"{what}: {enc.num_truncated} of {len(examples)} examples truncated to {max_length} tokens")
+    return enc
+
+
+def check_labels(labels, num_labels: int, path: str, names: Optional[List[str]] = None) -> None:
+    """A ValueError when a label is outside the model's classes."""
+    bad = sorted({int(x) for x in labels if not 0 <= int(x) < num_labels})
+    if bad:
+        known = f" ({', '.join(names)})" if names else ""
+        raise ValueError(f"{path}: label(s) {bad[:10]} are outside the model's {num_labels} classes "
+                         f"0..{num_labels - 1}{known}")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import eekernels
+
+#: The real task data (GLUE, IMDb) beside the checkout; tests that read it skip without it.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -1,10 +1,14 @@
-"""Batched early-exit inference: the row-compacting engine (``batched``), the fixed-capacity
-engine with device-side decisions (``graphed``), MPEE's token-pruning engine (``mpee``) and
-HashEE's token-exit engine (``tokens``)."""
+"""Batched early-exit inference: the one layer loop (:mod:`~eekernels.engine.loop`) and what
+plugs into it: executors (what runs a layer), exit rules (what decides), placements (what
+leaving means: row compaction, fixed capacity), the CUDA-graph capture, and the
+token-level executors of HashEE and MPEE."""
 
-from .batched import EarlyExitOutput, ExitDecision, ExitHeadRule, ExitRule, early_exit_forward
-from .graphed import fixed_capacity_forward, row_buckets
-from .mpee import TokenExitOutput, TokenPruning, token_pruning_forward
+from .executors import EXECUTORS, HFExecutor, LayerExecutor, PartsExecutor, register_executor
+from .fixed import FixedCapacity, row_buckets
+from .loop import EarlyExitOutput, RowCompaction, run_early_exit
+from .rows import Rows
+from .rules import ExitDecision, ExitHeadRule, ExitRule
 
-__all__ = ["EarlyExitOutput", "ExitDecision", "ExitHeadRule", "ExitRule", "TokenExitOutput", "TokenPruning",
-           "early_exit_forward", "fixed_capacity_forward", "row_buckets", "token_pruning_forward"]
+__all__ = ["EXECUTORS", "EarlyExitOutput", "ExitDecision", "ExitHeadRule", "ExitRule", "FixedCapacity", "HFExecutor",
+           "LayerExecutor", "PartsExecutor", "RowCompaction", "Rows", "register_executor", "row_buckets",
+           "run_early_exit"]

@@ -6,11 +6,11 @@ Two implementations of the same math:
 - :func:`token_exit_masked`, the reference and the training path: every layer runs on
   every token (full compute, differentiable); after layer l the states of the tokens that
   exited before l are put back (``Copy`` of eq. 5).
-- :func:`token_exit_packed`, inference: per layer, keys and values come from all tokens
-  (eq. 1, ``H^l W_K``, ``H^l W_V``), while queries, attention output and FFN run on the
-  active tokens only (eq. 1-4 with ``h^l``), and the results are written back (eq. 5).
+- :class:`TokenExitExecutor`, inference on the layer loop: per layer, keys and values come
+  from all tokens, while queries, attention output and FFN run on the active tokens only,
+  and the results are written back.
 
-:func:`token_exit_packed` has two layouts:
+:class:`TokenExitExecutor` has two layouts:
 
 - ``"sorted"`` (default): the exit layers are known before the first layer runs, so the
   tokens of each sample are permuted once by exit layer (latest first, padding last). The
@@ -31,9 +31,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from ..ops import pack_tokens_padded, scatter_tokens
+from .executors import PartsExecutor
+from .rows import Rows
 
-__all__ = ["LAYOUTS", "TokenExitPlan", "active_token_counts", "plan_token_exit", "token_exit_masked",
-           "token_exit_packed"]
+__all__ = ["LAYOUTS", "TokenExitExecutor", "TokenExitPlan", "active_token_counts", "plan_token_exit",
+           "token_exit_masked"]
 
 LAYOUTS = ("sorted", "pack")
 
@@ -120,61 +122,88 @@ def plan_token_exit(token_exit: torch.Tensor, valid: Optional[torch.Tensor], num
     return TokenExitPlan(order, counts, host[:num_layers], host[num_layers:2 * num_layers], key_len, key_valid)
 
 
-def token_exit_packed(parts: Sequence, hidden: torch.Tensor, token_exit: torch.Tensor,
-                      valid: Optional[torch.Tensor] = None, *, layout: str = "sorted",
-                      backend: Optional[str] = None) -> torch.Tensor:
-    """Inference with token packing: queries, attention output and FFN on active tokens only.
+class TokenExitExecutor(PartsExecutor):
+    """Token-level exit as a layer executor: per layer, keys and values come from all tokens
+    (eq. 1, ``H^l W_K``, ``H^l W_V``), while queries, attention output and FFN run on the
+    tokens still active (eq. 1-4 with ``h^l``), and exited tokens keep their state (eq. 5).
 
     Args:
-        parts: one :class:`~eekernels.models.layer_parts.LayerParts` per layer.
-        hidden: [B, S, H] layer-1 input (embeddings); not modified.
-        token_exit: int [B, S] 1-based exit layer of each token (<= len(parts) computes
-            that many layers; larger values mean full depth).
-        valid: bool [B, S], False for padding (never computed, never a key), or None.
-        layout: "sorted" (default, no per-layer gather/scatter) or "pack" (the token ops).
-        backend: backend of the token ops (layout "pack").
+        adapter: the encoder's adapter.
+        token_exit: ``f(input_ids) -> int [B, S]``, each token's 1-based exit layer (values
+            beyond the depth mean full depth).
+        layout: "sorted" (default: tokens permuted once by exit layer, no per-layer gather or
+            scatter) or "pack" (:func:`eekernels.ops.pack_tokens_padded` /
+            :func:`eekernels.ops.scatter_tokens` per layer, one sync per layer).
+        parts: the encoder's :class:`~eekernels.hf.layer_parts.LayerParts` (default: built).
 
-    Returns [B, S, H] in input order: each real token's state after its exit layer. Padding
-    positions hold unspecified values. Run under ``torch.no_grad()`` (the training path is
-    :func:`token_exit_masked`).
+    After the last layer the states are back in input order. Reports ``active_tokens``
+    (int64 [B, L], the real tokens of each sample computing each layer) in the extras.
+    No sample leaves early: the rows are never compacted while tokens are permuted.
     """
-    _check_inputs(hidden, token_exit, valid, "token_exit_packed")
-    if layout not in LAYOUTS:
-        raise ValueError(f"token_exit_packed: layout must be one of {LAYOUTS}, got {layout!r}")
-    n_layers = len(parts)
-    b, s, hdim = hidden.shape
-    if layout == "pack":
-        h = hidden.contiguous().clone()
-        kv_valid = None if valid is None or bool(valid.all()) else valid
-        for i, p in enumerate(parts):
-            active = token_exit >= i + 1
-            if valid is not None:
-                active = active & valid
-            packed = pack_tokens_padded(h, active, backend=backend)
-            if packed.values.shape[1] == 0:
-                break  # no token computes this layer (nor any later one)
-            k, v = p.keys_values(h)  # eq. 1: K, V from every token's current state
-            out = p.output(p.attention(p.queries(packed.values), k, v, kv_valid), packed.values)  # eq. 1-4
-            scatter_tokens(h, packed.index, out.contiguous(), backend=backend)  # eq. 5
-        return h
 
-    plan = plan_token_exit(token_exit, valid, n_layers)
-    idx = plan.order[..., None].expand(b, s, hdim)
-    h = torch.gather(hidden, 1, idx)  # slot order: exit layer descending, padding last
-    kl = plan.key_len
-    slots = torch.arange(max(plan.max_active + [0]), device=hidden.device)
-    for i, p in enumerate(parts):
+    name = "tokens"
+
+    def __init__(self, adapter, token_exit: Callable[[torch.Tensor], torch.Tensor], layout: str = "sorted",
+                 parts=None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"token exit: layout must be one of {LAYOUTS}, got {layout!r}")
+        super().__init__(adapter, parts)
+        self.token_exit, self.layout = token_exit, layout
+
+    def start(self, input_ids, attention_mask, token_type_ids):
+        token_exit = self.token_exit(input_ids)  # first: it checks the ids against the table
+        rows = super().start(input_ids, attention_mask, token_type_ids)
+        rows.tensors["input_ids"] = input_ids
+        if attention_mask is not None:
+            rows.tensors["attention_mask"] = attention_mask
+        self.begin(rows, token_exit)
+        return rows
+
+    def begin(self, rows: Rows, token_exit: torch.Tensor) -> None:
+        """Set up the token exit of ``rows`` (embedded) for ``token_exit`` [B, S]."""
+        _check_inputs(rows.hidden, token_exit, rows.valid, "token exit")
+        b, s, hdim = rows.hidden.shape
+        rows.context["token_exit"] = token_exit
+        rows.context["active_tokens"] = active_token_counts(token_exit, rows.valid, self.num_layers)
+        if self.layout == "sorted":
+            plan = plan_token_exit(token_exit, rows.valid, self.num_layers)
+            rows.context["plan"] = plan
+            rows.context["slots"] = torch.arange(max(plan.max_active + [0]), device=rows.hidden.device)
+            rows.hidden = torch.gather(rows.hidden, 1, plan.order[..., None].expand(b, s, hdim))  # slot order
+        else:
+            valid = rows.valid
+            rows.context["kv_valid"] = None if valid is None or bool(valid.all()) else valid
+            rows.hidden = rows.hidden.contiguous().clone()
+
+    def layer(self, step, rows):
+        p, i = self.parts[step - 1], step - 1
+        h = rows.hidden
+        if self.layout == "pack":
+            active = rows.context["token_exit"] >= step
+            if rows.valid is not None:
+                active = active & rows.valid
+            packed = pack_tokens_padded(h, active, backend=rows.context.get("backend"))
+            if packed.values.shape[1]:  # else no token computes this layer (nor any later one)
+                k, v = p.keys_values(h)  # eq. 1: K, V from every token's current state
+                out = p.output(p.attention(p.queries(packed.values), k, v, rows.context["kv_valid"]),
+                               packed.values)  # eq. 1-4
+                scatter_tokens(h, packed.index, out.contiguous(), backend=rows.context.get("backend"))  # eq. 5
+            return
+        plan = rows.context["plan"]
         m = plan.max_active[i]
-        if m == 0:
-            break  # active sets shrink with depth: nothing computes from here on
-        x_q = h[:, :m]  # active tokens are each sample's first counts[b, i] slots
-        k, v = p.keys_values(h[:, :kl])  # eq. 1: keys/values of every real token
-        out = p.output(p.attention(p.queries(x_q), k, v, plan.key_valid), x_q)  # eq. 1-4
-        if plan.min_active[i] == m:
-            h[:, :m] = out  # every slot < m is active in every sample
-        else:  # eq. 5: slots past a sample's own count keep their (exited) state
-            keep = (slots[:m][None, :] < plan.counts[:, i, None])[..., None]
-            h[:, :m] = torch.where(keep, out, x_q)
-    result = torch.empty_like(h)
-    result.scatter_(1, idx, h)  # back to input order
-    return result
+        if m > 0:  # active sets shrink with depth: once empty, nothing computes
+            x_q = h[:, :m]  # active tokens are each sample's first counts[b, i] slots
+            k, v = p.keys_values(h[:, :plan.key_len])  # eq. 1: keys/values of every real token
+            out = p.output(p.attention(p.queries(x_q), k, v, plan.key_valid), x_q)  # eq. 1-4
+            if plan.min_active[i] == m:
+                h[:, :m] = out  # every slot < m is active in every sample
+            else:  # eq. 5: slots past a sample's own count keep their (exited) state
+                keep = (rows.context["slots"][:m][None, :] < plan.counts[:, i, None])[..., None]
+                h[:, :m] = torch.where(keep, out, x_q)
+        if step == self.num_layers:  # back to input order for the model's head
+            result = torch.empty_like(h)
+            result.scatter_(1, plan.order[..., None].expand_as(h), h)
+            rows.hidden = result
+
+    def extras(self, rows):
+        return {"active_tokens": rows.context["active_tokens"].cpu()}

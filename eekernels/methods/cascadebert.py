@@ -6,12 +6,13 @@ M_1; an instance whose confidence c(x) = max_y Pr(y|x) (eq. 4) exceeds the thres
 is emitted; the others go on to M_2, and so on; M_n emits whatever reaches it.
 
 Unlike the public code (which runs every model on every input and routes afterwards, so
-it saves nothing), :meth:`CascadeModel.early_exit` really skips the work: each member runs
-on the rows still active only; its own head (pooler + classifier) and the exit decision go
-through the fused :func:`eekernels.ops.exit_head` op (criterion "max_prob"); the emitted
-rows are written to their batch positions with :func:`eekernels.ops.scatter_exits`; the
-rest (input ids, masks, batch positions) are compacted with
-:func:`eekernels.ops.compact_rows` before the next member runs.
+it saves nothing), :meth:`CascadeModel.early_exit` really skips the work: the layer loop
+runs the members in sequence on the rows still active only
+(:class:`~eekernels.engine.cascade.CascadeExecutor`); each member's own head (pooler +
+classifier) and the exit decision go through the fused :func:`eekernels.ops.exit_head`
+op (criterion "max_prob", :class:`CascadeRule`); the emitted rows are written to their
+batch positions and the rest (input ids, masks, batch positions) compacted before the
+next member runs.
 
 Speed-up (section 4.1): every layer run in every model tried counts. A sample that leaves
 the 2-layer model counts 2 layers; one that also runs the 12-layer model counts 2 + 12, so
@@ -30,70 +31,43 @@ a checkpoint's first k layers, and :meth:`CascadeModel.from_first_layers` makes 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
 from .. import metrics
-from ..engine.batched import EarlyExitOutput
-from ..models.backbones import adapter_for
-from ..ops import compact_rows, exit_head, scatter_exits
+from ..engine.cascade import CascadeExecutor
+from ..engine.rules import ExitDecision, ExitRule
+from ..hf.adapters import adapter_for
+from ..models.base import EarlyExitBase, EarlyExitTrainOutput
+from ..ops import exit_head
 
 __all__ = [
-    "CascadeExitOutput",
     "CascadeModel",
+    "CascadeRule",
     "CascadeTrainOutput",
-    "calibrate_cascade",
-    "cascade_exit_profile",
     "simulate_cascade",
     "truncate",
 ]
-
-_META_FILE = "cascade.json"
-_FORMAT = "eekernels-cascade/1"
 
 
 # --------------------------------------------------------------------------- outputs
 
 
 @dataclass
-class CascadeTrainOutput(ModelOutput):
-    """Output of :meth:`CascadeModel.forward`; a ``ModelOutput``, so HF ``Trainer`` reads it.
+class CascadeTrainOutput(EarlyExitTrainOutput):
+    """:class:`~eekernels.models.base.EarlyExitTrainOutput` of a cascade: ``exit_logits``
+    [M, B, C] are every member's logits, smallest first; ``loss`` the sum of the members'
+    task losses plus ``dar_weight`` times their DAR losses.
 
     Attributes:
-        loss: sum of the members' task losses plus ``dar_weight`` times their DAR losses
-            (None without labels).
-        logits: the largest member's logits [B, C].
-        member_logits: every member's logits [M, B, C], smallest first.
         dar_loss: the summed DAR loss (before the weight), or None without difficulty labels.
     """
 
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    member_logits: Optional[torch.Tensor] = None
     dar_loss: Optional[torch.Tensor] = None
-
-
-@dataclass
-class CascadeExitOutput(EarlyExitOutput):
-    """:class:`~eekernels.engine.batched.EarlyExitOutput` of a cascade.
-
-    ``exit_layer`` counts the layers run in every member tried (cumulative: 2 for the
-    2-layer member, 2 + 12 for the 12-layer one after it); ``layer_speedup`` is
-    cascadebert.txt section 4.1 and ``flops_speedup`` the largest member's FLOPs over the
-    FLOPs executed (each member tried: its layers and its head).
-
-    Extra attribute:
-        exit_member: int64 [B], 0-based index of the member each sample was emitted by.
-    """
-
-    exit_member: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------- section 5.4
@@ -153,7 +127,7 @@ def _strictly_above(tau: float) -> float:
     return float(torch.nextafter(t, torch.tensor(math.inf, dtype=torch.float32)))
 
 
-class CascadeModel(nn.Module):
+class CascadeModel(EarlyExitBase):
     """A cascade of complete HF sequence classifiers of growing depth (cascadebert.txt 3.1).
 
     Args:
@@ -166,7 +140,20 @@ class CascadeModel(nn.Module):
 
     The members stay ordinary HF models (``self.members[i]``), so each can be saved, loaded
     or evaluated on its own.
+
+    ``early_exit(..., threshold=tau)``: a sample is emitted by a member when its max class
+    probability is > tau (Algorithm 1); tau in [0, 1], 1 never fires (every sample goes to
+    the largest member), 0 emits everything from the smallest. ``exit_layer`` is
+    cumulative (2 for the 2-layer member, 2 + 12 for the 12-layer one after it);
+    ``extras["exit_member"]`` (int64 [B]) names the member each sample was emitted by; a
+    benchmark's ``exit_profile`` is in the units of ``exit_layer`` (pass ``exit_points[j]``
+    to force member j).
     """
+
+    method = "cascadebert"
+    criteria = ("max_prob",)
+    engines = ("rows",)
+    default_thresholds = {"max_prob": 1.0}
 
     # The loss is a per-batch mean: HF Trainer must scale it for gradient accumulation
     # itself rather than pass num_items_in_batch (which forward would ignore).
@@ -221,6 +208,53 @@ class CascadeModel(nn.Module):
     def config(self):
         """The largest member's config (HF ``Trainer`` reads a model's config)."""
         return self.members[-1].config
+
+    def hf_models(self) -> Dict[str, nn.Module]:
+        return {f"member_{j}": m for j, m in enumerate(self.members)}
+
+    def options(self):
+        return {"dar_weight": self.dar_weight, "confidence_margin": self.confidence_margin}
+
+    @classmethod
+    def from_hf_models(cls, hf_models, **options):
+        members = [hf_models[k] for k in sorted(hf_models, key=lambda k: int(k.rsplit("_", 1)[1]))]
+        return cls(members, **options)
+
+    def max_positions(self):
+        limits = [a.max_positions() for a in self._adapters if a.max_positions() is not None]
+        return min(limits) if limits else None
+
+    def check_rule(self, criterion, threshold):
+        if threshold is not None:
+            threshold = _check_threshold(threshold)  # tau in [0, 1]
+        return super().check_rule(criterion, threshold)
+
+    def threshold_bounds(self, criterion):
+        return 0.0, 1.0
+
+    # ------------------------------------------------------------------ inference seams
+    def exit_rule(self, criterion, threshold, backend):
+        return CascadeRule(self, threshold, backend)
+
+    def layer_executor(self, name, engine):
+        if name not in (None, "hf", "cascade"):
+            raise ValueError(f"early_exit: a cascade runs its members' HF layers, not executor {name!r}")
+        return CascadeExecutor(self._adapters)
+
+    def speedups(self, exit_layer, seq_len, extras):
+        """cascadebert.txt section 4.1 (every member tried counts) and the FLOPs of every
+        member tried; adds ``exit_member`` to the extras."""
+        member = torch.searchsorted(torch.tensor(self.exit_points), exit_layer)  # exit points strictly increase
+        extras["exit_member"] = member
+        shapes = [(a.num_layers, a.config.hidden_size, a.config.intermediate_size, self.num_labels)
+                  for a in self._adapters]
+        return self.layer_speedup(exit_layer), metrics.cascade_flops_speedup(member, seq_len, shapes)
+
+    def layer_speedup(self, exit_layer):
+        return metrics.cascade_layer_speedup(exit_layer, self.num_layers)
+
+    def simulate_exits(self, exit_logits, criterion, threshold):
+        return simulate_cascade(exit_logits, self.exit_points, threshold)
 
     @property
     def num_labels(self) -> int:
@@ -290,196 +324,25 @@ class CascadeModel(nn.Module):
                 dar = sum(terms)
                 if loss is not None:
                     loss = loss + self.dar_weight * dar
-        return CascadeTrainOutput(loss=loss, logits=member_logits[-1], member_logits=torch.stack(member_logits),
+        return CascadeTrainOutput(loss=loss, logits=member_logits[-1], exit_logits=torch.stack(member_logits),
                                   dar_loss=dar)
 
-    # ------------------------------------------------------------------ inference
-    def _member_forward(self, j: int, input_ids, attention_mask, token_type_ids):
-        """Member j's final hidden states [N, S, H] on the given rows (no head)."""
-        ad = self._adapters[j]
-        hidden = ad.embed(input_ids, token_type_ids)
-        mask = ad.attention_mask(attention_mask, hidden)
-        for i in range(ad.num_layers):
-            hidden = ad.layer(i)(hidden, mask)
-        return hidden
 
-    def early_exit(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                   token_type_ids: Optional[torch.Tensor] = None, *, threshold: float,
-                   backend: Optional[str] = None, exit_profile: Optional[torch.Tensor] = None) -> CascadeExitOutput:
-        """Batched cascade exiting (Algorithm 1) that computes each member on the active rows only.
+class CascadeRule(ExitRule):
+    """Algorithm 1's decision at the end of each member: emit when the member's own
+    confidence c(x) = max_y Pr(y|x) (eq. 4) is > tau; the largest member emits every row."""
 
-        Args:
-            input_ids: int64 [B, S].
-            attention_mask: [B, S] (1 = token, 0 = padding) or None.
-            token_type_ids: [B, S] or None.
-            threshold: tau in [0, 1]; a sample is emitted by a member when its max class
-                probability is > tau (Algorithm 1). tau = 1 never fires (every sample goes
-                to the largest member); tau = 0 emits everything from the smallest.
-            backend: the ops' backend (default: automatic).
-            exit_profile: for benchmarks, int [B] of cumulative layer budgets (the units of
-                ``exit_layer``): row i is emitted by the first member whose cumulative depth
-                (``self.exit_points``) is >= exit_profile[i]. Every member's head still runs
-                on the rows that reach it; only its decision is replaced. To force member j
-                pass ``exit_points[j]``.
+    def __init__(self, model: CascadeModel, tau: float, backend: Optional[str] = None):
+        self.model, self.backend = model, backend
+        self.threshold = _strictly_above(tau)  # the op's max_prob rule is >=: the next float32 above tau
 
-        Returns:
-            :class:`CascadeExitOutput` (an ``EarlyExitOutput``): logits, cumulative
-            ``exit_layer``, pred, layer/FLOPs speed-ups, ``layers_run``, ``exit_member``.
-        """
-        tau = _check_threshold(threshold)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"early_exit: input_ids must be a [B, S] tensor, got "
-                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
-        b, s = input_ids.shape
-        if b == 0:
-            raise ValueError("early_exit: empty batch")
-        for j, member in enumerate(self.members):
-            max_pos = getattr(member.config, "max_position_embeddings", None)
-            if max_pos is not None and s > max_pos:
-                raise ValueError(f"early_exit: sequence length {s} exceeds member {j}'s max_position_embeddings "
-                                 f"{max_pos}; truncate the input")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if t is not None and tuple(t.shape) != (b, s):
-                raise ValueError(f"early_exit: {name} must be [{b}, {s}], got {tuple(t.shape)}")
-        if exit_profile is not None and tuple(torch.as_tensor(exit_profile).shape) != (b,):
-            raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(torch.as_tensor(exit_profile).shape)}")
-        thr_op = _strictly_above(tau)
-        dev = input_ids.device
-        points = self.exit_points
-        n_members = len(self.members)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                out_logits = torch.empty(b, self.num_labels, dtype=torch.float32, device=dev)
-                out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
-                # the per-row inputs that follow the active rows from member to member
-                rows = {"input_ids": input_ids, "batch_index": torch.arange(b, device=dev)}
-                if attention_mask is not None:
-                    rows["attention_mask"] = attention_mask
-                if token_type_ids is not None:
-                    rows["token_type_ids"] = token_type_ids
-                if exit_profile is not None:
-                    rows["forced"] = torch.as_tensor(exit_profile).to(device=dev, dtype=torch.int64)
-                layers_run = 0
-                for j in range(n_members):
-                    n_active = rows["input_ids"].shape[0]
-                    layers_run += n_active * self.member_layers[j]
-                    hidden = self._member_forward(j, rows["input_ids"], rows.get("attention_mask"),
-                                                  rows.get("token_type_ids"))
-                    head = self._adapters[j].final_head()
-                    # eq. 4 and Algorithm 1: c(x) = max_y Pr(y|x) from M_j's own head; exit if c(x) > tau
-                    dec = exit_head(hidden[:, 0], head.classifier.weight, head.classifier.bias,
-                                    pooler_weight=head.pooler.weight, pooler_bias=head.pooler.bias,
-                                    criterion="max_prob", threshold=thr_op, backend=backend)
-                    last = j == n_members - 1
-                    if last:
-                        emit = torch.ones_like(dec.exit)  # the largest member emits what reaches it
-                    elif "forced" in rows:
-                        emit = rows["forced"] <= points[j]
-                    else:
-                        emit = dec.exit
-                    scatter_exits(out_logits, out_layer, rows["batch_index"], emit, dec.logits, points[j],
-                                  backend=backend)
-                    if last:
-                        break
-                    packed = compact_rows(~emit, list(rows.values()), backend=backend)
-                    if packed.index.numel() == 0:
-                        break
-                    rows = dict(zip(rows, packed.tensors))
-        finally:
-            self.train(was_training)
-        el = out_layer.cpu()
-        member = torch.searchsorted(torch.tensor(points), el)  # exit points are strictly increasing
-        seq_len = attention_mask.sum(dim=1).cpu() if attention_mask is not None else torch.full((b,), s)
-        shapes = [(a.num_layers, a.config.hidden_size, a.config.intermediate_size, self.num_labels)
-                  for a in self._adapters]
-        return CascadeExitOutput(
-            logits=out_logits,
-            exit_layer=out_layer,
-            pred=out_logits.argmax(dim=1),
-            layer_speedup=metrics.cascade_layer_speedup(el, self.num_layers),
-            flops_speedup=metrics.cascade_flops_speedup(member, seq_len, shapes),
-            layers_run=layers_run,
-            exit_member=member.to(dev),
-        )
-
-    @torch.no_grad()
-    def member_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                      token_type_ids: Optional[torch.Tensor] = None, batch_size: int = 64,
-                      progress: bool = False) -> torch.Tensor:
-        """Every member's float32 logits [M, B, C] on a data set (eval mode, no exits): what
-        calibration replays Algorithm 1 on."""
-        from tqdm import tqdm
-
-        was = self.training
-        self.eval()
-        chunks = []
-        try:
-            for st in tqdm(range(0, input_ids.shape[0], batch_size), desc="cascade forward", disable=not progress):
-                sl = slice(st, st + batch_size)
-                out = self(input_ids[sl], None if attention_mask is None else attention_mask[sl],
-                           None if token_type_ids is None else token_type_ids[sl])
-                chunks.append(out.member_logits.float().cpu())
-        finally:
-            self.train(was)
-        return torch.cat(chunks, dim=1)
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str) -> None:
-        """One subfolder per member (``member_0`` smallest, HF format) plus ``cascade.json``."""
-        os.makedirs(path, exist_ok=True)
-        names = []
-        for j, member in enumerate(self.members):
-            name = f"member_{j}"
-            member.save_pretrained(os.path.join(path, name))
-            names.append(name)
-        with open(os.path.join(path, _META_FILE), "w") as f:
-            json.dump({"format": _FORMAT, "members": names, "member_layers": self.member_layers,
-                       "dar_weight": self.dar_weight, "confidence_margin": self.confidence_margin}, f, indent=1)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **hf_kwargs) -> "CascadeModel":
-        """Load what :meth:`save_pretrained` wrote (local path; ``hf_kwargs`` go to every
-        member's ``AutoModelForSequenceClassification.from_pretrained``)."""
-        from transformers import AutoModelForSequenceClassification
-
-        meta_path = os.path.join(path, _META_FILE)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} holds no {_META_FILE}: not saved by CascadeModel.save_pretrained")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {_FORMAT!r}")
-        members = [AutoModelForSequenceClassification.from_pretrained(os.path.join(path, name), **hf_kwargs)
-                   for name in meta["members"]]
-        model = cls(members, dar_weight=meta["dar_weight"], confidence_margin=meta["confidence_margin"])
-        if model.member_layers != meta["member_layers"]:
-            raise ValueError(f"{meta_path}: members have {model.member_layers} layers, json says {meta['member_layers']}")
-        return model.eval()
-
-
-# --------------------------------------------------------------------------- benchmark profiles
-
-
-def cascade_exit_profile(batch: int, exit_points: Sequence[int], fractions: Sequence[float]) -> torch.Tensor:
-    """An ``exit_profile`` [B] for :meth:`CascadeModel.early_exit` (benchmarks).
-
-    ``fractions[j]`` is the share of the batch emitted by member j (one entry per member but
-    the last, which takes the rest; their sum must be <= 1). Row i takes the quantile
-    (i + 0.5) / B, so every batch size gets the same distribution (as the single-model
-    profiles of the e2e benchmark). Returns the cumulative layer budgets ``exit_points[j]``.
-    """
-    pts = list(exit_points)
-    fr = [float(f) for f in fractions]
-    if batch < 1:
-        raise ValueError(f"cascade_exit_profile: batch must be >= 1, got {batch}")
-    if len(fr) != len(pts) - 1 or any(not (0.0 <= f <= 1.0) for f in fr) or sum(fr) > 1.0 + 1e-12:
-        raise ValueError(f"cascade_exit_profile: need {len(pts) - 1} fractions in [0, 1] summing to <= 1, got {fractions}")
-    edges = torch.tensor(fr, dtype=torch.float64).cumsum(0)
-    q = (torch.arange(batch, dtype=torch.float64) + 0.5) / batch
-    member = torch.searchsorted(edges, q, right=True)  # rows with q < edges[0] -> member 0, ...
-    return torch.tensor(pts, dtype=torch.long)[member]
+    def decide(self, step, rows):
+        j = self.model.exit_points.index(step)
+        head = self.model._adapters[j].final_head()
+        out = exit_head(rows.hidden[:, 0], head.classifier.weight, head.classifier.bias,
+                        pooler_weight=head.pooler.weight, pooler_bias=head.pooler.bias,
+                        criterion="max_prob", threshold=self.threshold, backend=self.backend)
+        return ExitDecision(out.logits, out.exit, {})
 
 
 # --------------------------------------------------------------------------- calibration
@@ -503,40 +366,3 @@ def simulate_cascade(member_logits: torch.Tensor, exit_points: Sequence[int], th
     out_layer = torch.tensor(list(exit_points), dtype=torch.long)[first]
     out_logits = member_logits[first, torch.arange(b)]
     return out_layer, out_logits
-
-
-def calibrate_cascade(model: CascadeModel, input_ids, labels, attention_mask=None, token_type_ids=None, *,
-                      target_speedup: Optional[float] = None, max_accuracy_drop: Optional[float] = None,
-                      batch_size: int = 64, candidates: int = 200, progress: bool = True):
-    """Pick tau on a labelled dev set, like :func:`eekernels.calibration.calibrate` for one model.
-
-    Exactly one of:
-        target_speedup: the most accurate tau whose cascade layer speed-up (section 4.1) is >= this.
-        max_accuracy_drop: the fastest tau whose accuracy is >= the largest member's - this.
-
-    Returns an :class:`eekernels.calibration.CalibrationResult` (criterion "max_prob").
-    """
-    from ..calibration import CalibrationResult, choose_threshold, midpoint_thresholds
-
-    if (target_speedup is None) == (max_accuracy_drop is None):
-        raise ValueError("calibrate_cascade: give exactly one of target_speedup and max_accuracy_drop")
-    best_possible = model.num_layers / model.member_layers[0]
-    if target_speedup is not None and not (0 < target_speedup <= best_possible):
-        raise ValueError(f"calibrate_cascade: target_speedup must be in (0, {best_possible:g}], got {target_speedup}")
-    if max_accuracy_drop is not None and not (0.0 <= max_accuracy_drop <= 1.0):
-        raise ValueError(f"calibrate_cascade: max_accuracy_drop must be in [0, 1], got {max_accuracy_drop}")
-    labels = torch.as_tensor(labels).long().cpu()
-    if labels.shape[0] != input_ids.shape[0] or labels.shape[0] == 0:
-        raise ValueError("calibrate_cascade: need one label per input row, and at least one row")
-    z = model.member_logits(input_ids, attention_mask, token_type_ids, batch_size, progress)
-    points, n = model.exit_points, model.num_layers
-    full_acc = float((z[-1].argmax(-1) == labels).float().mean())
-    conf_all = z.softmax(-1).max(-1).values  # [M, B] float32
-    # thresholds between neighbouring distinct confidences, never on a sample's own (rule: c > tau)
-    cands = sorted({0.0, 1.0} | set(midpoint_thresholds(conf_all[:-1], candidates)))
-    table = []
-    for t in cands:
-        el, lg = simulate_cascade(z, points, t, conf_all)
-        table.append((t, metrics.cascade_layer_speedup(el, n), float((lg.argmax(-1) == labels).float().mean())))
-    best = choose_threshold(table, full_acc, target_speedup, max_accuracy_drop, "calibrate_cascade")
-    return CalibrationResult("max_prob", best[0], best[1], best[2], full_acc, table)

@@ -18,31 +18,26 @@ The schedule that drives the phases is :func:`eekernels.training.consistentee.tr
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
-from ..engine.batched import EarlyExitOutput, ExitDecision, ExitRule, early_exit_forward
-from ..models.early_exit import _HEADS_FILE, _META_FILE, EarlyExitModel, convert
+from ..engine.rules import ExitDecision, ExitHeadRule, ExitRule, head_exit
+from ..models.base import EarlyExitTrainOutput
+from ..models.early_exit import EarlyExitModel, convert
 from ..nn.policy import PolicyNet
-from ..ops import exit_head
 from ..training import consistentee as ctrain
 
 __all__ = ["ConsistentEEModel", "ConsistentEEOutput", "ConsistentEERule", "PHASES"]
 
 PHASES = ("init", "policy", "classifier")
 CLASSIFIER_ACTIONS = ("sample", "greedy")
-_POLICY_FILE = "policy_nets.safetensors"
-_FORMAT = "eekernels-consistentee/1"
 
 
 @dataclass
-class ConsistentEEOutput(ModelOutput):
+class ConsistentEEOutput(EarlyExitTrainOutput):
     """Output of :meth:`ConsistentEEModel.forward` in the "policy" and "classifier" phases.
 
     Attributes:
@@ -57,9 +52,6 @@ class ConsistentEEOutput(ModelOutput):
         reward: [K, B] rewards of the sampled trajectories ("policy" only).
     """
 
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    exit_logits: Optional[torch.Tensor] = None
     exit_layer: Optional[torch.Tensor] = None
     reward: Optional[torch.Tensor] = None
 
@@ -84,6 +76,9 @@ class ConsistentEEModel(EarlyExitModel):
             "sample" (one trajectory drawn from pi, as eq. 6 reads) or "greedy" (pi > 0.5,
             the inference rule).
     """
+
+    method = "consistentee"
+    criteria = ("policy", "entropy", "max_prob", "patience")
 
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None, init: str = "copy",
                  loss_weighting: str = "weighted", *, policy_hidden: int = 32, reward: str = "hardness",
@@ -136,6 +131,15 @@ class ConsistentEEModel(EarlyExitModel):
         out.heads.load_state_dict(model.heads.state_dict())
         return out.train(model.hf.training)  # keep the HF model's mode (eval stays eval)
 
+    def options(self):
+        return dict(super().options(), policy_hidden=self.policy_hidden, reward=self.reward, alpha=self.alpha,
+                    num_samples=self.num_samples, epsilon=self.epsilon, classifier_actions=self.classifier_actions)
+
+    def exit_rule(self, criterion, threshold, backend):
+        if criterion != "policy":  # the classic rules on the same heads
+            return ExitHeadRule(self, criterion, threshold, backend)
+        return ConsistentEERule(self, threshold=threshold, backend=backend)
+
     def policy(self, layer: int) -> PolicyNet:
         """The policy net of the internal exit after ``layer`` (1-based)."""
         if str(layer) not in self.policies:
@@ -172,9 +176,8 @@ class ConsistentEEModel(EarlyExitModel):
         return torch.tanh(self.head(layer).pooler(cls))
 
     def _head_logits(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
-        head = self.heads[str(layer)] if layer != self.num_layers else None
-        drop = head.dropout if head is not None else self._final_dropout
-        return self.head(layer).classifier(drop(pooled))
+        head = self.head(layer)
+        return head.classifier(head.dropout(pooled))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
@@ -200,7 +203,7 @@ class ConsistentEEModel(EarlyExitModel):
 
     @contextlib.contextmanager
     def _frozen_eval(self):
-        modes = [(m, m.training) for m in (self.hf, self.heads, self._final_dropout)]
+        modes = [(m, m.training) for m in (self.hf, self.heads)]
         try:
             for m, _ in modes:
                 m.eval()
@@ -289,69 +292,9 @@ class ConsistentEEModel(EarlyExitModel):
             loss = nn.functional.cross_entropy(out_logits, labels.long())  # eq. 6: only the exit layer
         return ConsistentEEOutput(loss=loss, logits=out_logits, exit_layer=exit_layer)
 
-    # ------------------------------------------------------------------ inference
-    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion: str = "policy",
-                   threshold: float = 0.5, backend: Optional[str] = None,
-                   exit_profile: Optional[torch.Tensor] = None) -> EarlyExitOutput:
-        """Batched early-exit inference: a row exits at the first internal exit where
-        pi(Exit) > ``threshold`` (0.5 in the paper; 1.0 never exits), else at the last layer.
-
-        ``criterion`` other than "policy" runs the classic rules of
-        :meth:`EarlyExitModel.early_exit` on the same heads. ``exit_profile`` is the
-        benchmark hook of :func:`eekernels.engine.early_exit_forward`.
-        """
-        if criterion != "policy":
-            return super().early_exit(input_ids, attention_mask, token_type_ids, criterion=criterion,
-                                      threshold=threshold, backend=backend, exit_profile=exit_profile)
-        rule = ConsistentEERule(self, threshold=threshold, backend=backend)
-        return early_exit_forward(self, input_ids, attention_mask, token_type_ids, backend=backend,
-                                  exit_profile=exit_profile, rule=rule)
-
-    # ------------------------------------------------------------------ persistence
-    def _settings(self) -> dict:
-        return {"policy_hidden": self.policy_hidden, "reward": self.reward, "alpha": self.alpha,
-                "num_samples": self.num_samples, "epsilon": self.epsilon,
-                "classifier_actions": self.classifier_actions}
-
-    def save_pretrained(self, path: str) -> None:
-        """Save as :class:`EarlyExitModel` does, plus the policy nets (``policy_nets.safetensors``
-        beside the heads) and the ConsistentEE settings in ``early_exit.json``."""
-        from safetensors.torch import save_file
-
-        super().save_pretrained(path)
-        save_file({k: v.contiguous() for k, v in self.policies.state_dict().items()}, os.path.join(path, _POLICY_FILE))
-        meta_path = os.path.join(path, _META_FILE)
-        with open(meta_path) as f:
-            meta = json.load(f)
-        meta.update(method="consistentee", consistentee_format=_FORMAT, consistentee=self._settings())
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=1)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **hf_kwargs) -> "ConsistentEEModel":
-        """Load what :meth:`save_pretrained` wrote (local path; no download)."""
-        from safetensors.torch import load_file
-        from transformers import AutoModelForSequenceClassification
-
-        meta_path = os.path.join(path, _META_FILE)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} holds no {_META_FILE}: not saved by ConsistentEEModel.save_pretrained")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("method") != "consistentee" or not os.path.isfile(os.path.join(path, _POLICY_FILE)):
-            raise ValueError(f"{path} is not a ConsistentEE checkpoint (no policy nets); "
-                             "load it with EarlyExitModel.from_pretrained or add policies with "
-                             "ConsistentEEModel.from_early_exit")
-        hf = AutoModelForSequenceClassification.from_pretrained(path, **hf_kwargs)
-        model = cls(hf, exit_layers=meta["exit_layers"], init="random", loss_weighting=meta["loss_weighting"],
-                    **meta["consistentee"])
-        model.heads.load_state_dict(load_file(os.path.join(path, _HEADS_FILE)))
-        model.policies.load_state_dict(load_file(os.path.join(path, _POLICY_FILE)))
-        return model.to(hf.device)
-
 
 class ConsistentEERule(ExitRule):
-    """ConsistentEE's exit rule for :func:`eekernels.engine.early_exit_forward`.
+    """ConsistentEE's exit rule on the layer loop (:mod:`eekernels.engine.loop`).
 
     At each internal exit one fused :func:`eekernels.ops.exit_head` call (``criterion="policy"``)
     gives the classifier logits and pi(Exit) from the same pooled state; the row exits
@@ -364,15 +307,12 @@ class ConsistentEERule(ExitRule):
             raise ValueError(f"ConsistentEE: threshold is a probability in [0, 1], got {threshold}")
         self.model, self.threshold, self.backend = model, t, backend
 
-    def decide(self, layer, hidden, state):
-        head = self.model.head(layer)
-        kw = dict(pooler_weight=head.pooler.weight, pooler_bias=head.pooler.bias, backend=self.backend)
-        if layer == self.model.num_layers:
-            out = exit_head(hidden[:, 0], head.classifier.weight, head.classifier.bias,
-                            criterion="entropy", threshold=0.0, **kw)  # logits only: the engine exits all
+    def decide(self, layer, rows):
+        if layer == self.model.num_layers:  # logits only: the loop exits every row here
+            out = head_exit(self.model, layer, rows, criterion="entropy", threshold=0.0, backend=self.backend)
         else:
             pn = self.model.policy(layer)
-            out = exit_head(hidden[:, 0], head.classifier.weight, head.classifier.bias, criterion="policy",
-                            threshold=self.threshold, policy_weight=pn.fc1.weight, policy_bias=pn.fc1.bias,
-                            policy_out_weight=pn.fc2.weight.view(-1), policy_out_bias=pn.fc2.bias, **kw)
+            out = head_exit(self.model, layer, rows, criterion="policy", threshold=self.threshold,
+                            backend=self.backend, policy_weight=pn.fc1.weight, policy_bias=pn.fc1.bias,
+                            policy_out_weight=pn.fc2.weight.view(-1), policy_out_bias=pn.fc2.bias)
         return ExitDecision(out.logits, out.exit, {})

@@ -33,26 +33,22 @@ logits and memory like the other exits (the paper's uniform classifiers).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..engine.batched import ExitDecision, ExitRule
-from ..engine.mpee import TokenExitOutput, TokenPruning, class_attention_memory, token_pruning_forward
-from ..models.early_exit import EarlyExitModel, EarlyExitTrainOutput, convert
-from ..models.layer_parts import layer_parts
+from .. import metrics
+from ..engine.mpee import MPEEExecutor, TokenPruning, class_attention_memory
+from ..engine.rules import ExitDecision, ExitRule, head_exit
+from ..hf.layer_parts import layer_parts
+from ..models.base import EarlyExitTrainOutput
+from ..models.early_exit import EarlyExitModel, convert
 from ..nn.distillation import KD_DIRECTIONS, AttentionTeacher, mpee_loss
-from ..ops import exit_head, mpee_prune
+from ..ops import mpee_prune
 
-__all__ = ["MPEEExitRule", "MPEEModel", "MPEETrainOutput", "MPEE_META_FILE", "convert_mpee"]
-
-MPEE_META_FILE = "mpee.json"
-_MODULES_FILE = "mpee_modules.safetensors"
-_FORMAT = "eekernels-mpee/1"
+__all__ = ["MPEEExitRule", "MPEEModel", "MPEETrainOutput", "convert_mpee"]
 
 
 @dataclass
@@ -78,18 +74,14 @@ class MPEEExitRule(ExitRule):
                  backend: Optional[str] = None):
         self.model, self.criterion, self.threshold, self.backend = model, criterion, threshold, backend
 
-    def decide(self, layer, hidden, state):
+    def decide(self, layer, rows):
         m = self.model
-        head = m.head(layer)
+        state = rows.state
         mpee_head = m.is_mpee_exit(layer)
         memory = state.get("memory") if mpee_head else None
-        out = exit_head(
-            hidden[:, 0], head.classifier.weight, head.classifier.bias,
-            pooler_weight=head.pooler.weight, pooler_bias=head.pooler.bias,
-            tanh_logits=mpee_head, memory=memory, memory_lambda=m.lam if memory is not None else 1.0,
-            criterion=self.criterion, threshold=self.threshold,
-            prev_pred=state.get("prev_pred"), counter=state.get("counter"), backend=self.backend,
-        )
+        out = head_exit(m, layer, rows, criterion=self.criterion, threshold=self.threshold, backend=self.backend,
+                        tanh_logits=mpee_head, memory=memory, memory_lambda=m.lam if memory is not None else 1.0,
+                        prev_pred=state.get("prev_pred"), counter=state.get("counter"))
         new_state = {"memory": out.logits}  # C_zm of this exit: the next exit's memory
         if self.criterion == "patience":
             new_state.update(prev_pred=out.pred, counter=out.counter)
@@ -115,6 +107,9 @@ class MPEEModel(EarlyExitModel):
             HF head as it is).
         init: "copy" (internal heads start from the final head) or "random".
     """
+
+    method = "mpee"
+    engines = ("rows",)
 
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None,
                  prune_layers: Sequence[int] = (4, 7, 10), keep_ratio: float = 0.7, beta: float = 0.5,
@@ -172,18 +167,43 @@ class MPEEModel(EarlyExitModel):
                     beta=self.beta, lam=self.lam, temperature=self.temperature, kd_direction=self.kd_direction,
                     teacher_dim=self.teacher_dim, final_mpee_head=self.final_mpee_head)
 
+    # ------------------------------------------------------------------ inference seams
+    def exit_rule(self, criterion, threshold, backend):
+        return MPEEExitRule(self, criterion, threshold, backend)
+
+    def layer_executor(self, name, engine):
+        if name not in (None, "mpee"):
+            raise ValueError(f"early_exit: MPEE's token pruning runs on its own executor 'mpee', not {name!r}")
+        return MPEEExecutor(self.adapter, self.pruning, self._parts)
+
+    def speedups(self, exit_layer, seq_len, extras):
+        """Layer speed-up, and FLOPs speed-up counting each sample's shrinking sequence
+        (mpee.txt eq. 15), its exit heads, class attention and fusion."""
+        n, c = self.num_layers, self.num_labels
+        prune = set(self.pruning.active_layers(n))
+        last_memory_layer = max(prune) if prune else 0
+        tokens = metrics.mpee_token_counts(seq_len, n, prune, self.keep_ratio)
+        hsz, inter, _ = self.adapter.shape()
+        layer_ids = torch.arange(1, n + 1)
+        # class attention (q_cls . k, 2*n*H) up to the last pruning layer, fusion (2*n*H) at pruning layers
+        extra = 2.0 * tokens.double() * hsz * ((layer_ids <= last_memory_layer).double()
+                                                + torch.tensor([float(l in prune) for l in layer_ids.tolist()]))
+        flops = metrics.flops_speedup_tokens(exit_layer, tokens, seq_len, hsz, inter, c,
+                                             sorted(set(self.exit_layers) | {n}), extra_flops=extra)
+        return self.layer_speedup(exit_layer), flops
+
     # ------------------------------------------------------------------ training path
-    def _exit_logits(self, layer: int, cls: torch.Tensor, memory: Optional[torch.Tensor]):
+    def _exit_logits(self, layer: int, hidden: torch.Tensor, memory: Optional[torch.Tensor], input_ids,
+                     attention_mask):
         """(C_zm, next memory) of the exit after ``layer`` (differentiable, float32)."""
         n = self.num_layers
         if layer == n:
-            f = self.adapter.final_head()
-            z = f.classifier(self._final_dropout(torch.tanh(f.pooler(cls)))).float()
+            z = self.final_logits(hidden, input_ids, attention_mask).float()
             if not self.final_mpee_head:
                 return z, memory
             z = torch.tanh(z)  # eq. 9
         else:
-            z = self.heads[str(layer)](cls).float()  # tanh inside (eq. 9)
+            z = self.heads[str(layer)](hidden[:, 0]).float()  # tanh inside (eq. 9)
         zm = z if memory is None else (1.0 - self.lam) * memory + self.lam * z  # eq. 10
         return zm, zm
 
@@ -214,7 +234,7 @@ class MPEEModel(EarlyExitModel):
             else:
                 hidden = p(hidden, key_valid)
             if layer in self.exit_layers:
-                z, cmem = self._exit_logits(layer, hidden[:, 0], cmem)
+                z, cmem = self._exit_logits(layer, hidden, cmem, input_ids, attention_mask)
                 exit_logits.append(z)
             record = None
             if trace is not None:
@@ -255,52 +275,6 @@ class MPEEModel(EarlyExitModel):
         with torch.no_grad():
             self._run(input_ids, attention_mask, token_type_ids, trace)
         return trace
-
-    # ------------------------------------------------------------------ inference
-    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion="entropy",
-                   threshold=0.0, backend=None, exit_profile=None) -> TokenExitOutput:
-        """Batched inference with both exits: rows leave at the first exit whose criterion
-        fires (entropy of softmax(C_zm) < ``threshold`` by default), tokens are pruned after
-        the pruning layers. ``exit_profile`` as in :func:`eekernels.engine.early_exit_forward`.
-        Returns :class:`~eekernels.engine.mpee.TokenExitOutput` (an ``EarlyExitOutput``);
-        its ``flops_speedup`` counts the shrinking sequence (mpee.txt eq. 15)."""
-        rule = MPEEExitRule(self, criterion, threshold, backend)
-        return token_pruning_forward(self, input_ids, attention_mask, token_type_ids, rule=rule,
-                                     pruning=self.pruning, backend=backend, exit_profile=exit_profile,
-                                     parts=self._parts)
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str) -> None:
-        """Save the HF model (its own format), the exit heads, the teacher and the options."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        self.hf.save_pretrained(path)
-        tensors = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
-        tensors.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, _MODULES_FILE))
-        with open(os.path.join(path, MPEE_META_FILE), "w") as f:
-            json.dump(dict(self.options(), format=_FORMAT), f, indent=1)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **hf_kwargs) -> "MPEEModel":
-        """Load what :meth:`save_pretrained` wrote (local path; no download)."""
-        from safetensors.torch import load_file
-        from transformers import AutoModelForSequenceClassification
-
-        meta_path = os.path.join(path, MPEE_META_FILE)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} holds no {MPEE_META_FILE}: not saved by MPEEModel.save_pretrained")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.pop("format", None) != _FORMAT:
-            raise ValueError(f"{meta_path}: unknown format (expected {_FORMAT!r})")
-        hf = AutoModelForSequenceClassification.from_pretrained(path, **hf_kwargs)
-        model = cls(hf, init="random", **meta)
-        state = load_file(os.path.join(path, _MODULES_FILE))
-        model.heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
-        model.teacher.load_state_dict({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
-        return model.to(hf.device)
 
 
 def convert_mpee(model: nn.Module, num_labels: Optional[int] = None, **options) -> MPEEModel:

@@ -31,7 +31,7 @@ baseline. So with exits disabled (entropy threshold 0) the prediction is exactly
 model's forward, and a fine-tuned Past-Future model is still a plain HF classifier when
 run in full.
 
-Inference (:class:`PastFutureRule`, run by :func:`eekernels.engine.early_exit_forward`)
+Inference (:class:`PastFutureRule`, on the layer loop :mod:`eekernels.engine.loop`)
 never redoes the past: the past pooling advances one layer at a time through its
 incremental form (running max / sum, one LSTM step, or the stack of past [CLS] states for
 attn / concat), kept per active row in the rule's state, which the engine compacts with
@@ -42,18 +42,15 @@ call of the fused :func:`eekernels.ops.exit_head`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
-from .. import metrics
-from ..engine.batched import EarlyExitOutput, ExitDecision, ExitRule, early_exit_forward
+from ..engine.rows import Rows
+from ..engine.rules import ExitDecision, ExitRule
+from ..models.base import EarlyExitTrainOutput
 from ..models.early_exit import EarlyExitModel
 from ..models.early_exit import convert as _convert_early_exit
 from ..nn.imitation import ImitationLearners, MergingGate, cosine_imitation_loss
@@ -76,27 +73,19 @@ BASELINES = ("voting", "ensemble")
 METHODS = STRATEGIES + BASELINES
 CRITERIA = ("entropy", "max_prob")
 
-_META_FILE = "past_future.json"
-_WEIGHTS_FILE = "past_future.safetensors"
-_FORMAT = "eekernels-past-future/1"
-
-
 @dataclass
-class PastFutureOutput(ModelOutput):
-    """Output of the full (training) forward; a ``ModelOutput`` for HF ``Trainer``.
+class PastFutureOutput(EarlyExitTrainOutput):
+    """:class:`~eekernels.models.base.EarlyExitTrainOutput` of the training forward.
+
+    ``loss`` is ``L = L_ce + L_cos`` (eq. 13), for the baselines L_ce alone; ``exit_logits``
+    [E, B, C] are at every exit what the exit rule predicts there (for voting: the vote
+    shares; for ensemble: log of the mean probabilities).
 
     Attributes:
-        loss: ``L = L_ce + L_cos`` (eq. 13); for the baselines, L_ce alone (None without labels).
-        logits: the last layer's logits [B, C] (the HF model's own head).
-        exit_logits: [E, B, C], at every exit layer what the exit rule predicts there
-            (for voting: the vote shares; for ensemble: log of the mean probabilities).
         ce_loss: L_ce, eq. 12.
         cos_loss: L_cos, eq. 5 (None for the baselines).
     """
 
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    exit_logits: Optional[torch.Tensor] = None
     ce_loss: Optional[torch.Tensor] = None
     cos_loss: Optional[torch.Tensor] = None
 
@@ -118,6 +107,9 @@ class PastFutureModel(EarlyExitModel):
     past, eq. 1), ``future_pool`` (G over the imitated future, eq. 6; its own weights),
     ``imitation`` (eq. 2) and ``gate`` (eq. 7-8).
     """
+
+    method = "past-future"
+    criteria = ("entropy", "max_prob")
 
     def __init__(self, hf_model: nn.Module, strategy: str = "concat", exit_layers: Optional[Sequence[int]] = None,
                  init: str = "copy"):
@@ -142,6 +134,12 @@ class PastFutureModel(EarlyExitModel):
             for m in (self.past_pool, self.future_pool, self.imitation, self.gate):
                 m.to(device=ref.device, dtype=ref.dtype)
 
+    def options(self):
+        return {"strategy": self.strategy, "exit_layers": self.exit_layers}
+
+    def exit_rule(self, criterion, threshold, backend):
+        return PastFutureRule(self, criterion=criterion, threshold=threshold, backend=backend)
+
     @property
     def is_baseline(self) -> bool:
         """True for the naive global strategies (voting, ensemble)."""
@@ -153,40 +151,20 @@ class PastFutureModel(EarlyExitModel):
             return []
         return [self.past_pool, self.future_pool, self.imitation, self.gate]
 
-    def set_training_stage(self, stage: str) -> None:
-        """As :meth:`EarlyExitModel.set_training_stage`; the Past-Future modules train with the heads."""
-        super().set_training_stage(stage)
-        for m in self.method_modules():
-            for p in m.parameters():
-                p.requires_grad_(stage != "final")
-
     # ------------------------------------------------------------------ training path
-    def _cls_states(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        ad = self.adapter
-        hidden = ad.embed(input_ids, token_type_ids)
-        mask = ad.attention_mask(attention_mask, hidden)
-        states = []
-        for i in range(self.num_layers):
-            hidden = ad.layer(i)(hidden, mask)
-            states.append(hidden[:, 0])
-        return torch.stack(states, dim=1)  # [B, n, H]: s_1..s_n
-
-    def _final_logits(self, s_n: torch.Tensor) -> torch.Tensor:
-        f = self.adapter.final_head()
-        return f.classifier(self._final_dropout(torch.tanh(f.pooler(s_n))))
-
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 **unused) -> PastFutureOutput:
         """Every layer and every exit (differentiable); with ``labels`` the loss of eq. 13."""
         if input_ids.dim() != 2:
             raise ValueError(f"PastFutureModel: input_ids must be [B, S], got {tuple(input_ids.shape)}")
-        states = self._cls_states(input_ids, attention_mask, token_type_ids)
-        n = self.num_layers
+        layer_states = self.layer_states(input_ids, attention_mask, token_type_ids)
+        states = torch.stack([h[:, 0] for h in layer_states], dim=1)  # [B, n, H]: s_1..s_n
+        final = self.final_logits(layer_states[-1], input_ids, attention_mask)
         internal = self.exit_layers[:-1]
         cos_loss = None
         if self.is_baseline:
-            own = [self.heads[str(i)](states[:, i - 1]) for i in internal] + [self._final_logits(states[:, n - 1])]
+            own = [self.heads[str(i)](states[:, i - 1]) for i in internal] + [final]
             loss_logits = own
             shown = self._combine_baseline(own)
         else:
@@ -198,7 +176,7 @@ class PastFutureModel(EarlyExitModel):
                 s_f = self.future_pool(approx[:, a, i - 1:])  # s^i_{i+1..n} -> s_f, eq. 6
                 z = self.gate(s_p, s_f)  # eq. 7-8
                 loss_logits.append(self.heads[str(i)](z))
-            loss_logits.append(self._final_logits(states[:, n - 1]))
+            loss_logits.append(final)
             shown = [z.float() for z in loss_logits]
             if labels is not None and self.training_stage != "final":
                 cos_loss = cosine_imitation_loss(states, approx, internal)
@@ -229,29 +207,6 @@ class PastFutureModel(EarlyExitModel):
         return out
 
     # ------------------------------------------------------------------ inference
-    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion: str = "entropy",
-                   threshold: float = 0.0, backend: Optional[str] = None,
-                   exit_profile: Optional[torch.Tensor] = None) -> EarlyExitOutput:
-        """Batched early-exit inference with :class:`PastFutureRule`.
-
-        Args:
-            criterion: "entropy" (the paper's, eq. 14: exit when the entropy of p_i is below
-                ``threshold``) or "max_prob".
-            threshold: the exit threshold (entropy 0: never exit before the last layer).
-            backend: the ops' backend (default automatic).
-            exit_profile: int [B] of 1-based layers for benchmarks, as in
-                :func:`eekernels.engine.early_exit_forward`.
-
-        Returns :class:`~eekernels.engine.batched.EarlyExitOutput`; its ``flops_speedup``
-        counts the Past-Future extras (pooling, imitation, gate) at every exit run.
-        """
-        rule = PastFutureRule(self, criterion=criterion, threshold=threshold, backend=backend)
-        out = early_exit_forward(self, input_ids, attention_mask, token_type_ids, backend=backend,
-                                 exit_profile=exit_profile, rule=rule)
-        b, s = input_ids.shape
-        seq_len = attention_mask.sum(dim=1).cpu() if attention_mask is not None else torch.full((b,), s)
-        return dataclasses.replace(out, flops_speedup=self.flops_speedup(out.exit_layer.cpu(), seq_len))
-
     def exit_extra_flops(self, layer: int) -> int:
         """FLOPs per sample that an exit at ``layer`` costs beyond the pooler + classifier
         (2 per multiply-add; elementwise ops counted once): the past pooling step, the
@@ -274,53 +229,6 @@ class PastFutureModel(EarlyExitModel):
             return 16 * h * h * (1 if incremental else k)  # lstm: input and recurrent gates
 
         return pool(layer, True) + 2 * f * h * h + pool(f, False) + 2 * h + 3 * h
-
-    def flops_speedup(self, exit_layer: torch.Tensor, seq_len: torch.Tensor) -> float:
-        """Full-model FLOPs over executed FLOPs, per sample, with the Past-Future exits'
-        extra cost (:meth:`exit_extra_flops`) counted at every exit a sample ran."""
-        cfg = self.config
-        e = torch.as_tensor(exit_layer, dtype=torch.float64)
-        per_layer = metrics.encoder_layer_flops(seq_len, cfg.hidden_size, cfg.intermediate_size)
-        head = metrics.exit_head_flops(cfg.hidden_size, self.num_labels)
-        exits = torch.tensor(self.exit_layers, dtype=torch.float64)
-        cost = torch.tensor([head + self.exit_extra_flops(l) for l in self.exit_layers], dtype=torch.float64)
-        heads_run = ((exits[None, :] <= e[:, None]).double() * cost[None, :]).sum(dim=1)
-        full = (self.num_layers * per_layer + head).sum()
-        return float(full / (e * per_layer + heads_run).sum())
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str) -> None:
-        """Save the HF model (its own format) plus the exit heads, Past-Future modules and settings."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        self.hf.save_pretrained(path)
-        extra = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("hf.")}
-        save_file(extra, os.path.join(path, _WEIGHTS_FILE))
-        with open(os.path.join(path, _META_FILE), "w") as f:
-            json.dump({"strategy": self.strategy, "exit_layers": self.exit_layers, "format": _FORMAT}, f, indent=1)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **hf_kwargs) -> "PastFutureModel":
-        """Load what :meth:`save_pretrained` wrote (local path; no download)."""
-        from safetensors.torch import load_file
-        from transformers import AutoModelForSequenceClassification
-
-        meta_path = os.path.join(path, _META_FILE)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} holds no {_META_FILE}: not saved by PastFutureModel.save_pretrained")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {_FORMAT!r}")
-        hf = AutoModelForSequenceClassification.from_pretrained(path, **hf_kwargs)
-        model = cls(hf, strategy=meta["strategy"], exit_layers=meta["exit_layers"], init="random")
-        state = load_file(os.path.join(path, _WEIGHTS_FILE), device=str(hf.device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("hf.")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: saved weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model.to(hf.device)
 
 
 class PastFutureRule(ExitRule):
@@ -358,33 +266,34 @@ class PastFutureRule(ExitRule):
         dtype = m.gate.ffn.weight.dtype
         return {f"past.{k}": v for k, v in m.past_pool.init_state(batch_size, device, dtype).items()}
 
-    def _update_past(self, layer: int, hidden: torch.Tensor, state) -> Dict[str, torch.Tensor]:
+    def _update_past(self, layer: int, rows: Rows) -> Dict[str, torch.Tensor]:
         pool = self.model.past_pool
-        past = {k[len("past."):]: v for k, v in state.items()}
+        past = {k[len("past."):]: v for k, v in rows.state.items()}
         if layer <= pool.max_states:  # later layers feed no internal exit
-            past = pool.update(past, hidden[:, 0], layer)
+            past = pool.update(past, rows.hidden[:, 0], layer)
         return past
 
-    def observe(self, layer, hidden, state):
+    def observe(self, layer, rows):
         if self.model.is_baseline:
-            return state
-        return {f"past.{k}": v for k, v in self._update_past(layer, hidden, state).items()}
+            return rows.state
+        return {f"past.{k}": v for k, v in self._update_past(layer, rows).items()}
 
     def _head(self, x: torch.Tensor, layer: int, criterion: str, threshold: float):
         head = self.model.head(layer)
         return exit_head(x, head.classifier.weight, head.classifier.bias, pooler_weight=head.pooler.weight,
                          pooler_bias=head.pooler.bias, criterion=criterion, threshold=threshold, backend=self.backend)
 
-    def decide(self, layer, hidden, state):
+    def decide(self, layer, rows):
         m = self.model
+        hidden = rows.hidden
         if layer == m.num_layers:  # the HF model's own head on its last [CLS] state
             out = self._head(hidden[:, 0], layer, self.criterion, self.threshold)
             return ExitDecision(out.logits, out.exit, {})
         if m.strategy == "voting":
-            return self._decide_voting(layer, hidden, state)
+            return self._decide_voting(layer, hidden, rows.state)
         if m.strategy == "ensemble":
-            return self._decide_ensemble(layer, hidden, state)
-        past = self._update_past(layer, hidden, state)
+            return self._decide_ensemble(layer, hidden, rows.state)
+        past = self._update_past(layer, rows)
         s_p = m.past_pool.read(past, layer)  # eq. 1, incrementally
         approx = m.imitation.future(hidden[:, 0], layer)  # eq. 2 for j = i+1..n: one matmul
         s_f = m.future_pool(approx)  # eq. 6
@@ -423,5 +332,5 @@ def convert(model: nn.Module, strategy: str = "concat", exit_layers: Optional[Se
     """
     if strategy not in METHODS:
         raise ValueError(f"convert: unknown strategy {strategy!r}; choose one of {METHODS}")
-    base = _convert_early_exit(model, exit_layers=exit_layers, num_labels=num_labels, init=init)
-    return PastFutureModel(base.hf, strategy=strategy, exit_layers=exit_layers, init=init)
+    return _convert_early_exit(model, exit_layers=exit_layers, num_labels=num_labels, init=init, cls=PastFutureModel,
+                               strategy=strategy)

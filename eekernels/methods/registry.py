@@ -1,51 +1,53 @@
-"""The early-exit methods by name, for the CLI (``eekernels train/eval --method NAME``).
+"""The early-exit methods by name: the one table the CLI, the training library and the
+recipes read (``eekernels train --method NAME``), so none of them branches on a method.
 
 Each :class:`MethodSpec` says how to build the method's model from an HF classifier, how
-to train it with HF ``Trainer`` (its own loop where the paper needs one), how to recognise
-and load a saved model, and which exit rules its inference takes. Method options come
-from the command line as ``--method-option key=value`` and are checked against the
-method's list, so a typo is an error, not an ignored setting.
+to train it with HF ``Trainer`` (its own schedule where the paper needs one) and which
+options it takes. Options come from the command line as ``--method-option key=value`` and
+are checked against the method's list, so a typo is an error, not an ignored setting.
+Saved models name their method in ``eekernels.json``; :func:`load_model` reads it back.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-__all__ = ["METHODS", "MethodSpec", "get_method", "load_model", "parse_options", "method_of_directory"]
+__all__ = ["METHODS", "MethodSpec", "get_method", "load_model", "parse_options"]
 
 
 @dataclass
 class MethodSpec:
-    """One method as the CLI drives it.
+    """One method as the CLI and the training library drive it.
 
     Attributes:
-        name: the ``--method`` name.
+        name: the ``--method`` name (the model class's ``method``).
         summary: one line for ``--help``.
+        model_class: "module:Class" of the method's :class:`~eekernels.models.base.EarlyExitBase`.
         options: option name -> (default, help); ``--method-option`` may set only these.
-        meta_file: the file ``save_pretrained`` writes that identifies the method's directory
-            (ConsistentEE: its policy weights, beside the plain model's ``early_exit.json``).
-        criteria: the exit rules ``eval --criterion`` may pick (first = default).
-        exits_per_layer: True when the model has per-layer exits (the exit-logit tools work:
-            per-exit dev accuracy, threshold calibration).
-        build: ``(hf_model, num_labels, exit_layers, options, corpus) -> model``; ``corpus`` is
-            the training data (:class:`eekernels.data.LabelledTexts`) and the tokenizer, for
+        build: ``(hf_model, exit_layers, options, corpus) -> model``; ``corpus`` is the
+            training data (:class:`eekernels.data.LabelledTexts`) and the tokenizer, for
             methods that build something from the corpus (HashEE's hash table).
-        train: ``(model, training_args, dataset, collate, options) -> {stage: mean loss}``.
-        load: ``(path) -> model``.
+        train: ``(model, training_args, dataset, collate, options, make_optimizer) ->
+            {stage: mean loss}``; ``make_optimizer(model)`` gives the optimizer with the
+            learning rates of the backbone and of the method's new parameters.
+        notes: lines for ``--method-option help=1``.
     """
 
     name: str
     summary: str
+    model_class: str
     options: Dict[str, Tuple[Any, str]]
-    meta_file: str
-    criteria: Tuple[str, ...]
-    exits_per_layer: bool
     build: Callable
     train: Callable
-    load: Callable
     notes: List[str] = field(default_factory=list)
+
+    @property
+    def model_cls(self):
+        """The model class (imported on first use)."""
+        mod, attr = self.model_class.split(":")
+        return getattr(importlib.import_module(mod), attr)
 
 
 def parse_options(spec: MethodSpec, items: Sequence[str]) -> Dict[str, Any]:
@@ -78,53 +80,64 @@ def parse_options(spec: MethodSpec, items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def _plain_trainer(model, targs, dataset, collate, callbacks=None, trainer_cls=None, **kwargs):
+def _trainer(model, targs, dataset, collate, make_optimizer, callbacks=None, trainer_cls=None, **kwargs):
+    """One HF ``Trainer`` run; returns its mean training loss."""
     import transformers
 
     cls = trainer_cls or transformers.Trainer
     trainer = cls(model=model, args=targs, train_dataset=dataset, data_collator=collate,
-                  callbacks=list(callbacks or []), **kwargs)
-    result = trainer.train()
-    return {"joint": float(result.training_loss)}
+                  callbacks=list(callbacks or []), optimizers=(make_optimizer(model), None), **kwargs)
+    return float(trainer.train().training_loss)
 
 
 # ---------------------------------------------------------------------- early-exit (DeeBERT, PABEE, Right-Tool)
-def _ee_build(hf, num_labels, exit_layers, options, corpus=None):
+def _ee_build(hf, exit_layers, options, corpus=None):
     from ..models import convert
 
     return convert(hf, exit_layers=exit_layers, loss_weighting=options["loss_weighting"])
 
 
-def _ee_load(path):
-    from ..models import EarlyExitModel
+def _ee_train(model, targs, dataset, collate, options, make_optimizer):
+    """Joint training, or DeeBERT's two stages (backbone + final head, then the internal
+    exits with the backbone frozen, started from the trained final head)."""
+    import torch
 
-    return EarlyExitModel.from_pretrained(path, local_files_only=True)
+    losses = {}
+    for stage in (["final", "internal"] if options["two_stage"] else ["joint"]):
+        if stage == "internal":
+            final = model.head(model.num_layers)
+            with torch.no_grad():
+                for h in model.heads.values():
+                    h.pooler.load_state_dict(final.pooler.state_dict())
+                    h.classifier.load_state_dict(final.classifier.state_dict())
+        model.set_training_stage(stage)
+        losses[stage] = _trainer(model, targs, dataset, collate, make_optimizer)
+    model.set_training_stage("joint")
+    return losses
+
+
+def _plain_train(model, targs, dataset, collate, options, make_optimizer):
+    return {"joint": _trainer(model, targs, dataset, collate, make_optimizer)}
 
 
 # ---------------------------------------------------------------------- past-future
-def _pf_build(hf, num_labels, exit_layers, options, corpus=None):
+def _pf_build(hf, exit_layers, options, corpus=None):
     from .past_future import convert
 
     return convert(hf, strategy=options["strategy"], exit_layers=exit_layers)
 
 
-def _pf_train(model, targs, dataset, collate, options):
+def _pf_train(model, targs, dataset, collate, options, make_optimizer):
     callbacks = []
     if options["layer_freezing"]:
         from ..training.past_future import LayerFreezingCallback
 
         callbacks.append(LayerFreezingCallback(seed=targs.seed))
-    return _plain_trainer(model, targs, dataset, collate, callbacks)
-
-
-def _pf_load(path):
-    from .past_future import PastFutureModel
-
-    return PastFutureModel.from_pretrained(path, local_files_only=True)
+    return {"joint": _trainer(model, targs, dataset, collate, make_optimizer, callbacks)}
 
 
 # ---------------------------------------------------------------------- consistentee
-def _cee_build(hf, num_labels, exit_layers, options, corpus=None):
+def _cee_build(hf, exit_layers, options, corpus=None):
     from .consistentee import ConsistentEEModel
 
     return ConsistentEEModel.from_hf(hf, exit_layers=exit_layers, reward=options["reward"], alpha=options["alpha"],
@@ -132,43 +145,33 @@ def _cee_build(hf, num_labels, exit_layers, options, corpus=None):
                                      policy_hidden=options["policy_hidden"])
 
 
-def _cee_train(model, targs, dataset, collate, options):
+def _cee_train(model, targs, dataset, collate, options, make_optimizer):
     from ..training.consistentee import train_consistentee
 
-    res = train_consistentee(model, dataset, targs, rounds=options["rounds"], data_collator=collate)
+    res = train_consistentee(model, dataset, targs, rounds=options["rounds"], data_collator=collate,
+                             make_optimizer=make_optimizer)
     model.set_phase("init")  # back to the all-exits forward that per-exit accuracy and calibration read
     losses = {}
     for ph in res.phases:
-        vals = list(ph.losses) if not isinstance(ph.losses, (int, float)) else [ph.losses]
-        if vals:
-            losses[f"round{ph.round}-{ph.phase}"] = float(sum(vals) / len(vals))
+        if ph.losses:
+            losses[f"round{ph.round}-{ph.phase}"] = float(sum(ph.losses) / len(ph.losses))
     return losses
 
 
-def _cee_load(path):
-    from .consistentee import ConsistentEEModel
-
-    return ConsistentEEModel.from_pretrained(path, local_files_only=True)
-
-
 # ---------------------------------------------------------------------- mpee
-def _mpee_build(hf, num_labels, exit_layers, options, corpus=None):
+def _mpee_build(hf, exit_layers, options, corpus=None):
     from .mpee import convert_mpee
 
     return convert_mpee(hf, exit_layers=exit_layers, prune_layers=options["prune_layers"],
                         keep_ratio=options["keep_ratio"], beta=options["beta"], lam=options["lam"])
 
 
-def _mpee_load(path):
-    from .mpee import MPEEModel
-
-    return MPEEModel.from_pretrained(path, local_files_only=True)
-
-
 # ---------------------------------------------------------------------- cascadebert
-def _cascade_build(hf, num_labels, exit_layers, options, corpus=None):
+def _cascade_build(hf, exit_layers, options, corpus=None):
     from .cascadebert import CascadeModel
 
+    if exit_layers is not None:
+        raise ValueError("cascadebert has no per-layer exits: --exit-layers does not apply (use small_layers)")
     small = options["small_layers"]
     if not small:
         raise ValueError("cascadebert needs small_layers, e.g. --method-option small_layers=2")
@@ -176,7 +179,7 @@ def _cascade_build(hf, num_labels, exit_layers, options, corpus=None):
                                           confidence_margin=options["confidence_margin"])
 
 
-def _cascade_train(model, targs, dataset, collate, options):
+def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
     import copy
 
     from ..training.cascadebert import DARTrainer, kfold_difficulty_labels
@@ -192,17 +195,12 @@ def _cascade_train(model, targs, dataset, collate, options):
                                                             use_cpu=targs.use_cpu),
                                          data_collator=collate)
         difficulty = labels.labels
-    return _plain_trainer(model, targs, dataset, collate, trainer_cls=DARTrainer, difficulty=difficulty)
-
-
-def _cascade_load(path):
-    from .cascadebert import CascadeModel
-
-    return CascadeModel.from_pretrained(path, local_files_only=True)
+    return {"joint": _trainer(model, targs, dataset, collate, make_optimizer, trainer_cls=DARTrainer,
+                              difficulty=difficulty)}
 
 
 # ---------------------------------------------------------------------- hashee
-def _hashee_build(hf, num_labels, exit_layers, options, corpus=None):
+def _hashee_build(hf, exit_layers, options, corpus=None):
     from ..nn.token_hash import build_hash_table
     from .hashee import HashEEModel
 
@@ -222,56 +220,55 @@ def _hashee_build(hf, num_labels, exit_layers, options, corpus=None):
     return HashEEModel(hf, table)
 
 
-def _hashee_load(path):
-    from .hashee import HashEEModel
-
-    return HashEEModel.from_pretrained(path, local_files_only=True)
-
-
 METHODS: Dict[str, MethodSpec] = {
     "early-exit": MethodSpec(
         "early-exit", "an exit head after every layer (DeeBERT entropy / Right-Tool max-prob / PABEE patience)",
-        {"loss_weighting": ("weighted", "weighted (w_i = i / sum j) or sum (DeeBERT)")},
-        "early_exit.json", ("entropy", "max_prob", "patience"), True, _ee_build,
-        lambda m, t, d, c, o: _plain_trainer(m, t, d, c), _ee_load),
+        "eekernels.models.early_exit:EarlyExitModel",
+        {"loss_weighting": ("weighted", "weighted (w_i = i / sum j) or sum (DeeBERT)"),
+         "two_stage": (False, "DeeBERT: backbone + final head first, then the internal exits, backbone frozen")},
+        _ee_build, _ee_train),
     "past-future": MethodSpec(
         "past-future", "Past-Future: pooled past states + imitated future states, merging gate (past-future.txt)",
+        "eekernels.methods.past_future:PastFutureModel",
         {"strategy": ("concat", "max | avg | attn | concat | lstm, or the baselines voting | ensemble"),
          "layer_freezing": (True, "freeze layer l with probability (L-l)/(L-1) each step (section 3.4)")},
-        "past_future.json", ("entropy", "max_prob"), True, _pf_build, _pf_train, _pf_load),
+        _pf_build, _pf_train),
     "consistentee": MethodSpec(
         "consistentee", "ConsistentEE: policy network per exit trained by policy gradient (consistentee.txt)",
+        "eekernels.methods.consistentee:ConsistentEEModel",
         {"reward": ("hardness", "hardness (eq. 4, memorized layer) or vanilla (eq. 3)"),
          "alpha": (0.1, "weight of the layer-cost term of the reward"),
          "num_samples": (8, "K trajectories per sample (repeated sampling)"),
          "epsilon": (0.05, "epsilon-greedy exploration (eq. 5)"),
          "policy_hidden": (32, "hidden size of the policy MLP"),
          "rounds": (2, "iterative training rounds (memorized layers, policy step, classifier step)")},
-        "policy_nets.safetensors", ("policy", "entropy", "max_prob", "patience"), True, _cee_build, _cee_train, _cee_load,
+        _cee_build, _cee_train,
         notes=["criterion policy: exit when p(exit) > threshold; the paper's threshold is 0.5"]),
     "mpee": MethodSpec(
         "mpee", "MPEE: token pruning by class-attention memory + layer exits with classifier memory (mpee.txt)",
+        "eekernels.methods.mpee:MPEEModel",
         {"prune_layers": ((4, 7, 10), "layers after which tokens are pruned (comma-separated)"),
          "keep_ratio": (0.7, "fraction of the non-[CLS] tokens kept at each pruning layer"),
          "beta": (0.5, "class-attention memory weight (eq. 6)"),
          "lam": (0.9, "classifier memory weight (eq. 10)")},
-        "mpee.json", ("entropy", "max_prob", "patience"), True, _mpee_build,
-        lambda m, t, d, c, o: _plain_trainer(m, t, d, c), _mpee_load),
+        _mpee_build, _plain_train),
     "cascadebert": MethodSpec(
         "cascadebert", "CascadeBERT: a cascade of complete models of growing depth (cascadebert.txt)",
+        "eekernels.methods.cascadebert:CascadeModel",
         {"small_layers": ((), "depths of the smaller members, cut from the model's first layers, e.g. 2 or 2,6"),
          "dar_weight": (0.5, "lambda of the difficulty-aware margin loss (eq. 5-6)"),
          "confidence_margin": (0.5, "epsilon of the margin loss"),
          "difficulty_folds": (0, "K of the K-fold difficulty labels (0: train without DAR)"),
          "difficulty_seeds": (2, "seeds per fold for the difficulty labels")},
-        "cascade.json", ("max_prob",), False, _cascade_build, _cascade_train, _cascade_load,
+        _cascade_build, _cascade_train,
         notes=["criterion max_prob: a member emits a sample once its max probability > threshold"]),
     "hashee": MethodSpec(
         "hashee", "HashEE: each token exits at the layer its id hashes to; no sample exits early (hashee.txt)",
+        "eekernels.methods.hashee:HashEEModel",
         {"hash": ("frequency", "random | random_inconsistent | frequency | mi | clustered"),
          "buckets": (0, "number of buckets B (0: one per layer)"),
          "seed": (0, "seed of the random hashes and of k-means")},
-        "hashee.json", (), False, _hashee_build, lambda m, t, d, c, o: _plain_trainer(m, t, d, c), _hashee_load,
+        _hashee_build, _plain_train,
         notes=["no exit threshold: every sample runs every layer, its tokens stop at their hashed layers"]),
 }
 
@@ -284,21 +281,9 @@ def get_method(name: str) -> MethodSpec:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
-def method_of_directory(path: str) -> Optional[MethodSpec]:
-    """The method whose ``save_pretrained`` wrote ``path`` (by its metadata file), or None.
-
-    Methods built on the plain early-exit model also write ``early_exit.json``, so the
-    more specific files are looked for first.
-    """
-    for spec in sorted(METHODS.values(), key=lambda s: s.name == "early-exit"):
-        if os.path.isfile(os.path.join(path, spec.meta_file)):
-            return spec
-    return None
-
-
-def load_model(path: str):
+def load_model(path: str, **hf_kwargs):
     """(model, spec) for a directory written by any method's ``save_pretrained``."""
-    spec = method_of_directory(path)
-    if spec is None:
-        raise FileNotFoundError(f"{path} holds no early-exit model of any method ({', '.join(sorted(METHODS))})")
-    return spec.load(path), spec
+    from ..models.base import read_config
+
+    spec = get_method(read_config(path)["method"])
+    return spec.model_cls.from_pretrained(path, **hf_kwargs), spec

@@ -1,6 +1,7 @@
-"""Hugging Face integration: early-exit models made from BERT, RoBERTa and ALBERT."""
+"""The early-exit model contract (:mod:`~eekernels.models.base`) and the per-layer exit model
+made from BERT, RoBERTa and ALBERT classifiers (:mod:`~eekernels.models.early_exit`)."""
 
-from .backbones import adapter_for
-from .early_exit import EarlyExitModel, EarlyExitTrainOutput, convert
+from .base import EarlyExitBase, EarlyExitTrainOutput, read_config
+from .early_exit import EarlyExitModel, convert
 
-__all__ = ["EarlyExitModel", "EarlyExitTrainOutput", "adapter_for", "convert"]
+__all__ = ["EarlyExitBase", "EarlyExitModel", "EarlyExitTrainOutput", "convert", "read_config"]

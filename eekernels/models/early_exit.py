@@ -1,53 +1,40 @@
-"""Early-exit models made from Hugging Face encoder classifiers.
+"""Per-layer exits on a Hugging Face encoder classifier (DeeBERT, Right-Tool, PABEE) and the
+base of the methods that add to them (Past-Future, ConsistentEE, MPEE).
 
 :func:`convert` takes a ``BertForSequenceClassification``, ``RobertaForSequenceClassification``
 or ``AlbertForSequenceClassification`` (or the base ``BertModel``/... with ``num_labels``)
 and returns an :class:`EarlyExitModel`: the same HF modules and weights, with an exit head
-after every layer (or a chosen subset). The last layer's head is the model's own pooler +
-classifier, so with exits disabled the result is the HF model's.
+after every layer (or a chosen subset). The last layer's exit is the model's own head, so
+with exits disabled the result is the HF model's.
 
 - ``model(input_ids, attention_mask, labels=...)`` runs every layer and every exit head
   (differentiable; the training path for HF ``Trainer``) and returns the joint loss.
-- ``model.early_exit(...)`` is batched early-exit inference: see
-  :func:`eekernels.engine.early_exit_forward`.
+- ``model.early_exit(...)`` is batched early-exit inference (:mod:`eekernels.engine.loop`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
 
+from .. import metrics
+from ..engine.executors import EXECUTORS
+from ..engine.rules import ExitHeadRule
+from ..hf.adapters import HeadLinears, adapter_for
 from ..nn.exit_head import ExitHead
-from .backbones import HeadLinears, adapter_for
+from .base import EarlyExitTrainOutput, SingleModelBase
+
+__all__ = ["EXIT_POOLINGS", "EarlyExitModel", "LOSS_WEIGHTINGS", "TRAINING_STAGES", "convert"]
 
 LOSS_WEIGHTINGS = ("weighted", "sum")
 TRAINING_STAGES = ("joint", "final", "internal")
-_META_FILE = "early_exit.json"
-_HEADS_FILE = "exit_heads.safetensors"
+#: what an internal exit reads of its layer: the [CLS] state, or the mean of the real tokens
+EXIT_POOLINGS = ("cls",)
 
 
-@dataclass
-class EarlyExitTrainOutput(ModelOutput):
-    """Output of the full (training) forward; a ``ModelOutput``, so HF ``Trainer`` reads it.
-
-    Attributes:
-        loss: the joint loss (None without labels).
-        logits: the last layer's logits [B, C].
-        exit_logits: logits of every exit, [E, B, C] in the order of ``exit_layers``.
-    """
-
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    exit_logits: Optional[torch.Tensor] = None
-
-
-class EarlyExitModel(nn.Module):
+class EarlyExitModel(SingleModelBase):
     """An HF encoder classifier with exit heads after chosen layers.
 
     Args:
@@ -59,14 +46,15 @@ class EarlyExitModel(nn.Module):
             (DeeBERT).
     """
 
+    method = "early-exit"
+
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None,
                  init: str = "copy", loss_weighting: str = "weighted"):
         super().__init__()
-        self.hf = hf_model
         adapter = adapter_for(hf_model)
-        self._adapter = adapter  # plain attribute (not a module): built and validated once
+        self._bind(hf_model, adapter)
         n = adapter.num_layers
-        layers = sorted(set(exit_layers)) if exit_layers is not None else list(range(1, n + 1))
+        layers = sorted(set(int(l) for l in exit_layers)) if exit_layers is not None else list(range(1, n + 1))
         if not layers or layers[0] < 1 or layers[-1] > n:
             raise ValueError(f"exit_layers must be non-empty and within [1, {n}], got {exit_layers}")
         if layers[-1] != n:
@@ -77,6 +65,7 @@ class EarlyExitModel(nn.Module):
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         self.exit_layers: List[int] = layers
         self.loss_weighting = loss_weighting
+        self.exit_pooling = "cls"
         self.training_stage = "joint"
         cfg = hf_model.config
         final = adapter.final_head()
@@ -89,34 +78,65 @@ class EarlyExitModel(nn.Module):
                 head.pooler.load_state_dict(final.pooler.state_dict())
                 head.classifier.load_state_dict(final.classifier.state_dict())
             self.heads[str(l)] = head.to(device=final.classifier.weight.device, dtype=final.classifier.weight.dtype)
-        self._final_dropout = nn.Dropout(dropout)
         # Start in the HF model's mode: an eval-mode model stays in eval mode (no dropout)
         # after early_exit(), which restores the mode it found.
         self.train(hf_model.training)
 
     # ------------------------------------------------------------------ structure
     @property
-    def adapter(self):
-        return self._adapter
-
-    @property
-    def config(self):
-        return self.hf.config
-
-    @property
-    def num_layers(self) -> int:
-        return self.hf.config.num_hidden_layers
-
-    @property
-    def num_labels(self) -> int:
-        return self.hf.config.num_labels
+    def exit_points(self) -> List[int]:
+        return self.exit_layers
 
     def head(self, layer: int) -> HeadLinears:
         """The pooler and classifier Linear modules of the exit after ``layer`` (1-based)."""
         if layer == self.num_layers:
             return self.adapter.final_head()
         h = self.heads[str(layer)]
-        return HeadLinears(h.pooler, h.classifier)
+        return HeadLinears(h.pooler, h.classifier, h.dropout)
+
+    def exit_input(self, hidden: torch.Tensor, valid: Optional[torch.Tensor]):
+        """(input, pooling keywords) of :func:`eekernels.ops.exit_head` for a layer's states."""
+        return hidden[:, 0], {}
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """The parameters the method adds or initialises afresh (every exit head, the final
+        head and the method's modules): what ``--head-lr`` trains."""
+        final = self.adapter.final_head()
+        return super().head_parameters() + [p for m in (final.pooler, final.classifier) for p in m.parameters()]
+
+    def options(self) -> Dict[str, Any]:
+        return {"exit_layers": self.exit_layers, "loss_weighting": self.loss_weighting}
+
+    @classmethod
+    def from_hf_models(cls, hf_models, **options):
+        return cls(hf_models[""], init="random", **options)
+
+    # ------------------------------------------------------------------ inference seams
+    def exit_rule(self, criterion, threshold, backend):
+        return ExitHeadRule(self, criterion, threshold, backend)
+
+    def layer_executor(self, name, engine):
+        name = name or ("hf" if engine == "rows" else "parts")
+        if name not in EXECUTORS:
+            raise ValueError(f"early_exit: unknown executor {name!r}; choose one of {sorted(EXECUTORS)}")
+        if engine != "rows" and name == "hf":
+            raise ValueError(f"early_exit(engine={engine!r}) runs layers under torch.cond: use executor='parts'")
+        return EXECUTORS[name](self.adapter)
+
+    def exit_extra_flops(self, layer: int) -> int:
+        """FLOPs per sample an exit at ``layer`` costs beyond its pooler + classifier."""
+        return 0
+
+    def speedups(self, exit_layer, seq_len, extras) -> Tuple[float, float]:
+        hidden, inter, _ = self.adapter.shape()
+        e = torch.as_tensor(exit_layer, dtype=torch.float64)
+        per_layer = metrics.encoder_layer_flops(seq_len, hidden, inter)
+        head = metrics.exit_head_flops(hidden, self.num_labels)
+        exits = torch.tensor(self.exit_layers, dtype=torch.float64)
+        cost = torch.tensor([head + self.exit_extra_flops(l) for l in self.exit_layers], dtype=torch.float64)
+        heads_run = ((exits[None, :] <= e[:, None]).double() * cost[None, :]).sum(dim=1)
+        full = (self.num_layers * per_layer + head).sum()
+        return self.layer_speedup(exit_layer), float(full / (e * per_layer + heads_run).sum())
 
     # ------------------------------------------------------------------ training path
     def set_training_stage(self, stage: str) -> None:
@@ -129,10 +149,12 @@ class EarlyExitModel(nn.Module):
         if stage not in TRAINING_STAGES:
             raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {stage!r}")
         self.training_stage = stage
+        hf_ids = {id(p) for p in self.hf.parameters()}
         for p in self.hf.parameters():
             p.requires_grad_(stage != "internal")
-        for p in self.heads.parameters():
-            p.requires_grad_(stage != "final")
+        for p in self.parameters():
+            if id(p) not in hf_ids:
+                p.requires_grad_(stage != "final")
 
     def _exit_loss_weights(self) -> torch.Tensor:
         layers = torch.tensor(self.exit_layers, dtype=torch.float32)
@@ -146,96 +168,50 @@ class EarlyExitModel(nn.Module):
             w = w * layers  # w_i = i / sum_j j over the exits in the loss (past-future.txt eq. 9)
         return w / w.sum()
 
+    def layer_states(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Every layer's output [B, S, H] (a list, layer 1 first), differentiable."""
+        ad = self.adapter
+        hidden = ad.embed(input_ids, token_type_ids)
+        mask = ad.attention_mask(attention_mask, hidden)
+        states = []
+        for i in range(self.num_layers):
+            hidden = ad.layer(i)(hidden, mask)
+            states.append(hidden)
+        return states
+
+    def final_logits(self, hidden, input_ids, attention_mask) -> torch.Tensor:
+        """The HF model's own head on the last layer's states (with its dropout)."""
+        return self.adapter.classify(hidden, input_ids, attention_mask)
+
+    def exit_losses(self, exit_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Each exit's task loss [E]: cross-entropy (MSE when num_labels == 1)."""
+        if self.num_labels == 1:
+            return torch.stack([nn.functional.mse_loss(z.squeeze(-1).float(), labels.float()) for z in exit_logits])
+        return torch.stack([nn.functional.cross_entropy(z.float(), labels.long()) for z in exit_logits])
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 **unused) -> EarlyExitTrainOutput:
         """Every layer, every exit head (differentiable) and, with ``labels``, the joint loss:
-        cross-entropy per exit (MSE when num_labels == 1), combined with the exit weights."""
-        ad = self.adapter
-        hidden = ad.embed(input_ids, token_type_ids)
-        mask = ad.attention_mask(attention_mask, hidden)
+        each exit's task loss combined with the exit weights."""
+        states = self.layer_states(input_ids, attention_mask, token_type_ids)
+        valid = None if attention_mask is None else attention_mask.bool()
         exit_logits = []
-        for i in range(self.num_layers):
-            hidden = ad.layer(i)(hidden, mask)
-            layer = i + 1
-            if layer in self.exit_layers:
-                cls = hidden[:, 0]
-                if layer == self.num_layers:
-                    f = ad.final_head()
-                    z = f.classifier(self._final_dropout(torch.tanh(f.pooler(cls))))
-                else:
-                    z = self.heads[str(layer)](cls)
-                exit_logits.append(z)
-        stacked = torch.stack(exit_logits)
+        for layer in self.exit_layers:
+            hidden = states[layer - 1]
+            if layer == self.num_layers:
+                exit_logits.append(self.final_logits(hidden, input_ids, attention_mask))
+            else:
+                exit_logits.append(self.heads[str(layer)](self.exit_input(hidden, valid)[0]))
         loss = None
         if labels is not None:
-            w = self._exit_loss_weights().to(stacked.device)
-            per_exit = []
-            for z in exit_logits:
-                if self.num_labels == 1:
-                    per_exit.append(nn.functional.mse_loss(z.squeeze(-1).float(), labels.float()))
-                else:
-                    per_exit.append(nn.functional.cross_entropy(z.float(), labels.long()))
-            loss = (w * torch.stack(per_exit)).sum()
-        return EarlyExitTrainOutput(loss=loss, logits=exit_logits[-1], exit_logits=stacked)
-
-    # ------------------------------------------------------------------ inference
-    def early_exit(self, input_ids, attention_mask=None, token_type_ids=None, *, criterion="entropy",
-                   threshold=0.0, backend=None, exit_profile=None, engine: str = "rows"):
-        """Batched early-exit inference.
-
-        ``engine``: "rows" (default) compacts the active rows after each exit layer
-        (:func:`eekernels.engine.early_exit_forward`; one host sync per exit layer); "fixed"
-        keeps the batch at capacity and decides on the device
-        (:func:`eekernels.engine.fixed_capacity_forward`; no sync, for small batches).
-        """
-        from ..engine.batched import early_exit_forward
-        from ..engine.graphed import fixed_capacity_forward
-
-        engines = {"rows": early_exit_forward, "fixed": fixed_capacity_forward}
-        if engine not in engines:
-            raise ValueError(f"early_exit: engine must be one of {sorted(engines)}, got {engine!r}")
-        return engines[engine](self, input_ids, attention_mask, token_type_ids, criterion=criterion,
-                               threshold=threshold, backend=backend, exit_profile=exit_profile)
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str) -> None:
-        """Save the HF model (its own format) plus the exit heads and settings."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        self.hf.save_pretrained(path)
-        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, os.path.join(path, _HEADS_FILE))
-        with open(os.path.join(path, _META_FILE), "w") as f:
-            json.dump({"exit_layers": self.exit_layers, "loss_weighting": self.loss_weighting,
-                       "format": "eekernels-early-exit/1"}, f, indent=1)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **hf_kwargs) -> "EarlyExitModel":
-        """Load what :meth:`save_pretrained` wrote (local path; no download)."""
-        from safetensors.torch import load_file
-        from transformers import AutoModelForSequenceClassification
-
-        meta_path = os.path.join(path, _META_FILE)
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{path} holds no {_META_FILE}: not saved by EarlyExitModel.save_pretrained")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        hf = AutoModelForSequenceClassification.from_pretrained(path, **hf_kwargs)
-        model = cls(hf, exit_layers=meta["exit_layers"], init="random", loss_weighting=meta["loss_weighting"])
-        state = load_file(os.path.join(path, _HEADS_FILE))
-        model.heads.load_state_dict(state)
-        return model.to(hf.device)
+            w = self._exit_loss_weights().to(exit_logits[0].device)
+            loss = (w * self.exit_losses(exit_logits, labels)).sum()
+        return EarlyExitTrainOutput(loss=loss, logits=exit_logits[-1], exit_logits=torch.stack(exit_logits))
 
 
-def convert(model: nn.Module, exit_layers: Optional[Sequence[int]] = None, num_labels: Optional[int] = None,
-            init: str = "copy", loss_weighting: str = "weighted") -> EarlyExitModel:
-    """Make an :class:`EarlyExitModel` from an HF BERT/RoBERTa/ALBERT classifier or base model.
-
-    A base model (``BertModel``, ``RobertaModel``, ``AlbertModel``) needs ``num_labels``; a
-    sequence-classification head is created for it (its pooler reused where it has one) and
-    trained later. The HF modules and weights are reused, not copied.
-    """
+def _as_classifier(model: nn.Module, num_labels: Optional[int]) -> nn.Module:
+    """An HF sequence classifier from a classifier (checked) or a base encoder (a head added)."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if hasattr(model, "embeddings") and hasattr(model, "encoder"):  # a base model
         from transformers import AutoModelForSequenceClassification
@@ -251,7 +227,23 @@ def convert(model: nn.Module, exit_layers: Optional[Sequence[int]] = None, num_l
         missing, unexpected = getattr(clf, base_attr).load_state_dict(model.state_dict(), strict=False)
         if unexpected:
             raise ValueError(f"convert: base model weights do not fit {type(clf).__name__}: {unexpected[:5]}")
-        model = clf.eval()
-    elif num_labels is not None and num_labels != model.config.num_labels:
+        return clf.eval()
+    if num_labels is not None and num_labels != model.config.num_labels:
         raise ValueError(f"convert: model has num_labels={model.config.num_labels}, asked for {num_labels}")
-    return EarlyExitModel(model, exit_layers=exit_layers, init=init, loss_weighting=loss_weighting)
+    return model
+
+
+def convert(model: nn.Module, exit_layers: Optional[Sequence[int]] = None, num_labels: Optional[int] = None,
+            init: str = "copy", loss_weighting: str = "weighted", *, cls=EarlyExitModel, **options) -> EarlyExitModel:
+    """Make an :class:`EarlyExitModel` (or the per-layer method ``cls``) from an HF
+    BERT/RoBERTa/ALBERT classifier or base model.
+
+    A base model (``BertModel``, ``RobertaModel``, ``AlbertModel``) needs ``num_labels``; a
+    sequence-classification head is created for it (its pooler reused where it has one) and
+    trained later. The HF modules and weights are reused, not copied. ``options`` go to
+    ``cls``.
+    """
+    hf = _as_classifier(model, num_labels)
+    if cls is EarlyExitModel:
+        options["loss_weighting"] = loss_weighting
+    return cls(hf, exit_layers=exit_layers, init=init, **options)

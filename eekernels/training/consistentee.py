@@ -287,14 +287,15 @@ class ConsistentEETrainingResult:
     evals: List[Dict[str, Any]] = field(default_factory=list)
 
 
-def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator, callbacks):
+def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator, callbacks, make_optimizer):
     from transformers import Trainer
 
     model.set_phase(phase)
     sub = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"round{rnd}-{phase}"),
                               **{k: v for k, v in overrides.items() if v is not None})
+    optimizer = make_optimizer(model) if make_optimizer is not None and phase != "policy" else None
     trainer = Trainer(model=model, args=sub, train_dataset=train_dataset, data_collator=data_collator,
-                      callbacks=list(callbacks or []))
+                      callbacks=list(callbacks or []), optimizers=(optimizer, None))
     out = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return PhaseRecord(rnd, phase, losses, getattr(out, "training_loss", None), trainer.state.global_step)
@@ -304,7 +305,8 @@ def train_consistentee(model, train_dataset, args, *, rounds: int = 2, init: boo
                        init_steps: Optional[int] = None, policy_steps: Optional[int] = None,
                        classifier_steps: Optional[int] = None, policy_learning_rate: Optional[float] = None,
                        data_collator=None, eval_dataset=None, memorized_batch_size: int = 64,
-                       callbacks: Optional[Sequence] = None, progress: bool = True) -> ConsistentEETrainingResult:
+                       callbacks: Optional[Sequence] = None, make_optimizer=None,
+                       progress: bool = True) -> ConsistentEETrainingResult:
     """ConsistentEE's iterative training (consistentee.txt "Model Training and Inference").
 
     1. Initialisation: weighted CE over all exits (eq. 1), phase ``"init"`` (skip with
@@ -320,7 +322,10 @@ def train_consistentee(model, train_dataset, args, *, rounds: int = 2, init: boo
     step and ``policy_learning_rate`` the learning rate of the policy step. Progress: a
     bar over the steps of the schedule, the Trainer's own bars (``args.disable_tqdm``) and
     one for the memorized layers. ``data_collator`` batches the dataset's dict items
-    (default ``transformers.default_data_collator``).
+    (default ``transformers.default_data_collator``). ``make_optimizer(model)``, when given,
+    builds the optimizer of the init and classifier steps (e.g. a larger learning rate for
+    the fresh exit heads); the policy step trains only the policies, at
+    ``policy_learning_rate`` (default ``args.learning_rate``).
 
     Returns:
         :class:`ConsistentEETrainingResult`; the model is trained in place and left in
@@ -340,7 +345,7 @@ def train_consistentee(model, train_dataset, args, *, rounds: int = 2, init: boo
         bar.set_postfix_str(f"round {rnd}: {phase}")
         if phase == "init":
             result.phases.append(_run_phase(model, "init", 0, args, {"max_steps": init_steps},
-                                            train_dataset, data_collator, callbacks))
+                                            train_dataset, data_collator, callbacks, make_optimizer))
         elif phase == "memorized":
             if model.reward == "hardness":
                 result.memorized_layers = compute_memorized_layers(
@@ -352,7 +357,7 @@ def train_consistentee(model, train_dataset, args, *, rounds: int = 2, init: boo
             overrides = {"max_steps": policy_steps if phase == "policy" else classifier_steps}
             if phase == "policy":
                 overrides["learning_rate"] = policy_learning_rate
-            rec = _run_phase(model, phase, rnd, args, overrides, data, data_collator, callbacks)
+            rec = _run_phase(model, phase, rnd, args, overrides, data, data_collator, callbacks, make_optimizer)
             result.phases.append(rec)
             if rec.losses:
                 bar.set_postfix_str(f"round {rnd}: {phase} loss {rec.losses[-1]:.4f}")

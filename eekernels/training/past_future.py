@@ -34,12 +34,12 @@ def encoder_layers(model: nn.Module) -> List[nn.Module]:
     """The per-layer modules of an :class:`~eekernels.models.EarlyExitModel` (or subclass)
     or of a supported HF classifier. ALBERT shares one layer's weights across depth, so
     freezing "a layer" is not defined there: a clear error."""
-    from ..models.backbones import adapter_for
+    from ..hf.adapters import adapter_for
 
     adapter = getattr(model, "adapter", None) or adapter_for(model)
     if adapter.config.model_type == "albert":
         raise ValueError("layer freezing needs per-layer weights; ALBERT shares its layers across depth")
-    return list(adapter.base.encoder.layer)
+    return [adapter.layer_module(i) for i in range(adapter.num_layers)]
 
 
 class LayerFreezingCallback(TrainerCallback):

@@ -1,0 +1,187 @@
+"""The early-exit layer loop: written once, every engine variant and method plugs into it.
+
+For a batch of B samples::
+
+    rows = executor.start(batch)                      # embeddings, masks
+    for step in 1 .. last exit point:
+        placement.run_layer(executor, step, rows)     # layer `step` on the active rows only
+        if step is an exit point:
+            decision = rule.decide(step, rows)        # fused exit head (+ the method's extras)
+            placement.leave(...)                      # scatter the leavers' logits and exit
+                                                      # step to their batch positions; compact
+                                                      # (or reorder) the rest
+        else:
+            rows.state = rule.observe(step, rows)
+        executor.after_step(step, rows)               # token pruning, ...
+
+Three seams:
+
+- the **executor** (:mod:`eekernels.engine.executors`) runs the layers: HF modules, their
+  split parts, a token-packing executor (HashEE), class-attention pruning (MPEE), a
+  cascade of members (CascadeBERT), a faster runtime;
+- the **rule** (:mod:`eekernels.engine.rules`) decides at the exit points: entropy,
+  max-prob, patience, a policy network, Past-Future's merged states, a cascade member's
+  confidence;
+- the **placement** says what leaving means: :class:`RowCompaction` (the default: the
+  survivors are compacted, so later layers compute on them alone; one host read of the
+  survivor count per exit point) or :class:`~eekernels.engine.fixed.FixedCapacity` (the
+  batch keeps its capacity and every decision stays on the device, for CUDA-graph capture).
+
+A "step" is a layer of the encoder; for a cascade it runs on through the members' layers
+(member 2's first layer is step L_1 + 1), so exit points are cumulative depths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..ops import scatter_exits
+from .rows import Rows
+from .rules import ExitRule, leave_mask
+
+__all__ = ["EarlyExitOutput", "RowCompaction", "check_inputs", "run_early_exit"]
+
+
+@dataclass
+class EarlyExitOutput:
+    """Per-sample results of batched early-exit inference over B samples, for every method.
+
+    Attributes:
+        logits: float32 [B, C], each sample's logits at its exit.
+        exit_layer: int64 [B], the 1-based layer each sample left after (for a cascade the
+            layers run in every member tried: cumulative).
+        pred: int64 [B], argmax of ``logits``.
+        layer_speedup: past-future.txt eq. 15 over this batch (cascades: every member tried).
+        flops_speedup: full-model FLOPs over executed FLOPs, per-sample lengths, each method's
+            extra work (heads, pooling, class attention) and savings (pruned tokens) counted.
+        layers_run: row-layers actually computed (the sum of ``exit_layer``).
+        extras: what a method reports beside these (e.g. ``exit_member`` of a cascade,
+            ``widths`` of MPEE's shrinking sequence, ``active_tokens`` of HashEE).
+    """
+
+    logits: torch.Tensor
+    exit_layer: torch.Tensor
+    pred: torch.Tensor
+    layer_speedup: float
+    flops_speedup: float
+    layers_run: int
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+
+def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile) -> None:
+    """Validate an early-exit call's inputs with errors that name the argument (no tensor reads)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"early_exit: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"early_exit: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"early_exit: input_ids must hold integer token ids, got {input_ids.dtype}")
+    b, s = input_ids.shape
+    if b < 1:
+        raise ValueError("early_exit: empty batch (input_ids has 0 rows)")
+    if s < 1:
+        raise ValueError("early_exit: the sequence needs at least the [CLS] token")
+    max_pos = model.max_positions()
+    if max_pos is not None and s > max_pos:
+        raise ValueError(f"early_exit: sequence length {s} exceeds the model's max_position_embeddings {max_pos}; "
+                         f"truncate the input")
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"early_exit: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != (b, s):
+            raise ValueError(f"early_exit: {name} must be [{b}, {s}] like input_ids, got {tuple(t.shape)}")
+        if t.device != input_ids.device:
+            raise ValueError(f"early_exit: {name} is on {t.device} but input_ids is on {input_ids.device}")
+    if exit_profile is not None and tuple(torch.as_tensor(exit_profile).shape) != (b,):
+        raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(torch.as_tensor(exit_profile).shape)}")
+
+
+class RowCompaction:
+    """Rows that leave are gone: their logits and exit step are scattered to their batch
+    positions, and the survivors are compacted, so later layers compute on them alone.
+
+    Host synchronisation: one read of the survivor count per exit point (``compact_rows``).
+    No boolean-mask indexing.
+    """
+
+    name = "rows"
+
+    def start(self, rows: Rows) -> None:
+        pass
+
+    def run_layer(self, executor, step: int, rows: Rows) -> None:
+        executor.layer(step, rows)
+
+    def leave(self, rows: Rows, leave: torch.Tensor, logits: torch.Tensor, step: int, last: bool,
+              out_logits: torch.Tensor, out_layer: torch.Tensor, backend: Optional[str]) -> bool:
+        """Scatter the leavers; compact the rest. False when no row remains."""
+        scatter_exits(out_logits, out_layer, rows.tensors["batch_index"], leave, logits, step, backend=backend)
+        return not last and rows.compact(~leave, backend)
+
+
+def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                   token_type_ids: Optional[torch.Tensor] = None, *, rule: ExitRule, executor,
+                   placement=None, exit_profile: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                   with_metrics: bool = True) -> EarlyExitOutput:
+    """Batched early-exit inference of ``model`` (see the module docstring).
+
+    Args:
+        model: an :class:`~eekernels.models.base.EarlyExitBase` (its ``exit_points``,
+            ``num_labels`` and ``speedups`` are read).
+        input_ids: int [B, S]; attention_mask: [B, S] (1 = token) or None; token_type_ids.
+        rule, executor, placement: the three seams (placement default :class:`RowCompaction`).
+        exit_profile: for benchmarks, int [B] of 1-based steps: row i leaves at the first
+            exit point >= exit_profile[i]. The rule still runs (its cost counts); only its
+            decision is replaced, so a controlled exit profile can be timed.
+        backend: the ops' backend (default: automatic).
+        with_metrics: False skips the speed-ups (they read the exit layers on the host):
+            then they are NaN and ``layers_run`` is -1, and the call never synchronises
+            with a fixed-capacity placement (CUDA-graph capture).
+    """
+    check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile)
+    placement = placement if placement is not None else RowCompaction()
+    b, s = input_ids.shape
+    dev = input_ids.device
+    points = model.exit_points
+    exit_set, last_step = set(points), points[-1]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            rows = executor.start(input_ids, attention_mask, token_type_ids)
+            rows.context["backend"] = backend
+            rows.tensors["batch_index"] = torch.arange(b, device=dev)
+            if exit_profile is not None:
+                rows.tensors["forced"] = torch.as_tensor(exit_profile).to(device=dev, dtype=torch.int64)
+            rows.state = rule.initial_state(b, dev)
+            out_logits = torch.empty(b, model.num_labels, dtype=torch.float32, device=dev)
+            out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
+            placement.start(rows)
+            for step in range(1, last_step + 1):
+                placement.run_layer(executor, step, rows)
+                if step in exit_set:
+                    last = step == last_step
+                    decision = rule.decide(step, rows)
+                    leave = leave_mask(decision.exit, step, last, rows.tensors.get("forced"))
+                    rows.state = decision.state
+                    if not placement.leave(rows, leave, decision.logits, step, last, out_logits, out_layer, backend):
+                        break
+                else:
+                    rows.state = rule.observe(step, rows)
+                executor.after_step(step, rows)
+    finally:
+        model.train(was_training)
+    extras = executor.extras(rows)
+    if not with_metrics:
+        nan = float("nan")
+        return EarlyExitOutput(out_logits, out_layer, out_logits.argmax(dim=1), nan, nan, -1, extras)
+    el = out_layer.cpu()
+    seq_len = attention_mask.sum(dim=1).cpu() if attention_mask is not None else torch.full((b,), s)
+    layer_sp, flops_sp = model.speedups(el, seq_len, extras)
+    return EarlyExitOutput(out_logits, out_layer, out_logits.argmax(dim=1), layer_sp, flops_sp, int(el.sum()),
+                           extras)

@@ -1,0 +1,226 @@
+"""Fine-tune one early-exit method on a labelled file: the library behind ``eekernels train``.
+
+::
+
+    from eekernels.training.finetune import FinetuneConfig, finetune
+    result = finetune(FinetuneConfig(model="path/to/hf", train="train.tsv", dev="dev.tsv",
+                                     out="out/", method="past-future", max_steps=200))
+    result.model, result.summary["dev_accuracy"]
+
+The base model is a local HF directory (a ``*ForSequenceClassification`` or a base
+encoder; nothing is downloaded) or a directory a previous run saved (training continues
+with its heads). The method comes from :mod:`eekernels.methods.registry`; its options are
+checked there. The output directory gets the model (``save_pretrained``), the tokenizer,
+``label_names.json`` and ``train_results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "LABEL_NAMES_FILE", "TRAIN_RESULTS_FILE", "finetune", "make_optimizer"]
+
+LABEL_NAMES_FILE = "label_names.json"
+TRAIN_RESULTS_FILE = "train_results.json"
+
+
+@dataclass
+class FinetuneConfig:
+    """What to fine-tune, on what, and how.
+
+    Attributes:
+        model: local HF model directory (or one an earlier run saved).
+        train: training file (.tsv, .csv, .jsonl); dev: optional dev file (per-exit accuracy).
+        out: directory to save to.
+        method: a name of :data:`eekernels.methods.registry.METHODS`; method_options: its
+            options (``{"strategy": "lstm"}``; checked against the method's list).
+        exit_layers: 1-based layers with an exit (None: every layer).
+        lr: learning rate of the backbone; head_lr: of the parameters the method adds or
+            initialises afresh (exit heads, policy nets, pooling modules; None: ``lr``).
+        epochs, max_steps (-1: use epochs), batch_size, max_length, seed, logging_steps.
+        text_columns, label_column: as :func:`eekernels.data.read_examples` takes them.
+        cpu: train on the CPU even when CUDA is available.
+    """
+
+    model: str
+    train: str
+    out: str
+    dev: Optional[str] = None
+    method: str = "early-exit"
+    method_options: Dict[str, Any] = field(default_factory=dict)
+    exit_layers: Optional[List[int]] = None
+    lr: float = 2e-5
+    head_lr: Optional[float] = None
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 42
+    logging_steps: int = 50
+    text_columns: Optional[str] = None
+    label_column: Optional[str] = None
+    cpu: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    """The trained model (on the CPU, eval mode) and the summary written to ``train_results.json``."""
+
+    model: Any
+    summary: Dict[str, Any]
+
+
+def make_optimizer(model, lr: float, head_lr: float):
+    """AdamW with two parameter groups: the method's new parameters
+    (``model.head_parameters()``) at ``head_lr``, the rest at ``lr`` (weight decay 0; HF
+    ``Trainer`` puts its linear schedule on top). Only parameters that require grad."""
+    import torch
+
+    head_ids = {id(p) for p in model.head_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": head_lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
+def check_model_dir(path: str) -> None:
+    """A ValueError unless ``path`` is a local model directory."""
+    from ..models.base import CONFIG_FILE
+
+    if not os.path.exists(path):
+        raise ValueError(f"model directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"--model {path} is not a directory (give a local HF model directory; nothing is downloaded)")
+    if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise ValueError(f"{path} holds no config.json: not a Hugging Face model directory")
+
+
+def _load_for_training(cfg: FinetuneConfig, spec, options, label_names: List[str], corpus, log):
+    """The model to train: from an eekernels directory (its heads kept) or a plain HF one."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ..models.base import CONFIG_FILE, read_config
+
+    num_labels = len(label_names)
+    hf_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    n = getattr(hf_config, "num_hidden_layers", None)
+    if cfg.exit_layers is not None and n is not None and not all(1 <= l <= n for l in cfg.exit_layers):
+        raise ValueError(f"--exit-layers {cfg.exit_layers}: layers must be within 1..{n} (the model has {n} layers)")
+    if os.path.isfile(os.path.join(cfg.model, CONFIG_FILE)):
+        saved = read_config(cfg.model)["method"]
+        if saved != spec.name:
+            raise ValueError(f"{cfg.model} holds a {saved} model; train it with --method {saved} "
+                             f"(or start from the base model)")
+        model = spec.model_cls.from_pretrained(cfg.model)
+        if model.num_labels != num_labels:
+            raise ValueError(f"{cfg.model} is a {saved} model with {model.num_labels} classes, the training data "
+                             f"has {num_labels} ({', '.join(label_names)}); start from the base model instead")
+        layers = getattr(model, "exit_layers", None)
+        if cfg.exit_layers is not None and layers is not None and sorted(set(cfg.exit_layers) | {n}) != layers:
+            raise ValueError(f"{cfg.model} already has exits after layers {layers}; --exit-layers "
+                             f"{cfg.exit_layers} differs (start from the base model to change them)")
+        if "loss_weighting" in options and hasattr(model, "loss_weighting"):
+            model.loss_weighting = options["loss_weighting"]
+        log(f"continuing training of the {spec.name} model in {cfg.model}")
+        return model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model, num_labels=num_labels, id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)}, ignore_mismatched_sizes=True,
+            local_files_only=True)
+    return spec.build(hf, cfg.exit_layers, options, corpus)
+
+
+def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Fine-tune (see the module docstring); bad input raises ValueError/FileNotFoundError
+    with a message that names the file, option or value."""
+    import transformers
+
+    from ..data import EncodedDataset, check_labels, collate_trimmed, encode_quietly, load_tokenizer, max_length_for
+    from ..data import read_examples
+    from ..calibration import exit_accuracies
+    from ..methods.registry import get_method, parse_options
+
+    check_model_dir(cfg.model)
+    spec = get_method(cfg.method)
+    options = parse_options(spec, [])
+    unknown = sorted(set(cfg.method_options) - set(options))
+    if unknown:
+        raise ValueError(f"method {spec.name!r} has no option {unknown[0]!r} (its options: "
+                         f"{', '.join(sorted(options)) or 'none'})")
+    options.update(cfg.method_options)
+    head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+    for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr), ("head-lr", head_lr), ("batch-size", cfg.batch_size)):
+        if not value > 0:
+            raise ValueError(f"--{name} must be > 0, got {value}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ValueError(f"--max-steps must be > 0 (or -1: use --epochs), got {cfg.max_steps}")
+    train = read_examples(cfg.train, cfg.text_columns, cfg.label_column)
+    names = train.label_names
+    if len(names) < 2:
+        raise ValueError(f"{cfg.train}: only one label value ({names[0]!r}); classification needs at least 2 classes")
+    dev = None
+    if cfg.dev:
+        dev = read_examples(cfg.dev, cfg.text_columns, cfg.label_column, label_names=names)
+        check_labels(dev.labels, len(names), cfg.dev, names)
+    log(f"train: {len(train)} examples from {cfg.train}, text {list(train.text_columns)}, "
+        f"label {train.label_column!r}: {len(names)} classes {names}")
+
+    transformers.set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = _load_for_training(cfg, spec, options, names, (train, tokenizer), log)
+    model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    max_length = max_length_for(model.config, cfg.max_length, log)
+    train_enc = encode_quietly(tokenizer, train, max_length, "train", log)
+    dev_enc = encode_quietly(tokenizer, dev, max_length, "dev", log) if dev is not None else None
+    log(f"model: {spec.name} on {model.config.model_type}, {model.num_layers} layers, exits after "
+        f"{model.exit_points}, options {options}")
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="eekernels-train-") as tmp:
+        targs = transformers.TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed, use_cpu=cfg.cpu,
+            logging_steps=max(1, cfg.logging_steps), save_strategy="no", report_to=[],
+            remove_unused_columns=False, disable_tqdm=False)
+        losses = spec.train(model, targs, EncodedDataset(train_enc), collate_trimmed, options,
+                            lambda m: make_optimizer(m, cfg.lr, head_lr))
+    log("training loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    train_seconds = time.time() - t0
+    model.eval()
+
+    dev_acc = None
+    if dev_enc is not None:
+        dev_acc = exit_accuracies(model, dev_enc, cfg.batch_size)
+        log(f"dev accuracy per exit ({len(dev)} examples from {cfg.dev}):")
+        for point, acc in zip(model.exit_points, dev_acc):
+            log(f"  exit after layer {point:2d}: {acc:.4f}")
+
+    model.cpu()
+    os.makedirs(cfg.out, exist_ok=True)
+    model.save_pretrained(cfg.out)
+    tokenizer.save_pretrained(cfg.out)
+    with open(os.path.join(cfg.out, LABEL_NAMES_FILE), "w") as f:
+        json.dump(names, f, indent=1)
+    summary = {
+        "base_model": cfg.model, "train": cfg.train, "dev": cfg.dev, "num_train": len(train),
+        "text_columns": list(train.text_columns), "label_column": train.label_column, "label_names": names,
+        "method": spec.name, "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "exit_layers": model.exit_points, "max_length": max_length, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "lr": cfg.lr, "head_lr": head_lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "training_loss": losses,
+        "train_seconds": train_seconds, "num_truncated": train_enc.num_truncated,
+        "dev_accuracy": None if dev_acc is None else {str(l): a for l, a in zip(model.exit_points, dev_acc)},
+    }
+    with open(os.path.join(cfg.out, TRAIN_RESULTS_FILE), "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"saved the {spec.name} model, tokenizer and {LABEL_NAMES_FILE} to {cfg.out}")
+    return FinetuneResult(model, summary)

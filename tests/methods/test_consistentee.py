@@ -1,0 +1,423 @@
+"""ConsistentEE (consistentee.txt) on tiny BERT configs: rewards, memorized layer, policy
+gradient, Trainer phases, the iterative loop, batched inference and persistence."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import eekernels  # noqa: E402
+from eekernels import metrics  # noqa: E402
+from eekernels.methods import consistentee as cee  # noqa: E402
+from eekernels.methods.consistentee import ConsistentEEModel  # noqa: E402
+from eekernels.models import EarlyExitModel, convert  # noqa: E402
+from eekernels.nn import PolicyNet  # noqa: E402
+from eekernels.ops import exit_head, exit_head_reference  # noqa: E402
+from eekernels.training import consistentee as ct  # noqa: E402
+
+from ..helpers import kernel_backends, rel_err, threshold_between  # noqa: E402
+from ..tiny import ParityTask  # noqa: E402
+
+N_LAYERS = 3
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                                  intermediate_size=48, vocab_size=100, max_position_embeddings=32,
+                                  num_labels=num_labels, initializer_range=0.3, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def trainer_args(tmp_path, steps: int, lr: float = 3e-3, **kw):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=steps, learning_rate=lr,
+        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **kw)
+
+
+def logged_losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def ragged_batch(b: int, s: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (b, s), generator=g)
+    lengths = torch.randint(2, s + 1, (b,), generator=g)
+    lengths[0] = s
+    mask = (torch.arange(s)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask, lengths
+
+
+def policy_backends():
+    """The reference plus the kernel backends here whose exit_head takes the policy network.
+
+    The kernels gain criterion "policy" one by one (branch policyhead); a backend whose
+    kernel does not take the policy arguments yet is left out rather than failing here."""
+    names = ["torch"]
+    x, w, b = torch.randn(2, 4), torch.randn(3, 4), torch.randn(3)
+    pol = dict(policy_weight=torch.randn(5, 4), policy_bias=torch.randn(5), policy_out_weight=torch.randn(5),
+               policy_out_bias=torch.randn(1))
+    for name in kernel_backends("cpu"):
+        try:
+            exit_head(x, w, b, criterion="policy", backend=name, **pol)
+        except TypeError as e:
+            if "policy" not in str(e):
+                raise
+            continue
+        names.append(name)
+    return names
+
+
+def spread_policies(model: ConsistentEEModel, seed: int = 0):
+    """Random policy weights (zero biases) so that pi(Exit) varies from row to row."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pn in model.policies.values():
+            pn.fc1.weight.copy_(torch.randn(pn.fc1.weight.shape, generator=g) * 0.5)
+            pn.fc2.weight.copy_(torch.randn(pn.fc2.weight.shape, generator=g) * 0.5)
+            pn.fc1.bias.zero_()
+            pn.fc2.bias.zero_()
+
+
+def median_policy_score(model: ConsistentEEModel, ids, mask=None) -> float:
+    """A threshold near the median of pi(Exit) over the internal exits (it sends about half
+    the rows on at each), strictly between two distinct policy scores so that no row's own
+    score sits on it."""
+    with torch.no_grad():
+        states = model.hf(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        scores = [model.policy(l)(torch.tanh(model.head(l).pooler(states[l][:, 0])))
+                  for l in model.exit_layers[:-1]]
+    return threshold_between(torch.cat(scores))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def init_trained(tmp_path_factory):
+    """A model after step 1 (weighted CE), shared read-only: tests deep-copy it."""
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=5), init="random", reward="vanilla")
+    model.set_phase("init")
+    trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path_factory.mktemp("init"), 100),
+                                   train_dataset=ParityTask(512, seed=1))
+    trainer.train()
+    return model, logged_losses(trainer)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_rewards_hand_computed():
+    ce = torch.tensor([0.5, 1.2, 0.3])
+    t = torch.tensor([2, 4, 1])
+    # eq. 3: -CE - alpha * t
+    r = ct.exit_reward(ce, t, num_layers=4, alpha=0.1)
+    assert torch.allclose(r, torch.tensor([-0.7, -1.6, -0.4]))
+    # eq. 4: -CE - alpha * (1 - M/L) * t; M=1: 0.1*0.75*2 = 0.15; M=4 (hard): no layer cost; M=2: 0.05
+    r = ct.exit_reward(ce, t, num_layers=4, alpha=0.1, memorized_layer=torch.tensor([1, 4, 2]))
+    assert torch.allclose(r, torch.tensor([-0.65, -1.2, -0.35]))
+    # alpha = 0: pure accuracy reward
+    assert torch.allclose(ct.exit_reward(ce, t, 4, 0.0), -ce)
+    with pytest.raises(ValueError, match="alpha"):
+        ct.exit_reward(ce, t, 4, -0.1)
+    with pytest.raises(ValueError, match="memorized"):
+        ct.exit_reward(ce, t, 4, 0.1, memorized_layer=torch.tensor([0, 1, 5]))
+
+
+def test_memorized_layer_hand_made_history():
+    # predictions of exits at layers 1..4 (rows) for 5 samples (columns)
+    pred = torch.tensor([[1, 0, 1, 1, 0],
+                         [1, 1, 0, 0, 1],
+                         [1, 1, 1, 0, 1],
+                         [1, 1, 1, 0, 0]])
+    labels = torch.tensor([1, 1, 1, 1, 0])
+    # sample 0 right everywhere -> 1; sample 1 right from 2 -> 2; sample 2 forgets at 2, right from 3 -> 3;
+    # sample 3 wrong at the last exit -> L; sample 4 right at 1 and 4 only -> 4
+    assert metrics.memorized_layer(pred, labels, [1, 2, 3, 4], 4).tolist() == [1, 2, 3, 4, 4]
+    # exits at a subset of layers: M is an exit layer
+    # layers 2 and 4 only: sample 2 is wrong at 2, right at 4 -> 4; sample 3 is wrong at 4 -> 4
+    assert metrics.memorized_layer(pred[[1, 3]], labels, [2, 4], 4).tolist() == [2, 2, 4, 4, 4]
+    with pytest.raises(ValueError, match="end at num_layers"):
+        metrics.memorized_layer(pred, labels, [1, 2, 3, 5], 4)
+    with pytest.raises(ValueError, match=r"\[E, B\]"):
+        metrics.memorized_layer(pred[:2], labels, [1, 2, 3, 4], 4)
+
+
+def test_trajectories_actions_and_log_prob():
+    # K=2 trajectories, S=2 internal exits, B=3 samples
+    actions = torch.tensor([[[True, False, False], [False, True, False]],
+                            [[False, False, False], [True, True, False]]])
+    idx = ct.first_exit(actions)
+    assert idx.tolist() == [[0, 1, 2], [1, 1, 2]]  # 2 = the last layer (forced exit)
+    z = torch.tensor([[0.3, -1.0, 2.0], [0.5, 0.1, -0.4]], requires_grad=True)
+    lp = ct.trajectory_log_prob(z, actions, idx)
+    ls = torch.nn.functional.logsigmoid
+    expect = torch.stack([
+        torch.stack([ls(z[0, 0]), ls(-z[0, 1]) + ls(z[1, 1]), ls(-z[0, 2]) + ls(-z[1, 2])]),
+        torch.stack([ls(-z[0, 0]) + ls(z[1, 0]), ls(-z[0, 1]) + ls(z[1, 1]), ls(-z[0, 2]) + ls(-z[1, 2])]),
+    ])
+    assert torch.allclose(lp, expect)
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.0, 1.0, 0.3]])
+    a = ct.sample_exit_actions(p, 4000, epsilon=0.0, generator=g)
+    assert a.shape == (4000, 1, 3)
+    assert not a[..., 0].any() and a[..., 1].all()
+    assert abs(a[..., 2].float().mean().item() - 0.3) < 0.05
+    a = ct.sample_exit_actions(p, 4000, epsilon=0.5, generator=g)  # half the actions are coin flips
+    assert abs(a[..., 0].float().mean().item() - 0.25) < 0.05
+    assert abs(a[..., 1].float().mean().item() - 0.75) < 0.05
+    with pytest.raises(ValueError, match="epsilon"):
+        ct.sample_exit_actions(p, 2, epsilon=1.5)
+
+
+def test_reinforce_sign_and_baseline():
+    # one internal exit, one sample, K=2: trajectory 0 exits (reward -0.2), trajectory 1 continues (-1.0)
+    z = torch.zeros(1, 1, requires_grad=True)
+    actions = torch.tensor([[[True]], [[False]]])
+    idx = ct.first_exit(actions)
+    reward = torch.tensor([[-0.2], [-1.0]])
+    loss = ct.reinforce_loss(ct.trajectory_log_prob(z, actions, idx), reward)
+    loss.backward()
+    # advantage +-0.4; d/dz of -(0.4*logsig(z) - 0.4*logsig(-z))/2 at z=0 = -(0.4*0.5 + 0.4*0.5)/2 = -0.2
+    assert z.grad.item() == pytest.approx(-0.2)  # descending the loss raises pi(Exit)
+    # the baseline: a constant added to every reward changes nothing
+    z2 = torch.zeros(1, 1, requires_grad=True)
+    ct.reinforce_loss(ct.trajectory_log_prob(z2, actions, idx), reward + 5.0).backward()
+    assert z2.grad.item() == pytest.approx(-0.2)
+    # equal rewards: zero advantage, no gradient
+    z3 = torch.zeros(1, 1, requires_grad=True)
+    l3 = ct.reinforce_loss(ct.trajectory_log_prob(z3, actions, idx), torch.tensor([[-0.5], [-0.5]]))
+    l3.backward()
+    assert l3.item() == 0.0 and z3.grad.item() == 0.0
+    with pytest.raises(ValueError, match=r"\[K, B\]"):
+        ct.reinforce_loss(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_policy_net_is_what_the_fused_head_computes():
+    model = ConsistentEEModel.from_hf(tiny_bert(), reward="vanilla")
+    spread_policies(model)
+    cls = torch.randn(7, 32)
+    head, pn = model.head(1), model.policy(1)
+    out = exit_head_reference(cls, head.classifier.weight, head.classifier.bias, pooler_weight=head.pooler.weight,
+                              pooler_bias=head.pooler.bias, criterion="policy", threshold=0.5,
+                              policy_weight=pn.fc1.weight, policy_bias=pn.fc1.bias,
+                              policy_out_weight=pn.fc2.weight[0], policy_out_bias=pn.fc2.bias)
+    p = pn(torch.tanh(head.pooler(cls)))
+    assert torch.allclose(out.score, p, atol=1e-6)
+    assert torch.equal(out.exit, p > 0.5)
+    assert 0 < p.min() < 0.5 < p.max() < 1
+    with pytest.raises(ValueError, match="states"):
+        pn(torch.randn(3, 31))
+
+
+def test_constructor_and_phase_errors():
+    with pytest.raises(ValueError, match="num_labels"):
+        ConsistentEEModel.from_hf(tiny_bert(num_labels=1))
+    with pytest.raises(ValueError, match="reward"):
+        ConsistentEEModel.from_hf(tiny_bert(), reward="fast")
+    with pytest.raises(ValueError, match="num_samples"):
+        ConsistentEEModel.from_hf(tiny_bert(), num_samples=1)
+    with pytest.raises(ValueError, match="internal exits"):
+        ConsistentEEModel.from_hf(tiny_bert(), exit_layers=[N_LAYERS]).set_phase("policy")
+    model = ConsistentEEModel.from_hf(tiny_bert(), exit_layers=[2])
+    assert list(model.policies) == ["2"] and model.exit_layers == [2, N_LAYERS]
+    with pytest.raises(ValueError, match="phase"):
+        model.set_phase("joint")
+    model.set_phase("policy")
+    assert not any(p.requires_grad for p in list(model.hf.parameters()) + list(model.heads.parameters()))
+    assert all(p.requires_grad for p in model.policies.parameters())
+    model.set_phase("classifier")
+    assert all(p.requires_grad for p in list(model.hf.parameters()) + list(model.heads.parameters()))
+    assert not any(p.requires_grad for p in model.policies.parameters())
+    data = ParityTask(4, seed=0)
+    with pytest.raises(ValueError, match="memorized_layer"):
+        model.reward = "hardness"
+        model.set_phase("policy")
+        model(data.ids, labels=data.labels)
+    with pytest.raises(ValueError, match="threshold"):
+        model.early_exit(data.ids, threshold=1.5)
+
+
+# --------------------------------------------------------------------------- Trainer phases
+
+
+def test_init_phase_trainer_loss_decreases(init_trained):
+    _, losses = init_trained
+    assert len(losses) >= 4
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_policy_phase_trainer_learns_to_exit_early(init_trained, tmp_path):
+    model = copy.deepcopy(init_trained[0])
+    model.alpha, model.epsilon = 0.5, 0.05
+    dev = ParityTask(128, seed=2)
+    before = model.early_exit(dev.ids).exit_layer.float().mean()
+    model.set_phase("policy")
+    frozen = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path, 20, lr=5e-2),
+                                   train_dataset=ParityTask(512, seed=1))
+    trainer.train()
+    losses = logged_losses(trainer)  # mean negative reward of the sampled trajectories
+    assert losses[-1] < losses[0] - 0.1, losses
+    after = model.early_exit(dev.ids)
+    assert after.exit_layer.float().mean() < before - 0.5  # layer 1 already classifies: exit there
+    assert float((after.pred == dev.labels).float().mean()) > 0.85
+    assert all(torch.equal(v, model.heads.state_dict()[k]) for k, v in frozen.items())  # classifiers frozen
+
+
+def test_policy_phase_hardness_reward_with_memorized_layers(init_trained, tmp_path):
+    model = copy.deepcopy(init_trained[0])
+    model.reward, model.alpha = "hardness", 0.5
+    train = ParityTask(256, seed=1)
+    m = ct.compute_memorized_layers(model, train, batch_size=64, progress=False)
+    assert m.shape == (256,) and m.min() >= 1 and m.max() <= N_LAYERS
+    assert (m == 1).float().mean() > 0.5  # the task is easy: mostly memorized at layer 1
+    model.set_phase("policy")
+    trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path, 20, lr=5e-2),
+                                   train_dataset=ct.WithMemorizedLayer(train, m))
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert losses[-1] < losses[0] - 0.05, losses
+    with pytest.raises(ValueError, match="memorized layers"):
+        ct.WithMemorizedLayer(train, m[:10])
+
+
+def test_classifier_phase_trainer_loss_decreases(tmp_path):
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=6), init="random")
+    with torch.no_grad():  # a policy that exits about half the time at each internal exit
+        for pn in model.policies.values():
+            pn.fc2.weight.zero_()
+            pn.fc2.bias.zero_()
+    model.set_phase("classifier")
+    policy_before = {k: v.clone() for k, v in model.policies.state_dict().items()}
+    trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path, 100),
+                                   train_dataset=ParityTask(512, seed=1))
+    trainer.train()
+    losses = logged_losses(trainer)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(torch.equal(v, model.policies.state_dict()[k]) for k, v in policy_before.items())
+    out = model(ParityTask(64, seed=3).ids)
+    assert out.exit_layer.min() >= 1 and len(set(out.exit_layer.tolist())) > 1  # exits sampled over layers
+
+
+def test_iterative_loop_end_to_end(tmp_path):
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=5), init="random", reward="hardness", alpha=0.3)
+    args = trainer_args(tmp_path, 10)
+    res = ct.train_consistentee(model, ParityTask(256, seed=1), args, rounds=2, init_steps=100, policy_steps=5,
+                                classifier_steps=5, policy_learning_rate=5e-2, eval_dataset=ParityTask(64, seed=2),
+                                progress=True)
+    assert [(r.round, r.phase) for r in res.phases] == [
+        (0, "init"), (1, "policy"), (1, "classifier"), (2, "policy"), (2, "classifier")]
+    assert [r.global_step for r in res.phases] == [100, 5, 5, 5, 5]
+    assert all(r.losses and all(math.isfinite(x) for x in r.losses) for r in res.phases)
+    assert res.memorized_layers.shape == (256,)
+    assert len(res.evals) == 2
+    for ev in res.evals:
+        assert ev["accuracy"] > 0.8 and ev["layer_speedup"] >= 1.0
+        assert sum(ev["exit_histogram"].values()) == 64
+    assert model.phase == "classifier"
+    with pytest.raises(ValueError, match="rounds"):
+        ct.train_consistentee(model, ParityTask(8, seed=1), args, rounds=0)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def test_batched_equals_alone():
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=3))
+    spread_policies(model, seed=1)
+    ids, mask, lengths = ragged_batch(12, 11, seed=4)
+    thr = median_policy_score(model, ids, mask)
+    backends = policy_backends()
+    if "cpu" in kernel_backends("cpu"):
+        assert "cpu" in backends  # the C++ kernel has the policy criterion: it must run here
+    for backend in backends:
+        out = model.early_exit(ids, mask, threshold=thr, backend=backend)
+        assert len(set(out.exit_layer.tolist())) > 1, "policies should spread exits over layers"
+        for i in range(ids.shape[0]):
+            n = int(lengths[i])
+            alone = model.early_exit(ids[i:i + 1, :n], None, threshold=thr, backend=backend)
+            assert int(alone.exit_layer) == int(out.exit_layer[i]), (backend, i)
+            assert torch.allclose(alone.logits[0], out.logits[i], rtol=1e-5, atol=1e-5), (backend, i)
+
+
+def test_exits_disabled_match_hf():
+    hf = tiny_bert(seed=4)
+    ids, mask, _ = ragged_batch(9, 13, seed=2)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    model = ConsistentEEModel.from_hf(hf)
+    with torch.no_grad():  # pi(Exit) rounds to exactly 1.0 in float32: still not > 1.0
+        for pn in model.policies.values():
+            pn.fc2.bias.fill_(40.0)
+    for backend in policy_backends():
+        assert (model.early_exit(ids, mask, backend=backend).exit_layer == 1).all()
+        out = model.early_exit(ids, mask, threshold=1.0, backend=backend)
+        assert (out.exit_layer == N_LAYERS).all()
+        assert rel_err(out.logits, ref) <= 1e-5, backend
+        assert torch.equal(out.pred, ref.argmax(-1))
+
+
+def test_one_fused_exit_head_call_per_exit_layer(monkeypatch):
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=2))
+    from eekernels.engine import rules
+
+    calls = []
+    real = rules.exit_head
+
+    def counting(*a, **kw):
+        calls.append(kw["criterion"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rules, "exit_head", counting)
+    policy_calls = []
+    for pn in model.policies.values():
+        pn.register_forward_hook(lambda *a: policy_calls.append(1))
+    ids, mask, _ = ragged_batch(5, 9)
+    model.early_exit(ids, mask, threshold=1.0)
+    assert calls == ["policy"] * (N_LAYERS - 1) + ["entropy"]  # the last layer's head alone
+    assert not policy_calls  # no separate policy pass
+
+
+def test_exit_profile_and_classic_criteria():
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=2))
+    ids, mask, _ = ragged_batch(4, 9)
+    out = model.early_exit(ids, mask, exit_profile=torch.tensor([1, 2, 3, 3]), threshold=1.0)
+    assert out.exit_layer.tolist() == [1, 2, 3, 3]
+    out = model.early_exit(ids, mask, criterion="max_prob", threshold=0.0)
+    assert (out.exit_layer == 1).all()
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=7), exit_layers=[1, 2], reward="vanilla", alpha=0.25,
+                                      num_samples=4)
+    spread_policies(model, seed=3)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(tmp_path))
+    back = ConsistentEEModel.from_pretrained(str(tmp_path))
+    assert (back.reward, back.alpha, back.num_samples, back.exit_layers) == ("vanilla", 0.25, 4, [1, 2, N_LAYERS])
+    ids, mask, _ = ragged_batch(6, 9)
+    a, b = model.early_exit(ids, mask), back.early_exit(ids, mask)
+    assert torch.equal(a.exit_layer, b.exit_layer) and torch.allclose(a.logits, b.logits)
+    for k, v in model.policies.state_dict().items():
+        assert torch.equal(v, back.policies.state_dict()[k])
+    assert isinstance(eekernels.load(str(tmp_path)), ConsistentEEModel)  # the saved method is recognised
+    with pytest.raises(ValueError, match="holds a 'consistentee' model"):
+        EarlyExitModel.from_pretrained(str(tmp_path))
+    convert(tiny_bert()).save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="holds a 'early-exit' model, not 'consistentee'"):
+        ConsistentEEModel.from_pretrained(str(tmp_path / "plain"))
