@@ -1,7 +1,8 @@
 // The one registration file of eekernels._C: op schemas (TORCH_LIBRARY, namespace
 // "eekernels") and the Python module. Kernels register their implementations per
 // dispatch key next to their code: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
-// Fake (meta) implementations for torch.compile live in eekernels/ops/_compiled.py.
+// Each schema is written again in its op module of eekernels/ops (the Triton ops reuse it;
+// tests/test_extension.py checks the two agree), next to its fake (meta) implementation.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -9,8 +10,7 @@ TORCH_LIBRARY(eekernels, m) {
   // Fused exit head; see eekernels/ops/exit_head.py for the contract.
   // criterion: 0 entropy, 1 max_prob, 2 patience, 3 policy. `counter` output is [N] int32
   // for patience and an empty [0] tensor otherwise. The policy network's parameters
-  // ([P, H], [P], [P], [1]) are given with criterion 3 only; they default to None so calls
-  // written before the policy criterion keep working.
+  // ([P, H], [P], [P], [1]) are given with criterion 3 only, so they default to None.
   m.def(
       "exit_head(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, "
       "Tensor? pooler_bias, Tensor? memory, float memory_lambda, bool tanh_logits, "

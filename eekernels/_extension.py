@@ -6,6 +6,10 @@ it compiles it with ninja through ``torch.utils.cpp_extension.load`` and caches 
 result in torch's extension directory. Importing eekernels never fails because of it:
 :func:`load` returns None and :func:`load_error` says why.
 
+This module imports nothing from eekernels, so every op module can depend on it; what
+must happen once the ops exist (their fake implementations) is registered with
+:func:`on_load`.
+
 Environment:
     EEKERNELS_NO_JIT=1   never compile at run time (use only a prebuilt ``_C``).
     EEKERNELS_JIT_CUDA=0 compile only the CPU kernels at run time, even if CUDA is there.
@@ -13,18 +17,20 @@ Environment:
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a callback may call on_load
 _module = None
 _error: Optional[str] = None
 _tried = False
+_callbacks: List[Callable[[], None]] = []
 
 
 def _source_dir() -> Optional[Path]:
@@ -80,9 +86,7 @@ def load():
         if _tried:
             return _module
         try:
-            from . import _C as mod  # type: ignore[attr-defined]
-
-            _module = mod
+            _module = importlib.import_module(f"{__package__}._C")
         except ImportError as prebuilt:
             if os.environ.get("EEKERNELS_NO_JIT", "0") not in ("", "0"):
                 _error = f"not built at install time ({prebuilt}) and EEKERNELS_NO_JIT is set"
@@ -92,11 +96,21 @@ def load():
                 except Exception as e:  # compiler missing, build error...
                     _error = f"not built at install time, and compiling it now failed: {e}"
         if _module is not None:
-            from .ops import _compiled
-
-            _compiled.register_fakes()
-        _tried = True
+            for fn in _callbacks:
+                fn()
+        _tried = True  # after the callbacks: no other thread sees the module before them
         return _module
+
+
+def on_load(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the extension is loaded: now if it already is, else right after
+    a successful :func:`load` (never if loading fails)."""
+    with _lock:
+        if _tried:
+            if _module is not None:
+                callback()
+        else:
+            _callbacks.append(callback)
 
 
 def load_error() -> str:

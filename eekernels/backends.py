@@ -24,9 +24,11 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from . import _extension
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +37,7 @@ __all__ = [
     "backend_report",
     "get_backend",
     "implementation",
+    "register_implementation",
     "resolve",
     "runnable_backends",
     "set_backend",
@@ -48,30 +51,9 @@ _PREFERENCE = {
     "cpu": ("cpu", "torch"),
 }
 
-# Where each compiled/Triton implementation lives ("module:function"), per op and backend.
-_IMPLEMENTATIONS: Dict[Tuple[str, str], str] = {
-    ("exit_head", "cpu"): "eekernels.ops._compiled:exit_head_compiled",
-    ("exit_head", "cuda"): "eekernels.ops._compiled:exit_head_compiled",
-    ("exit_head", "triton"): "eekernels.triton.exit_head:exit_head_triton",
-    ("compact_rows", "cpu"): "eekernels.ops._compiled:compact_rows_compiled",
-    ("compact_rows", "cuda"): "eekernels.ops._compiled:compact_rows_compiled",
-    ("compact_rows", "triton"): "eekernels.triton.compaction:compact_rows_triton",
-    ("scatter_exits", "cpu"): "eekernels.ops._compiled:scatter_exits_compiled",
-    ("scatter_exits", "cuda"): "eekernels.ops._compiled:scatter_exits_compiled",
-    ("scatter_exits", "triton"): "eekernels.triton.compaction:scatter_exits_triton",
-    ("pack_tokens", "cpu"): "eekernels.ops._compiled:pack_tokens_compiled",
-    ("pack_tokens", "cuda"): "eekernels.ops._compiled:pack_tokens_compiled",
-    ("pack_tokens", "triton"): "eekernels.triton.tokens:pack_tokens_triton",
-    ("pack_tokens_padded", "cpu"): "eekernels.ops._compiled:pack_tokens_padded_compiled",
-    ("pack_tokens_padded", "cuda"): "eekernels.ops._compiled:pack_tokens_padded_compiled",
-    ("pack_tokens_padded", "triton"): "eekernels.triton.tokens:pack_tokens_padded_triton",
-    ("scatter_tokens", "cpu"): "eekernels.ops._compiled:scatter_tokens_compiled",
-    ("scatter_tokens", "cuda"): "eekernels.ops._compiled:scatter_tokens_compiled",
-    ("scatter_tokens", "triton"): "eekernels.triton.tokens:scatter_tokens_triton",
-    ("mpee_prune", "cpu"): "eekernels.ops._compiled:mpee_prune_compiled",
-    ("mpee_prune", "cuda"): "eekernels.ops._compiled:mpee_prune_compiled",
-    ("mpee_prune", "triton"): "eekernels.triton.tokens:mpee_prune_triton",
-}
+# (op, backend) -> the implementation: a function, or "module:function" imported on first use.
+# Each op module registers its own (register_implementation); "torch" is the reference.
+_IMPLEMENTATIONS: Dict[Tuple[str, str], Union[str, Callable]] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -108,8 +90,6 @@ def _status(name: str) -> Tuple[bool, str]:
     if name == "torch":
         return True, ""
     if name in ("cpu", "cuda"):
-        from . import _extension
-
         ext = _extension.load()
         if ext is None:
             return False, f"the C++ extension eekernels._C is not available ({_extension.load_error()})"
@@ -241,6 +221,17 @@ def resolve(requested: Optional[str], device: torch.device, op: Optional[str] = 
     return _best(dt, op)
 
 
+def register_implementation(op: str, backends: Union[str, Sequence[str]], impl: Union[str, Callable]) -> None:
+    """Declare that ``op`` runs on each of ``backends`` through ``impl``: a function, or a
+    "module:function" string imported on first use (so importing eekernels never imports
+    triton)."""
+    for name in (backends,) if isinstance(backends, str) else backends:
+        if name not in BACKENDS or name == "torch":
+            raise ValueError(f"register_implementation: {name!r} is not a kernel backend; choose from {BACKENDS[1:]}")
+        _IMPLEMENTATIONS[(op, name)] = impl
+        _resolved_impls.pop((op, name), None)
+
+
 def implementation(op: str, backend: str) -> Callable:
     """The function implementing ``op`` on ``backend`` (imported on first use)."""
     key = (op, backend)
@@ -249,7 +240,8 @@ def implementation(op: str, backend: str) -> Callable:
         target = _IMPLEMENTATIONS.get(key)
         if target is None:
             raise BackendUnavailableError(f"op {op!r} has no {backend!r} implementation")
-        mod, attr = target.split(":")
-        fn = getattr(importlib.import_module(mod), attr)
-        _resolved_impls[key] = fn
+        if isinstance(target, str):
+            mod, attr = target.split(":")
+            target = getattr(importlib.import_module(mod), attr)
+        fn = _resolved_impls[key] = target
     return fn

@@ -56,3 +56,73 @@ def test_jit_build_on_first_use(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "JIT OK" in r.stdout
     assert "compiling the C++ ops with ninja" in r.stderr
+
+
+def test_python_schemas_match_the_cpp_ops():
+    """The Triton custom ops reuse the op modules' schema strings: they must be the C++ ones."""
+    import torch
+
+    import eekernels
+    from eekernels.ops.compaction import COMPACT_ROWS_SCHEMA, SCATTER_EXITS_SCHEMA
+    from eekernels.ops.exit_head import EXIT_HEAD_SCHEMA
+    from eekernels.ops.tokens import SCHEMAS
+
+    if "cpu" not in eekernels.available_backends():
+        pytest.skip("C++ extension unavailable")
+    schemas = {"exit_head": EXIT_HEAD_SCHEMA, "compact_rows": COMPACT_ROWS_SCHEMA,
+               "scatter_exits": SCATTER_EXITS_SCHEMA, **SCHEMAS}
+    for name, schema in schemas.items():
+        assert str(getattr(torch.ops.eekernels, name).default._schema) == f"eekernels::{name}{schema}"
+
+
+def _import_graph(package_dir):
+    """module -> the eekernels modules it imports, from every import statement in its file
+    (inside functions too); ``from pkg import name`` counts as pkg.name when that is a module."""
+    import ast
+    from pathlib import Path
+
+    root = Path(package_dir)
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = here
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                mod = ".".join(p for p in ((base if node.level else ""), node.module or "") if p)
+                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in files else mod for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t not in files and "." in t:
+                    t = t.rpartition(".")[0]
+                if t in files and t != name:
+                    deps.add(t)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycle_through_the_ops_layer():
+    """DESIGN.md: no import circles. No module of the ops layer (ops, triton, backends, the
+    extension loader) may reach itself through imports."""
+    import eekernels
+
+    graph = _import_graph(os.path.dirname(eekernels.__file__))
+    owned = [m for m in graph if m.split(".")[1:2] in (["ops"], ["triton"], ["backends"], ["_extension"])]
+    assert len(owned) >= 10, owned
+    for start in owned:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            assert m != start, f"{start} imports itself through {sorted(seen)}"
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+#: Dtypes of hidden states the kernels take.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def check_tensor(name: str, op: str, t, ndim=None, dtypes=None, device=None, min_dim=None) -> None:
     """Raise TypeError/ValueError unless ``t`` is a dense tensor with ``ndim`` dims (or at
@@ -20,3 +23,9 @@ def check_tensor(name: str, op: str, t, ndim=None, dtypes=None, device=None, min
         raise TypeError(f"{op}: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device} but {device} was expected (all inputs on one device)")
+
+
+def needs_autograd(*args) -> bool:
+    """Whether autograd records and a tensor among ``args`` requires grad: then an op runs
+    its differentiable reference, whatever the backend."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)

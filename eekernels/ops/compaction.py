@@ -42,7 +42,8 @@ from typing import List, NamedTuple, Sequence
 import torch
 
 from .. import backends
-from ._checks import check_tensor
+from ._checks import check_tensor, needs_autograd
+from ._registry import register_op
 
 __all__ = [
     "CompactedRows",
@@ -53,6 +54,12 @@ __all__ = [
 ]
 
 _LAYER_DTYPES = (torch.int32, torch.int64)
+
+#: Schemas of the registered ops: the C++ ``eekernels::compact_rows`` / ``scatter_exits``
+#: (csrc/register.cpp, the same strings) and their Triton twins ``*_triton``.
+COMPACT_ROWS_SCHEMA = "(Tensor keep, Tensor[] tensors) -> (Tensor index, Tensor[] rows)"
+SCATTER_EXITS_SCHEMA = ("(Tensor(a!) out_logits, Tensor(b!) out_layer, Tensor batch_index, Tensor exit, "
+                        "Tensor logits, int layer) -> ()")
 
 
 class CompactedRows(NamedTuple):
@@ -89,6 +96,17 @@ def scatter_exits_reference(
     rows = batch_index[exit]
     out_logits[rows] = logits[exit].to(out_logits.dtype)
     out_layer[rows] = layer
+
+
+def compact_rows_fake(keep, tensors):
+    """Fake (meta) implementation of the compact_rows ops: M is a data-dependent size."""
+    m = torch.library.get_ctx().new_dynamic_size()
+    return keep.new_empty((m,), dtype=torch.int64), [t.new_empty((m, *t.shape[1:])) for t in tensors]
+
+
+def scatter_exits_fake(*args):
+    """Fake implementation of the scatter_exits ops (in place, no outputs)."""
+    return None
 
 
 # --------------------------------------------------------------------------- validation
@@ -167,10 +185,6 @@ def _prepare_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _needs_autograd(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def compact_rows(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend=None) -> CompactedRows:
     """Keep the rows where ``keep`` is True of every tensor in ``tensors``, in stable order.
 
@@ -193,7 +207,7 @@ def compact_rows(keep: torch.Tensor, tensors: Sequence[torch.Tensor], *, backend
     """
     validate_compact_rows_args(keep, tensors)
     tensors = list(tensors)
-    if _needs_autograd(*tensors):
+    if needs_autograd(*tensors):
         return compact_rows_reference(keep, tensors)
     name = backends.resolve(backend, keep.device)
     if name == "torch":
@@ -234,7 +248,7 @@ def scatter_exits(
     No host synchronisation on the GPU backends (one fused kernel).
     """
     validate_scatter_exits_args(out_logits, out_layer, batch_index, exit, logits, layer)
-    if _needs_autograd(out_logits, logits):
+    if needs_autograd(out_logits, logits):
         scatter_exits_reference(out_logits, out_layer, batch_index, exit, logits, layer)
         return
     name = backends.resolve(backend, logits.device)
@@ -245,3 +259,18 @@ def scatter_exits(
         logits = logits.contiguous()
     batch_index, exit = batch_index.contiguous(), exit.contiguous()
     backends.implementation("scatter_exits", name)(out_logits, out_layer, batch_index, exit, logits, int(layer))
+
+
+def _compact_rows_compiled(keep, tensors) -> CompactedRows:
+    index, rows = torch.ops.eekernels.compact_rows(keep, tensors)
+    return CompactedRows(index, list(rows))
+
+
+def _scatter_exits_compiled(*args) -> None:
+    torch.ops.eekernels.scatter_exits(*args)
+
+
+register_op("compact_rows", _compact_rows_compiled, "eekernels.triton.compaction:compact_rows_triton",
+            compact_rows_fake)
+register_op("scatter_exits", _scatter_exits_compiled, "eekernels.triton.compaction:scatter_exits_triton",
+            scatter_exits_fake)

@@ -14,13 +14,10 @@ For N active rows it maps each row's [CLS] (or pooled) state ``hidden[n]`` to
                                       criterion "policy"    (ConsistentEE; exit when score > threshold)
 
 and returns float32 logits, the score, the exit mask, the argmax prediction and (for
-patience) the updated counter. The "policy" criterion is ConsistentEE's policy network
-(consistentee.txt: "a policy network is introduced to an intermediate layer besides an
-internal classifier. This policy network shares the same input with the internal
-classifier", a two-layer MLP; an instance exits when p(exit) > 0.5): a hidden layer of P
-units with exact (erf) GELU, then one output unit and a sigmoid, on the classifier's input
-``x``. ``exit_head_reference`` below is the specification; the
-C++ CPU, Triton and CUDA kernels compute the same thing in one fused pass per row.
+patience) the updated counter. "policy" is ConsistentEE's policy network, a two-layer MLP
+on the classifier's input ``x`` (P hidden units, exact erf GELU; an instance exits when
+p(exit) > 0.5). ``exit_head_reference`` is the specification; the C++ CPU, Triton and CUDA
+kernels compute the same thing in one fused pass per row.
 
 Ties. Every backend rounds the threshold to float32 and compares it with the float32 score
 (patience: the integer counter with the threshold). A score exactly equal to the threshold
@@ -43,23 +40,76 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import backends
+from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd
+from ._registry import register_op
 
 __all__ = [
     "CRITERIA",
     "DEFAULT_THRESHOLD",
+    "ExitHeadArgs",
     "ExitHeadOutput",
     "exit_head",
     "exit_head_reference",
 ]
 
-#: Criterion name -> integer code used by the compiled kernels.
+#: Criterion name -> integer code used by the registered ops.
 CRITERIA = {"entropy": 0, "max_prob": 1, "patience": 2, "policy": 3}
+_CRITERION_NAMES = tuple(CRITERIA)  # code -> name
 
-#: Threshold used when ``threshold`` is None: 0.0 as before for the classifier criteria,
-#: 0.5 for the policy network (consistentee.txt: exit when p(exit) > 0.5).
+#: Threshold used when ``threshold`` is None: 0.0 for the classifier criteria, 0.5 for the
+#: policy network (consistentee.txt: exit when p(exit) > 0.5).
 DEFAULT_THRESHOLD = {"entropy": 0.0, "max_prob": 0.0, "patience": 0.0, "policy": 0.5}
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Schema of the registered exit_head ops: the C++ ``eekernels::exit_head``
+#: (csrc/register.cpp, the same string) and the Triton ``eekernels::exit_head_triton``.
+#: ``criterion`` is the code of :data:`CRITERIA`; the ``counter`` output is [N] int32 for
+#: patience and [0] otherwise.
+EXIT_HEAD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, Tensor? pooler_bias, "
+    "Tensor? memory, float memory_lambda, bool tanh_logits, int criterion, float threshold, "
+    "Tensor? prev_pred, Tensor? counter, Tensor? policy_weight=None, Tensor? policy_bias=None, "
+    "Tensor? policy_out_weight=None, Tensor? policy_out_bias=None) -> "
+    "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)"
+)
+
+
+class ExitHeadArgs(NamedTuple):
+    """The arguments of one exit head call in the order of :data:`EXIT_HEAD_SCHEMA` (see
+    :func:`exit_head` for their meaning), built once by :func:`exit_head` and handed to the
+    validator, the reference and every backend. ``criterion`` is the name here."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    pooler_weight: Optional[torch.Tensor] = None
+    pooler_bias: Optional[torch.Tensor] = None
+    memory: Optional[torch.Tensor] = None
+    memory_lambda: float = 1.0
+    tanh_logits: bool = False
+    criterion: str = "entropy"
+    threshold: Optional[float] = None
+    prev_pred: Optional[torch.Tensor] = None
+    counter: Optional[torch.Tensor] = None
+    policy_weight: Optional[torch.Tensor] = None
+    policy_bias: Optional[torch.Tensor] = None
+    policy_out_weight: Optional[torch.Tensor] = None
+    policy_out_bias: Optional[torch.Tensor] = None
+
+    def op_args(self) -> tuple:
+        """The positional arguments of the registered ops (criterion as its code)."""
+        return (*self[:8], CRITERIA[self.criterion], *self[9:])
+
+    @classmethod
+    def from_op_args(cls, args: tuple, kwargs: Optional[dict] = None) -> "ExitHeadArgs":
+        """The inverse of :meth:`op_args`, from a registered op's arguments."""
+        a = cls(**dict(zip(cls._fields, args)), **(kwargs or {}))
+        return a._replace(criterion=_CRITERION_NAMES[a.criterion])
+
+    def for_kernels(self) -> "ExitHeadArgs":
+        """What the kernels take: every tensor contiguous, except that ``hidden`` keeps its
+        row stride (e.g. ``states[:, 0]``) when its last dim is contiguous."""
+        a = ExitHeadArgs(*(t.contiguous() if isinstance(t, torch.Tensor) else t for t in self))
+        return a._replace(hidden=self.hidden if self.hidden.stride(-1) == 1 else a.hidden)
 
 
 class ExitHeadOutput(NamedTuple):
@@ -80,6 +130,21 @@ class ExitHeadOutput(NamedTuple):
     exit: torch.Tensor
     pred: torch.Tensor
     counter: Optional[torch.Tensor]
+
+    @classmethod
+    def from_op(cls, outputs, criterion: str) -> "ExitHeadOutput":
+        """From a registered op's five outputs (its [0] counter becomes None)."""
+        logits, score, exit_, pred, counter = outputs
+        return cls(logits, score, exit_, pred, counter if criterion == "patience" else None)
+
+
+def exit_head_fake(*args, **kwargs):
+    """Fake (meta) implementation of the registered exit_head ops: uninitialised outputs."""
+    a = ExitHeadArgs.from_op_args(args, kwargs)
+    n, c = a.hidden.shape[0], a.weight.shape[0]
+    new = a.hidden.new_empty
+    return (new((n, c), dtype=torch.float32), new((n,), dtype=torch.float32), new((n,), dtype=torch.bool),
+            new((n,), dtype=torch.int64), new((n if a.criterion == "patience" else 0,), dtype=torch.int32))
 
 
 # --------------------------------------------------------------------------- reference
@@ -109,23 +174,29 @@ def exit_head_reference(
     Arithmetic is float32 throughout (inputs of half types are upcast; float64 inputs
     stay float64, which the tests use as the high-precision spec), and it is
     differentiable, so it serves training. Arguments are as for :func:`exit_head`
-    (already validated).
+    (not validated here).
     """
-    if threshold is None:
-        threshold = DEFAULT_THRESHOLD[criterion]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    x = hidden.to(acc)
-    if pooler_weight is not None:
-        x = torch.tanh(torch.nn.functional.linear(x, pooler_weight.to(acc), pooler_bias.to(acc)))
-    z = torch.nn.functional.linear(x, weight.to(acc), bias.to(acc))
-    if tanh_logits:
+    return _reference(ExitHeadArgs(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
+                                   tanh_logits, criterion, threshold, prev_pred, counter, policy_weight,
+                                   policy_bias, policy_out_weight, policy_out_bias))
+
+
+def _reference(a: ExitHeadArgs) -> ExitHeadOutput:
+    criterion = a.criterion
+    threshold = DEFAULT_THRESHOLD[criterion] if a.threshold is None else a.threshold
+    acc = torch.float64 if a.hidden.dtype == torch.float64 else torch.float32
+    linear = torch.nn.functional.linear
+    x = a.hidden.to(acc)
+    if a.pooler_weight is not None:
+        x = torch.tanh(linear(x, a.pooler_weight.to(acc), a.pooler_bias.to(acc)))
+    z = linear(x, a.weight.to(acc), a.bias.to(acc))
+    if a.tanh_logits:
         z = torch.tanh(z)  # mpee.txt eq. 9
-    if memory is not None:
-        z = (1.0 - memory_lambda) * memory.to(acc) + memory_lambda * z  # mpee.txt eq. 10
+    if a.memory is not None:
+        z = (1.0 - a.memory_lambda) * a.memory.to(acc) + a.memory_lambda * z  # mpee.txt eq. 10
 
     finite = torch.isfinite(z).all(dim=1)
-    zd = z.detach()
-    pred = torch.where(finite, zd.argmax(dim=1), torch.full_like(finite, -1, dtype=torch.long))
+    pred = torch.where(finite, z.detach().argmax(dim=1), torch.full_like(finite, -1, dtype=torch.long))
     new_counter = None
     if criterion == "entropy":
         logp = torch.log_softmax(z, dim=1)
@@ -136,161 +207,117 @@ def exit_head_reference(
         exit_ = score >= threshold
     elif criterion == "patience":  # PABEE: consecutive layers with an unchanged prediction
         n = z.shape[0]
-        if prev_pred is None:
-            prev_pred = torch.full((n,), -1, dtype=torch.long, device=z.device)
-        if counter is None:
-            counter = torch.zeros(n, dtype=torch.int32, device=z.device)
+        prev_pred = torch.full((n,), -1, dtype=torch.long, device=z.device) if a.prev_pred is None else a.prev_pred
+        counter = torch.zeros(n, dtype=torch.int32, device=z.device) if a.counter is None else a.counter
         same = (pred == prev_pred) & (pred >= 0)
         new_counter = torch.where(same, counter + 1, torch.zeros_like(counter)).to(torch.int32)
         score = new_counter.to(z.dtype)
         exit_ = new_counter.double() >= threshold
-    else:  # policy
-        # ConsistentEE's policy network on the classifier's input x (consistentee.txt: it
-        # "shares the same input with the internal classifier"; a two-layer MLP):
-        # u = GELU(Wq x + bq) (exact erf GELU), p(exit) = sigmoid(wo . u + bo).
-        u = torch.nn.functional.gelu(
-            torch.nn.functional.linear(x, policy_weight.to(acc), policy_bias.to(acc)))
-        score = torch.sigmoid(u @ policy_out_weight.to(acc) + policy_out_bias.to(acc))
+    else:  # policy: p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo), exact (erf) GELU
+        u = torch.nn.functional.gelu(linear(x, a.policy_weight.to(acc), a.policy_bias.to(acc)))
+        score = torch.sigmoid(u @ a.policy_out_weight.to(acc) + a.policy_out_bias.to(acc))
         # sigmoid maps +-inf to 1 / 0, so only NaN is a non-finite policy score.
         finite = finite & ~torch.isnan(score)
         exit_ = score > threshold  # strict: exit when p(exit) > 0.5 by default
-    nan = torch.full_like(score, math.nan)
     if criterion != "patience":
-        score = torch.where(finite, score, nan)
-    exit_ = exit_ & finite
-    return ExitHeadOutput(z, score, exit_, pred, new_counter)
-
-
-def exit_head_empty_outputs(hidden: torch.Tensor, weight: torch.Tensor, criterion_code: int):
-    """Uninitialised outputs of the compiled ops' schema (logits, score, exit, pred, counter);
-    the fake (meta) implementation of every registered exit_head op. ``counter`` is [N] for
-    patience and [0] otherwise."""
-    n, c = hidden.shape[0], weight.shape[0]
-    new = hidden.new_empty
-    return (
-        new((n, c), dtype=torch.float32),
-        new((n,), dtype=torch.float32),
-        new((n,), dtype=torch.bool),
-        new((n,), dtype=torch.int64),
-        new((n if criterion_code == CRITERIA["patience"] else 0,), dtype=torch.int32),
-    )
+        score = torch.where(finite, score, torch.full_like(score, math.nan))
+    return ExitHeadOutput(z, score, exit_ & finite, pred, new_counter)
 
 
 # --------------------------------------------------------------------------- validation
 
-
-def _check_tensor(name, t, ndim, dtypes=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"exit_head: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"exit_head: {name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"exit_head: {name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"exit_head: {name} is on {t.device} but hidden is on {device}")
+_POLICY_NAMES = ExitHeadArgs._fields[12:16]
 
 
-_POLICY_NAMES = ("policy_weight", "policy_bias", "policy_out_weight", "policy_out_bias")
+def _check(name, t, ndim, dtypes, device):
+    check_tensor(name, "exit_head", t, ndim=ndim, dtypes=dtypes, device=device)
 
 
-def _validate_policy_args(hidden, criterion, policy_weight, policy_bias, policy_out_weight, policy_out_bias):
+def _validate_policy(a: ExitHeadArgs) -> None:
     """The policy network's parameters: all four with criterion "policy", none otherwise.
 
     Shapes: policy_weight [P, H] (P >= 1), policy_bias [P], policy_out_weight [P] (the
     output unit's weight row, 1-D), policy_out_bias [1]; dtype and device of ``hidden``.
     """
-    given = [name for name, t in zip(_POLICY_NAMES, (policy_weight, policy_bias, policy_out_weight,
-                                                      policy_out_bias)) if t is not None]
-    if criterion != "policy":
+    given = [name for name in _POLICY_NAMES if getattr(a, name) is not None]
+    if a.criterion != "policy":
         if given:
-            raise ValueError(f"exit_head: {', '.join(given)} given with criterion={criterion!r}; "
+            raise ValueError(f"exit_head: {', '.join(given)} given with criterion={a.criterion!r}; "
                              "the policy network's parameters go only with criterion='policy'")
         return
     if len(given) != 4:
         missing = [name for name in _POLICY_NAMES if name not in given]
         raise ValueError(f"exit_head: criterion='policy' needs {', '.join(_POLICY_NAMES)}; missing "
                          f"{', '.join(missing)}")
-    dev, dt = hidden.device, hidden.dtype
-    h = hidden.shape[1]
-    _check_tensor("policy_weight", policy_weight, 2, (dt,), dev)
-    p = policy_weight.shape[0]
-    if p < 1 or policy_weight.shape[1] != h:
-        raise ValueError(f"exit_head: policy_weight must be [P, {h}] with P >= 1, got {tuple(policy_weight.shape)}")
-    _check_tensor("policy_bias", policy_bias, 1, (dt,), dev)
-    if policy_bias.shape[0] != p:
-        raise ValueError(f"exit_head: policy_bias must be [{p}] (P={p}), got {tuple(policy_bias.shape)}")
-    _check_tensor("policy_out_weight", policy_out_weight, 1, (dt,), dev)
-    if policy_out_weight.shape[0] != p:
+    dev, dt, h = a.hidden.device, (a.hidden.dtype,), a.hidden.shape[-1]
+    _check("policy_weight", a.policy_weight, 2, dt, dev)
+    p = a.policy_weight.shape[0]
+    if p < 1 or a.policy_weight.shape[1] != h:
+        raise ValueError(f"exit_head: policy_weight must be [P, {h}] with P >= 1, got {tuple(a.policy_weight.shape)}")
+    _check("policy_bias", a.policy_bias, 1, dt, dev)
+    if a.policy_bias.shape[0] != p:
+        raise ValueError(f"exit_head: policy_bias must be [{p}] (P={p}), got {tuple(a.policy_bias.shape)}")
+    _check("policy_out_weight", a.policy_out_weight, 1, dt, dev)
+    if a.policy_out_weight.shape[0] != p:
         raise ValueError(f"exit_head: policy_out_weight must be [{p}] (P={p}; pass a [1, P] weight as "
-                         f"weight[0]), got {tuple(policy_out_weight.shape)}")
-    _check_tensor("policy_out_bias", policy_out_bias, 1, (dt,), dev)
-    if policy_out_bias.shape[0] != 1:
-        raise ValueError(f"exit_head: policy_out_bias must be [1], got {tuple(policy_out_bias.shape)}")
+                         f"weight[0]), got {tuple(a.policy_out_weight.shape)}")
+    _check("policy_out_bias", a.policy_out_bias, 1, dt, dev)
+    if a.policy_out_bias.shape[0] != 1:
+        raise ValueError(f"exit_head: policy_out_bias must be [1], got {tuple(a.policy_out_bias.shape)}")
 
 
-def validate_exit_head_args(
-    hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-    criterion, threshold, prev_pred, counter,
-    policy_weight=None, policy_bias=None, policy_out_weight=None, policy_out_bias=None,
-):
+def validate_exit_head_args(a: ExitHeadArgs) -> None:
     """Raise a clear TypeError/ValueError for any bad argument; return nothing.
 
     Runs on the host before any kernel and never reads tensor values (no device sync).
     """
-    _check_tensor("hidden", hidden, 2, _FLOAT_DTYPES)
-    dev, dt = hidden.device, hidden.dtype
-    n, h = hidden.shape
-    _check_tensor("weight", weight, 2, (dt,), dev)
-    c = weight.shape[0]
-    if weight.shape[1] != h:
-        raise ValueError(f"exit_head: weight is {tuple(weight.shape)} but hidden has H={h}; expected [C, {h}]")
+    _check("hidden", a.hidden, 2, FLOAT_DTYPES, None)
+    dev, dt = a.hidden.device, (a.hidden.dtype,)
+    n, h = a.hidden.shape
+    _check("weight", a.weight, 2, dt, dev)
+    c = a.weight.shape[0]
+    if a.weight.shape[1] != h:
+        raise ValueError(f"exit_head: weight is {tuple(a.weight.shape)} but hidden has H={h}; expected [C, {h}]")
     if c < 1 or h < 1:
         raise ValueError(f"exit_head: need C >= 1 and H >= 1, got C={c}, H={h}")
-    _check_tensor("bias", bias, 1, (dt,), dev)
-    if bias.shape[0] != c:
-        raise ValueError(f"exit_head: bias has {bias.shape[0]} entries, weight has C={c} rows")
-    if (pooler_weight is None) != (pooler_bias is None):
+    _check("bias", a.bias, 1, dt, dev)
+    if a.bias.shape[0] != c:
+        raise ValueError(f"exit_head: bias has {a.bias.shape[0]} entries, weight has C={c} rows")
+    if (a.pooler_weight is None) != (a.pooler_bias is None):
         raise ValueError("exit_head: pooler_weight and pooler_bias must be given together")
-    if pooler_weight is not None:
-        _check_tensor("pooler_weight", pooler_weight, 2, (dt,), dev)
-        if tuple(pooler_weight.shape) != (h, h):
-            raise ValueError(f"exit_head: pooler_weight must be [{h}, {h}], got {tuple(pooler_weight.shape)}")
-        _check_tensor("pooler_bias", pooler_bias, 1, (dt,), dev)
-        if pooler_bias.shape[0] != h:
-            raise ValueError(f"exit_head: pooler_bias must have {h} entries, got {pooler_bias.shape[0]}")
-    if memory is not None:
-        _check_tensor("memory", memory, 2, (torch.float32,), dev)
-        if tuple(memory.shape) != (n, c):
-            raise ValueError(f"exit_head: memory must be [{n}, {c}] (rows, classes), got {tuple(memory.shape)}")
-    lam = float(memory_lambda)
-    if not (0.0 <= lam <= 1.0):
-        raise ValueError(f"exit_head: memory_lambda must be in [0, 1], got {memory_lambda}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"exit_head: unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
-    if threshold is not None:
-        thr = float(threshold)
+    if a.pooler_weight is not None:
+        _check("pooler_weight", a.pooler_weight, 2, dt, dev)
+        if tuple(a.pooler_weight.shape) != (h, h):
+            raise ValueError(f"exit_head: pooler_weight must be [{h}, {h}], got {tuple(a.pooler_weight.shape)}")
+        _check("pooler_bias", a.pooler_bias, 1, dt, dev)
+        if a.pooler_bias.shape[0] != h:
+            raise ValueError(f"exit_head: pooler_bias must have {h} entries, got {a.pooler_bias.shape[0]}")
+    if a.memory is not None:
+        _check("memory", a.memory, 2, (torch.float32,), dev)
+        if tuple(a.memory.shape) != (n, c):
+            raise ValueError(f"exit_head: memory must be [{n}, {c}] (rows, classes), got {tuple(a.memory.shape)}")
+    if not (0.0 <= float(a.memory_lambda) <= 1.0):
+        raise ValueError(f"exit_head: memory_lambda must be in [0, 1], got {a.memory_lambda}")
+    if a.criterion not in CRITERIA:
+        raise ValueError(f"exit_head: unknown criterion {a.criterion!r}; choose one of {sorted(CRITERIA)}")
+    if a.threshold is not None:
+        thr = float(a.threshold)
         if math.isnan(thr) or thr < 0.0:
-            raise ValueError(f"exit_head: threshold must be a number >= 0 (inf allowed), got {threshold}")
-        if criterion == "policy" and thr > 1.0:
-            raise ValueError(f"exit_head: the policy threshold is a probability and must be in [0, 1], got {threshold}")
-    _validate_policy_args(hidden, criterion, policy_weight, policy_bias, policy_out_weight, policy_out_bias)
-    if criterion != "patience" and (prev_pred is not None or counter is not None):
+            raise ValueError(f"exit_head: threshold must be a number >= 0 (inf allowed), got {a.threshold}")
+        if a.criterion == "policy" and thr > 1.0:
+            raise ValueError(f"exit_head: the policy threshold is a probability and must be in [0, 1], "
+                             f"got {a.threshold}")
+    _validate_policy(a)
+    if a.criterion != "patience" and (a.prev_pred is not None or a.counter is not None):
         raise ValueError("exit_head: prev_pred/counter are patience state; pass them only with criterion='patience'")
-    if prev_pred is not None:
-        _check_tensor("prev_pred", prev_pred, 1, (torch.int64,), dev)
-        if prev_pred.shape[0] != n:
-            raise ValueError(f"exit_head: prev_pred must have N={n} entries, got {prev_pred.shape[0]}")
-    if counter is not None:
-        _check_tensor("counter", counter, 1, (torch.int32,), dev)
-        if counter.shape[0] != n:
-            raise ValueError(f"exit_head: counter must have N={n} entries, got {counter.shape[0]}")
+    for name, t, dtype in (("prev_pred", a.prev_pred, torch.int64), ("counter", a.counter, torch.int32)):
+        if t is not None:
+            _check(name, t, 1, (dtype,), dev)
+            if t.shape[0] != n:
+                raise ValueError(f"exit_head: {name} must have N={n} entries, got {t.shape[0]}")
 
 
 # --------------------------------------------------------------------------- dispatch
-
-
-def _needs_autograd(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def exit_head(
@@ -353,33 +380,22 @@ def exit_head(
     runs whatever the backend, so training through the same modules gets true gradients
     (the policy network's parameters included).
     """
-    validate_exit_head_args(
-        hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-        criterion, threshold, prev_pred, counter,
-        policy_weight, policy_bias, policy_out_weight, policy_out_bias,
-    )
-    if threshold is None:
-        threshold = DEFAULT_THRESHOLD[criterion]
-    kwargs = dict(
-        pooler_weight=pooler_weight, pooler_bias=pooler_bias, tanh_logits=bool(tanh_logits),
-        memory=memory, memory_lambda=float(memory_lambda), criterion=criterion,
-        threshold=float(threshold), prev_pred=prev_pred, counter=counter,
-    )
-    policy = dict(policy_weight=policy_weight, policy_bias=policy_bias,
-                  policy_out_weight=policy_out_weight, policy_out_bias=policy_out_bias)
-    if _needs_autograd(hidden, weight, bias, pooler_weight, pooler_bias, memory, *policy.values()):
-        return exit_head_reference(hidden, weight, bias, **kwargs, **policy)
+    a = ExitHeadArgs(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda, tanh_logits,
+                     criterion, threshold, prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
+                     policy_out_bias)
+    validate_exit_head_args(a)
+    a = a._replace(memory_lambda=float(memory_lambda), tanh_logits=bool(tanh_logits),
+                   threshold=float(DEFAULT_THRESHOLD[criterion] if threshold is None else threshold))
+    if needs_autograd(*a):
+        return _reference(a)
     name = backends.resolve(backend, hidden.device)
     if name == "torch":
-        return exit_head_reference(hidden, weight, bias, **kwargs, **policy)
-    if hidden.stride(1) != 1:
-        hidden = hidden.contiguous()
-    weight, bias = weight.contiguous(), bias.contiguous()
-    if pooler_weight is not None:
-        pooler_weight, pooler_bias = pooler_weight.contiguous(), pooler_bias.contiguous()
-    if memory is not None:
-        memory = memory.contiguous()
-    kwargs.update(pooler_weight=pooler_weight, pooler_bias=pooler_bias, memory=memory)
-    if criterion == "policy":
-        kwargs.update({k: v.contiguous() for k, v in policy.items()})
-    return backends.implementation("exit_head", name)(hidden, weight, bias, **kwargs)
+        return _reference(a)
+    return backends.implementation("exit_head", name)(a.for_kernels())
+
+
+def _exit_head_compiled(a: ExitHeadArgs) -> ExitHeadOutput:
+    return ExitHeadOutput.from_op(torch.ops.eekernels.exit_head(*a.op_args()), a.criterion)
+
+
+register_op("exit_head", _exit_head_compiled, "eekernels.triton.exit_head:exit_head_triton", exit_head_fake)

@@ -56,7 +56,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import backends
-from ._checks import check_tensor
+from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd
+from ._registry import register_op
 
 __all__ = [
     "PackedTokens",
@@ -74,8 +75,7 @@ __all__ = [
     "scatter_tokens_reference",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_KEEP_EPS = 1e-6  # ceil(keep_ratio * n - eps): exact products such as 0.7 * 10 stay 7
+KEEP_EPS = 1e-6  # ceil(keep_ratio * n - eps): exact products such as 0.7 * 10 stay 7
 
 
 class PackedTokens(NamedTuple):
@@ -128,7 +128,49 @@ class PrunedTokens(NamedTuple):
 
 def mpee_kept_width(seq_len: int, keep_ratio: float) -> int:
     """Output width of :func:`mpee_prune` for an input of padded width ``seq_len``."""
-    return 2 + math.ceil(keep_ratio * (seq_len - 1) - _KEEP_EPS)
+    return 2 + math.ceil(keep_ratio * (seq_len - 1) - KEEP_EPS)
+
+
+#: Schemas of the registered ops: the C++ ``eekernels::<name>`` (csrc/register.cpp, the
+#: same strings) and their Triton twins ``<name>_triton``.
+SCHEMAS = {
+    "pack_tokens": "(Tensor hidden, Tensor active) -> "
+                   "(Tensor values, Tensor index, Tensor cu_seqlens, SymInt max_seqlen)",
+    "pack_tokens_padded": "(Tensor hidden, Tensor active) -> (Tensor values, Tensor index, Tensor lengths)",
+    "scatter_tokens": "(Tensor(a!) hidden, Tensor index, Tensor values) -> ()",
+    "mpee_prune": "(Tensor hidden, Tensor valid, Tensor memory, Tensor attention, float keep_ratio) -> "
+                  "(Tensor hidden, Tensor valid, Tensor memory, Tensor source)",
+}
+
+
+def pack_tokens_fake(hidden, active):
+    """Fake (meta) outputs of the pack_tokens ops: nnz and max_seqlen are data-dependent."""
+    ctx = torch.library.get_ctx()
+    nnz, max_seqlen = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    b, _, h = hidden.shape
+    return (hidden.new_empty((nnz, h)), hidden.new_empty((nnz,), dtype=torch.int64),
+            hidden.new_empty((b + 1,), dtype=torch.int32), max_seqlen)
+
+
+def pack_tokens_padded_fake(hidden, active):
+    """Fake outputs of the pack_tokens_padded ops: the padded width M is data-dependent."""
+    m = torch.library.get_ctx().new_dynamic_size()
+    b, _, h = hidden.shape
+    return (hidden.new_empty((b, m, h)), hidden.new_empty((b, m), dtype=torch.int64),
+            hidden.new_empty((b,), dtype=torch.int64))
+
+
+def scatter_tokens_fake(hidden, index, values):
+    """Fake implementation of the scatter_tokens ops (in place, no outputs)."""
+    return None
+
+
+def mpee_prune_fake(hidden, valid, memory, attention, keep_ratio):
+    """Fake outputs of the mpee_prune ops: the width is known from S and keep_ratio."""
+    b, s, h = hidden.shape
+    w = mpee_kept_width(s, keep_ratio)
+    return (hidden.new_empty((b, w, h)), valid.new_empty((b, w)), memory.new_empty((b, w)),
+            memory.new_empty((b, w), dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------- reference
@@ -184,7 +226,7 @@ def mpee_prune_reference(hidden: torch.Tensor, valid: torch.Tensor, memory: torc
     for r in range(b):
         cand = valid[r, 1:].nonzero().reshape(-1) + 1  # valid non-[CLS] positions, ascending
         n = cand.numel()
-        m = math.ceil(keep_ratio * n - _KEEP_EPS)
+        m = math.ceil(keep_ratio * n - KEEP_EPS)
         # Highest memory first, ties to the lower position: a stable sort of -memory.
         order = torch.sort(-memory[r, cand].float(), stable=True).indices
         kept = cand[order[:m]].sort().values
@@ -218,7 +260,7 @@ def mpee_prune_differentiable(hidden: torch.Tensor, valid: torch.Tensor, memory:
     cand = valid.clone()
     cand[:, 0] = False  # [CLS] is kept apart
     n = cand.sum(dim=1)
-    m = torch.ceil(keep_ratio * n.double() - _KEEP_EPS).long()
+    m = torch.ceil(keep_ratio * n.double() - KEEP_EPS).long()
     pos = torch.arange(s, device=dev).expand(b, s)
     # Rank = place in the reference's order: candidates first; among them memory descending,
     # NaN last, ties to the lower position. Three stable sorts, least significant key first.
@@ -253,7 +295,7 @@ def mpee_prune_differentiable(hidden: torch.Tensor, valid: torch.Tensor, memory:
 
 
 def _check_hidden_active(op, hidden, active, active_name="active"):
-    check_tensor("hidden", op, hidden, 3, _FLOAT_DTYPES)
+    check_tensor("hidden", op, hidden, 3, FLOAT_DTYPES)
     check_tensor(active_name, op, active, 2, (torch.bool,), hidden.device)
     if tuple(active.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"{op}: {active_name} must be [B, S] = {tuple(hidden.shape[:2])}, got {tuple(active.shape)}")
@@ -267,13 +309,13 @@ def validate_pack_tokens_args(hidden, active, op="pack_tokens") -> None:
 def validate_scatter_tokens_args(hidden, index, values) -> None:
     """Raise a clear TypeError/ValueError for any bad argument (never reads tensor values)."""
     op = "scatter_tokens"
-    check_tensor("hidden", op, hidden, 3, _FLOAT_DTYPES)
+    check_tensor("hidden", op, hidden, 3, FLOAT_DTYPES)
     if not hidden.is_contiguous():
         raise ValueError(f"{op}: hidden is written in place and must be contiguous, got strides {hidden.stride()}")
     if not isinstance(index, torch.Tensor) or index.dim() not in (1, 2):
         raise ValueError(f"{op}: index must be an int64 tensor [nnz] or [B, M]")
     check_tensor("index", op, index, index.dim(), (torch.int64,), hidden.device)
-    check_tensor("values", op, values, index.dim() + 1, _FLOAT_DTYPES, hidden.device)
+    check_tensor("values", op, values, index.dim() + 1, FLOAT_DTYPES, hidden.device)
     if tuple(values.shape[:-1]) != tuple(index.shape) or values.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"{op}: values must be {tuple(index.shape) + (hidden.shape[-1],)} for index "
                          f"{tuple(index.shape)} and H={hidden.shape[-1]}, got {tuple(values.shape)}")
@@ -321,7 +363,7 @@ def pack_tokens(hidden: torch.Tensor, active: torch.Tensor, *, backend: Optional
     """
     validate_pack_tokens_args(hidden, active)
     name = backends.resolve(backend, hidden.device, op="pack_tokens")
-    if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
+    if name == "torch" or (needs_autograd(hidden)):
         return pack_tokens_reference(hidden, active)
     return backends.implementation("pack_tokens", name)(_rows_contiguous(hidden), active.contiguous())
 
@@ -333,7 +375,7 @@ def pack_tokens_padded(hidden: torch.Tensor, active: torch.Tensor, *, backend: O
     """
     validate_pack_tokens_args(hidden, active, op="pack_tokens_padded")
     name = backends.resolve(backend, hidden.device, op="pack_tokens_padded")
-    if name == "torch" or (torch.is_grad_enabled() and hidden.requires_grad):
+    if name == "torch" or (needs_autograd(hidden)):
         return pack_tokens_padded_reference(hidden, active)
     return backends.implementation("pack_tokens_padded", name)(_rows_contiguous(hidden), active.contiguous())
 
@@ -352,7 +394,7 @@ def scatter_tokens(hidden: torch.Tensor, index: torch.Tensor, values: torch.Tens
     """
     validate_scatter_tokens_args(hidden, index, values)
     name = backends.resolve(backend, hidden.device, op="scatter_tokens")
-    if name == "torch" or (torch.is_grad_enabled() and (hidden.requires_grad or values.requires_grad)):
+    if name == "torch" or needs_autograd(hidden, values):
         return scatter_tokens_reference(hidden, index, values)
     return backends.implementation("scatter_tokens", name)(hidden, index.contiguous(), values.contiguous())
 
@@ -379,9 +421,24 @@ def mpee_prune(hidden: torch.Tensor, valid: torch.Tensor, memory: torch.Tensor, 
     validate_mpee_prune_args(hidden, valid, memory, attention, keep_ratio)
     keep_ratio = float(keep_ratio)
     name = backends.resolve(backend, hidden.device, op="mpee_prune")
-    if torch.is_grad_enabled() and (hidden.requires_grad or attention.requires_grad):
+    if needs_autograd(hidden, attention):
         return mpee_prune_differentiable(hidden, valid, memory, attention, keep_ratio)
     if name == "torch":
         return mpee_prune_reference(hidden, valid, memory, attention, keep_ratio)
     return backends.implementation("mpee_prune", name)(_rows_contiguous(hidden), valid.contiguous(),
                                                        memory.contiguous(), attention.contiguous(), keep_ratio)
+
+
+def _scatter_tokens_compiled(hidden, index, values) -> torch.Tensor:
+    torch.ops.eekernels.scatter_tokens(hidden, index, values)
+    return hidden
+
+
+register_op("pack_tokens", lambda *a: PackedTokens(*torch.ops.eekernels.pack_tokens(*a)),
+            "eekernels.triton.tokens:pack_tokens_triton", pack_tokens_fake)
+register_op("pack_tokens_padded", lambda *a: PaddedTokens(*torch.ops.eekernels.pack_tokens_padded(*a)),
+            "eekernels.triton.tokens:pack_tokens_padded_triton", pack_tokens_padded_fake)
+register_op("scatter_tokens", _scatter_tokens_compiled, "eekernels.triton.tokens:scatter_tokens_triton",
+            scatter_tokens_fake)
+register_op("mpee_prune", lambda *a: PrunedTokens(*torch.ops.eekernels.mpee_prune(*a)),
+            "eekernels.triton.tokens:mpee_prune_triton", mpee_prune_fake)

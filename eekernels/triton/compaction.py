@@ -23,8 +23,8 @@ out-of-range batch position are masked off; the programs of the first class tile
 write ``layer``. No host synchronisation.
 
 The host wrappers launch directly; under ``torch.compile`` they call the custom ops
-``eekernels::compact_rows_triton`` / ``eekernels::scatter_exits_triton`` (registered at
-import, with fake kernels; the compaction's output size is a data-dependent symbol).
+``eekernels::compact_rows_triton`` / ``eekernels::scatter_exits_triton`` (schemas and
+fakes of ``eekernels.ops.compaction``).
 """
 
 from typing import List
@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard, next_pow2
-from ..ops.compaction import CompactedRows
+from ._launch import device_guard, next_pow2, opaque_launcher
+from ..ops.compaction import (COMPACT_ROWS_SCHEMA, SCATTER_EXITS_SCHEMA, CompactedRows, compact_rows_fake,
+                              scatter_exits_fake)
 
 __all__ = ["compact_rows_triton", "scatter_exits_triton"]
 
@@ -142,8 +143,6 @@ _INTERPRETED = type(_scan_kernel).__name__ == "InterpretedFunction"
 # --------------------------------------------------------------------------- host code
 
 
-_np2 = next_pow2
-_guard = device_guard
 
 
 def _word(ptr: int, row_bytes: int, stride_bytes: int, dst_ptr: int) -> int:
@@ -165,8 +164,8 @@ def _slot(t: torch.Tensor, out: torch.Tensor, m: int):
     # Tile of words: 16 KB on the GPU; large tiles under the interpreter (its cost is per
     # program, not per element).
     tile = (1 << 16) if _INTERPRETED else (16384 // w)
-    bw = min(_np2(n_words), tile)
-    br = max(1, min(tile // bw, _np2(m)))
+    bw = min(next_pow2(n_words), tile)
+    br = max(1, min(tile // bw, next_pow2(m)))
     n_col_blocks = triton.cdiv(n_words, bw)
     programs = triton.cdiv(m, br) * n_col_blocks
     return (t, out, n_words, stride_bytes // w, n_col_blocks), (w, v, br, bw), programs
@@ -192,12 +191,12 @@ def _compact_launch(keep: torch.Tensor, tensors: List[torch.Tensor]):
     n = keep.shape[0]
     dev = keep.device
     index = torch.empty((n,), dtype=torch.int64, device=dev)
-    with _guard(dev):
+    with device_guard(dev):
         if n == 0:
             m = 0
         else:
             count = torch.empty((1,), dtype=torch.int64, device=dev)
-            block = min(_np2(n), 4096 if _INTERPRETED else 2048)
+            block = min(next_pow2(n), 4096 if _INTERPRETED else 2048)
             _scan_kernel[(1,)](keep, index, count, n, BLOCK=max(block, 16),
                                num_warps=8 if block >= 1024 else 4)
             m = int(count.item())  # the one device->host read: output sizes depend on it
@@ -214,13 +213,13 @@ def _scatter_launch(out_logits, out_layer, batch_index, exit, logits, layer) -> 
     if n == 0:
         return
     if _INTERPRETED:
-        bc = min(_np2(c), 4096)
-        br = max(1, min(_np2(n), (1 << 16) // bc))
+        bc = min(next_pow2(c), 4096)
+        br = max(1, min(next_pow2(n), (1 << 16) // bc))
     else:
-        bc = min(_np2(c), 512)
-        br = max(1, min(_np2(n), 2048 // bc))
+        bc = min(next_pow2(c), 512)
+        br = max(1, min(next_pow2(n), 2048 // bc))
     grid = (triton.cdiv(n, br), max(1, triton.cdiv(c, bc)))
-    with _guard(logits.device):
+    with device_guard(logits.device):
         _scatter_kernel[grid](
             out_logits, out_layer, batch_index, exit, logits,
             n, c, out_logits.shape[0], int(layer),
@@ -229,53 +228,21 @@ def _scatter_launch(out_logits, out_layer, batch_index, exit, logits, layer) -> 
         )
 
 
-# --------------------------------------------------------------------------- custom ops
-
-_COMPACT_SCHEMA = "(Tensor keep, Tensor[] tensors) -> (Tensor, Tensor[])"
-_SCATTER_SCHEMA = ("(Tensor(a!) out_logits, Tensor(b!) out_layer, Tensor batch_index, Tensor exit, "
-                   "Tensor logits, int layer) -> ()")
-
-
-def _compact_fake(keep, tensors):
-    m = torch.library.get_ctx().new_dynamic_size()
-    return keep.new_empty((m,), dtype=torch.int64), [t.new_empty((m, *t.shape[1:])) for t in tensors]
-
-
-def _register_ops():
-    """Define the two custom ops once per process (safe on re-import)."""
-    try:
-        return torch.ops.eekernels.compact_rows_triton, torch.ops.eekernels.scatter_exits_triton
-    except (AttributeError, RuntimeError):
-        pass
-    compact = torch.library.custom_op("eekernels::compact_rows_triton", _compact_launch,
-                                      mutates_args=(), schema=_COMPACT_SCHEMA)
-    compact.register_fake(_compact_fake)
-    scatter = torch.library.custom_op("eekernels::scatter_exits_triton", _scatter_launch,
-                                      mutates_args=("out_logits", "out_layer"), schema=_SCATTER_SCHEMA)
-    scatter.register_fake(lambda *args: None)
-    return torch.ops.eekernels.compact_rows_triton, torch.ops.eekernels.scatter_exits_triton
-
-
-_compact_op, _scatter_op = _register_ops()
-
-
 # --------------------------------------------------------------------------- entry points
+
+_compact = opaque_launcher("compact_rows_triton", _compact_launch, COMPACT_ROWS_SCHEMA, compact_rows_fake)
+_scatter = opaque_launcher("scatter_exits_triton", _scatter_launch, SCATTER_EXITS_SCHEMA, scatter_exits_fake,
+                           mutates_args=("out_logits", "out_layer"))
 
 
 def compact_rows_triton(keep: torch.Tensor, tensors: List[torch.Tensor]) -> CompactedRows:
     """compact_rows with the Triton kernels; arguments as for ``eekernels.ops.compact_rows``
     (already validated; ``keep`` contiguous, every tensor's rows contiguous)."""
-    if torch.compiler.is_compiling():
-        index, outs = _compact_op(keep, tensors)
-    else:
-        index, outs = _compact_launch(keep, tensors)
+    index, outs = _compact(keep, tensors)
     return CompactedRows(index, list(outs))
 
 
 def scatter_exits_triton(out_logits, out_layer, batch_index, exit, logits, layer) -> None:
     """scatter_exits in one Triton launch; arguments as for ``eekernels.ops.scatter_exits``
     (already validated; batch_index and exit contiguous, logits' last dim contiguous)."""
-    if torch.compiler.is_compiling():
-        _scatter_op(out_logits, out_layer, batch_index, exit, logits, int(layer))
-    else:
-        _scatter_launch(out_logits, out_layer, batch_index, exit, logits, layer)
+    _scatter(out_logits, out_layer, batch_index, exit, logits, int(layer))

@@ -1,117 +1,78 @@
 """Triton implementation of the fused exit head (spec: ``eekernels/ops/exit_head.py``).
 
-One kernel launch computes, for a block of ``BLOCK_N`` rows per program and in one pass:
+One launch; each program computes, for its ``BLOCK_N`` rows and in one pass:
 
     x      = tanh(Wp h + bp)          optional pooler; float32, never rounded back to half
     z      = W x + b                  classifier, float32 accumulation (tl.dot)
     z      = tanh(z)                  if ``tanh_logits``               (mpee.txt eq. 9)
     z      = (1-lam) m_prev + lam z   if ``memory`` is given           (mpee.txt eq. 10)
-    logits = z                        stored as float32 [N, C]
-    online softmax statistics over class tiles (csrc/common/exit_head_epilogue.h):
+    online softmax statistics over class tiles (as csrc/common/exit_head_epilogue.h):
         m = running max, s = sum exp(z - m), t = sum exp(z - m) (z - m), first argmax
-    entropy = max(log(s) - t/s, 0), max_prob = 1/s, patience counter, exit mask, pred.
-    policy  = sigmoid(wo . GELU(Wq x + bq) + bo)   criterion "policy" (ConsistentEE's policy
-              network on the classifier's input x, P hidden units, exact erf GELU).
+    entropy = max(log(s) - t/s, 0), max_prob = 1/s, patience counter, exit mask, pred
+    policy  = sigmoid(wo . GELU(Wq x + bq) + bo)   criterion "policy" (P units, erf GELU)
 
-Rows whose final logits contain NaN/+-inf: score NaN (0 for patience), exit False,
-pred -1, counter 0.
+Structure (every path shares the per-tile logit epilogue ``_logit_tile`` and the exit
+decision at the end of ``_exit_head_kernel``):
 
-Kernel structure (all paths share the per-tile logit epilogue ``_logit_tile`` and the
-exit decision at the end of ``_exit_head_kernel``):
+* ``POOL = 0``, no pooler: per tile of BLOCK_C classes, tl.dot over BLOCK_K-wide tiles of
+  ``hidden`` and ``W^T`` (input dtype), float32 accumulator.
+* ``POOL = 1``, pooler and C <= 64 (one class tile): for each BLOCK_J-wide column tile j
+  of the pooler, ``p_j = tanh(h Wp_j^T + bp_j)`` and ``logits += p_j W[:, j]^T``; the
+  pooled rows are never stored.
+* ``POOL = 2``, pooler and C > 64: the program writes its float32 pooled rows to a scratch
+  [N, H], ``tl.debug_barrier()``, then runs the ``POOL = 0`` loop on them (each program
+  reads back only the rows it wrote).
+* ``POLICY = 1`` (P <= BLOCK_P): the P units are more outputs accumulated from the very x
+  tiles the classifier loads, so x is read once. ``POLICY = 2`` (large P): after the
+  classes, a loop over P tiles re-reads the program's x rows (with a pooler, from the
+  ``POOL = 2`` scratch). Each tile folds ``wo . GELU(acc + bq)`` into a running sum.
 
-* no pooler: for each class tile ``c`` of BLOCK_C classes, accumulate the
-  [BLOCK_N, BLOCK_C] logits with tl.dot over BLOCK_K-wide tiles of ``hidden`` (input
-  dtype) and ``W^T`` (input dtype), float32 accumulator.
-* pooler, C <= 64 ("fused"): there is a single class tile, so the pooler output is
-  never materialised: for each BLOCK_J-wide column tile j of the pooler,
-  ``p_j = tanh(h Wp_j^T + bp_j)`` (float32) and ``logits += p_j W[:, j]^T``.
-* pooler, C > 64 ("scratch"): phase 1 writes the float32 pooled rows [BLOCK_N, H] of
-  this program to a scratch buffer [N, H] (allocated by the launcher), then
-  ``tl.debug_barrier()``, then phase 2 runs the no-pooler loop reading the pooled rows
-  back (each program only reads rows it wrote itself).
-* policy network (criterion "policy", ``POLICY`` != 0): its P hidden units are more
-  outputs of the classifier's input x in the same program. ``POLICY == 1`` ("fused",
-  P <= BLOCK_P): a [BLOCK_N, BLOCK_P] accumulator gets ``x Wq^T`` from the very tiles the
-  classifier loads (the pooler's j loop, or the k loop of the first class tile), so x is
-  read once. ``POLICY == 2`` ("tiled", large P): after the classes, a loop over P tiles
-  re-reads the program's x rows (hidden, or the pooled scratch: a pooler with large P
-  always takes the scratch path). Each tile folds ``wo . GELU(acc + bq)`` into a running
-  [BLOCK_N] sum; the sigmoid and the strict ``> threshold`` come at the end.
+Precision: float32 inputs use ``input_precision="ieee"`` (TF32 would miss the 1e-5
+tolerance). Half inputs feed tensor-core dots in the input dtype with a float32
+accumulator; float32 pooled activations are split ``hi + lo`` (fp16) or ``hi + lo + lo2``
+(bf16) in the input dtype, which keeps ~22 / ~24 of their mantissa bits instead of 11 / 8,
+so half results differ from the float32 reference only by summation order. Under the
+interpreter (TRITON_INTERPRET=1, which CI uses) bfloat16 tiles are multiplied as raw bits,
+so there bf16 operands are upcast to float32 (``UPCAST``; exact, like the GPU's bf16 MMA).
+Scores are compared with the float32 threshold of ``_threshold32``, which makes the
+comparison equal the spec's.
 
-Precision: float32 inputs use ``input_precision="ieee"`` everywhere (TF32 would miss the
-1e-5 tolerance). Half inputs (fp16/bf16) feed tensor-core dots in the input dtype with a
-float32 accumulator; the float32 pooled activations are split ``p = hi + lo`` (fp16) or
-``hi + lo + lo2`` (bf16) with the parts in the input dtype and multiplied as
-``hi W + lo W (+ lo2 W)``, which keeps ~22 / ~24 mantissa bits of ``p`` instead of 11 / 8,
-so half results differ from the float32 reference only by float32 summation order.
-
-Block table (``_config``); all tiles are powers of two >= 16 (tl.dot minimum). np2 =
-next power of two; "half" = fp16/bf16. Every entry was compiled for sm_90 (triton 3.9,
-all flag combinations, N in {1, 600, 3000}, H in {3, 768, 1000}, C in {2, 64, 65, 1000})
-and checked with cuobjdump: no register spills except 2 fp32 entries with BLOCK_N = 64
-(16 bytes of stack) and 5 entries with H not a multiple of 16 (8-64 bytes).
+Block choice (``_config``). Tiles are powers of two >= 16 (tl.dot's minimum); np2 = next
+power of two, "half" = fp16/bf16. Why these values: benchmarks/NOTES.md, Triton exit head.
 
 ============== ==================================================================
-BLOCK_N        16 if N <= 512, 32 if N <= 2048, else 64. Every program streams the
-               whole W (and Wp) from L2, so small row tiles (more programs) while
-               the grid is below the SM count (132 on H100), larger ones after.
-no pooler      BLOCK_C = clamp(np2(C), 16, 128 if BLOCK_N == 16 else 64; 32 for
-               fp32 with BLOCK_N == 64); BLOCK_K = clamp(np2(H), 16, 64 half / 32
-               fp32: the fp32 "ieee" dot is an FMA loop holding both operands in
-               registers).
-pooler, C<=64  "fused": BLOCK_C = max(np2(C), 16) (one class tile), BLOCK_K =
-               BLOCK_J = clamp(np2(H), 16, 64 half / 32 fp32).
-pooler, C>64   "scratch": BLOCK_C = 64 if BLOCK_N == 16 else 32, BLOCK_K =
-               clamp(np2(H), 16, 32), BLOCK_J = clamp(np2(H), 16, 64).
-num_warps      8 if BLOCK_N * BLOCK_C >= 2048 or BLOCK_N == 64, else 4.
-policy         "fused" with BLOCK_P = max(np2(P), 16) when np2(P) <= 64 (32 with a
-               fused pooler or float32 inputs), else "tiled" with BLOCK_P = 32 (and the
-               scratch path when there is a pooler). The interpreter table fuses
-               np2(P) <= 32 and tiles by 32 above, so P = 33 tests the tiled loop on
-               CPU. sm_90 (triton 3.9, cuobjdump): no spills with policy except fp32
-               with BLOCK_N = 64 (16 bytes, as without policy) and bf16 tiled with a
-               pooler (8 bytes); P = 32 at N <= 512 uses 143-254 registers, stack 0.
+BLOCK_N        16 if N <= 512, 32 if N <= 2048, else 64 (more programs while the grid
+               is below the SM count: every program streams all of W and Wp)
+POOL = 0       BLOCK_C = clamp(np2(C), 16, 128 if BLOCK_N == 16 else 64; 32 for fp32
+               with BLOCK_N == 64); BLOCK_K = clamp(np2(H), 16, 64 half / 32 fp32)
+POOL = 1       BLOCK_C = max(np2(C), 16); BLOCK_K = BLOCK_J = clamp(np2(H), 16, 64 half /
+               32 fp32)
+POOL = 2       BLOCK_C = 64 if BLOCK_N == 16 else 32; BLOCK_K = clamp(np2(H), 16, 32);
+               BLOCK_J = clamp(np2(H), 16, 64)
+num_warps      8 if BLOCK_N * BLOCK_C >= 2048 or BLOCK_N == 64, else 4
+policy         POLICY = 1 with BLOCK_P = max(np2(P), 16) when np2(P) <= 64 (32 with
+               POOL = 1 or fp32), else POLICY = 2 with BLOCK_P = 32
+interpreter    BLOCK_N = clamp(np2(N), 16, 128), BLOCK_C = clamp(np2(C), 16, 256),
+               BLOCK_K = BLOCK_J = clamp(np2(H), 16, 256), POLICY = 1 up to np2(P) = 32:
+               its cost is per tile iteration, not per element
 ============== ==================================================================
 
-The W^T / Wp^T tile [BLOCK_K, BLOCK_C] (pointers + values in registers) dominates the
-register budget, which is what caps BLOCK_K * BLOCK_C.
-
-Performance caveat: one program owns BLOCK_N rows and all of H and C, so for N <= 16 with a
-pooler a single SM streams the whole H x H pooler (1.2 MB at H=768 fp16); splitting the
-pooler's output columns over programs would need a cross-program reduction.
-
-Under the Triton interpreter (TRITON_INTERPRET=1, which CI uses) interpreter time is per
-tile *iteration* (numpy per op), not per element, so a second table uses big tiles:
-BLOCK_N = clamp(next_pow2(N), 16, 128), BLOCK_C = clamp(next_pow2(C), 16, 256),
-BLOCK_K = BLOCK_J = clamp(next_pow2(H), 16, 256) (e.g. N=1000, H=768, C=2 with a
-pooler: 0.3-0.6 s instead of 7-12 s with the GPU table). The kernel code is the same;
-shapes above those tiles (C=1000, H=1000, N=1000) still exercise the multi-tile loops
-and every tail mask. The interpreter also multiplies bfloat16 tiles as raw uint16 bits
-(triton 3.6 and 3.9), so there bf16 dot operands are upcast to float32 (``UPCAST``;
-bf16 products are exact in float32, so this matches the GPU's bf16 MMA) and the float32
-pooled activations go through one exact float32 dot instead of the hi/lo/lo2 split
-(``_BF16_INTERPRETER_MODE = 2`` emulates the split, for tests).
-
-Thresholds: the kernel compares float32 scores with a float32 threshold chosen on the host
-(``_threshold32``) so that the result equals the spec's comparison exactly.
-
-The host wrapper ``exit_head_triton`` allocates the outputs and launches directly (no
-other torch ops, no host syncs). Under ``torch.compile`` it calls the custom op
-``torch.ops.eekernels.exit_head_triton`` (registered at import, with a fake kernel) so
-the launch is opaque to Dynamo/Inductor and capturable in CUDA graphs.
+``exit_head_triton`` allocates the outputs and launches directly (no other torch ops, no
+host syncs); under ``torch.compile`` it calls the custom op ``eekernels::exit_head_triton``
+(schema and fake of ``eekernels.ops.exit_head``), opaque to Dynamo/Inductor and capturable
+in CUDA graphs.
 """
 
 import functools
 import math
 import struct
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard, next_pow2
-from ..ops.exit_head import CRITERIA, ExitHeadOutput, exit_head_empty_outputs
+from ._launch import device_guard, next_pow2, opaque_launcher
+from ..ops.exit_head import CRITERIA, EXIT_HEAD_SCHEMA, ExitHeadArgs, ExitHeadOutput, exit_head_fake
 
 __all__ = ["exit_head_triton"]
 
@@ -421,14 +382,16 @@ def _exit_head_kernel(
 # triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set at import.
 _INTERPRETED = type(_exit_head_kernel).__name__ == "InterpretedFunction"
 
-
-_np2 = next_pow2
-
 # bf16 dots under the interpreter: 0 native (GPU), 1 float32 dots (fast; the default when
 # interpreted), 2 float32 dots that emulate the GPU's hi/lo/lo2 split exactly (tests).
 _BF16_INTERPRETER_MODE = 1 if _INTERPRETED else 0
 
 _FUSED_MAX_C = 64  # pooler + C <= this: single class tile, no scratch buffer
+
+
+def _tile(x: int, cap: int = 1 << 30) -> int:
+    """clamp(next_pow2(x), 16, cap): a block size (tl.dot needs >= 16)."""
+    return min(max(next_pow2(x), 16), cap)
 
 
 def _policy_config(p: int, has_pooler: bool, pool: int, is_f32: bool, interpreted: bool):
@@ -437,8 +400,8 @@ def _policy_config(p: int, has_pooler: bool, pool: int, is_f32: bool, interprete
         return pool, 0, 16
     # A 64-unit fused tile spills on sm_90 with float32 inputs (8-48 bytes of stack).
     fused_max = 32 if interpreted or pool == 1 or is_f32 else 64
-    if _np2(p) <= fused_max:
-        return pool, 1, max(_np2(p), 16)
+    if next_pow2(p) <= fused_max:
+        return pool, 1, _tile(p)
     # Tiled: the fused pooler cannot re-read its (never stored) pooled rows: use scratch.
     return (2 if has_pooler else pool), 2, 32
 
@@ -452,23 +415,23 @@ def _config(n: int, h: int, c: int, is_f32: bool, has_pooler: bool, interpreted:
         p, has_pooler, 0 if not has_pooler else (1 if c <= _FUSED_MAX_C else 2), is_f32, interpreted)
     if interpreted:
         # Interpreter: time is per tile *iteration*, not per element, so use big tiles.
-        block_n = min(max(_np2(n), 16), 128)
-        block_c = max(_np2(c), 16) if pool == 1 else min(max(_np2(c), 16), 256)
-        block_k = block_j = min(max(_np2(h), 16), 256)
+        block_n = _tile(n, 128)
+        block_c = _tile(c) if pool == 1 else _tile(c, 256)
+        block_k = block_j = _tile(h, 256)
         return pool, block_n, block_c, block_k, block_j, 4, policy, block_p
-    # GPU table: every entry compiles for sm_90 without register spills (ptxas stack 0).
+    # GPU table: caps that keep the tiles in registers on sm_90 (benchmarks/NOTES.md).
     block_n = 16 if n <= 512 else (32 if n <= 2048 else 64)
     kmax = 32 if is_f32 else 64
     if pool == 0:
         cmax = 128 if block_n == 16 else (32 if block_n == 64 and is_f32 else 64)
-        block_c = min(max(_np2(c), 16), cmax)
-        block_k, block_j = min(max(_np2(h), 16), kmax), 16  # block_j unused
+        block_c = _tile(c, cmax)
+        block_k, block_j = _tile(h, kmax), 16  # block_j unused
     elif pool == 1:
-        block_c = max(_np2(c), 16)
-        block_k = block_j = min(max(_np2(h), 16), kmax)
+        block_c = _tile(c)
+        block_k = block_j = _tile(h, kmax)
     else:
         block_c = 64 if block_n == 16 else 32
-        block_k, block_j = min(max(_np2(h), 16), 32), min(max(_np2(h), 16), 64)
+        block_k, block_j = _tile(h, 32), _tile(h, 64)
     num_warps = 8 if block_n * block_c >= 2048 or block_n == 64 else 4
     return pool, block_n, block_c, block_k, block_j, num_warps, policy, block_p
 
@@ -494,13 +457,10 @@ def _threshold32(x: float, patience: bool) -> float:
     return f
 
 
-def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-            tanh_logits, criterion, threshold, prev_pred, counter, policy_weight=None,
-            policy_bias=None, policy_out_weight=None, policy_out_bias=None):
-    """Allocate outputs and launch; returns (logits, score, exit, pred, counter-or-[0]).
-
-    Arguments in the order of the C++ op ``eekernels::exit_head`` (csrc/register.cpp);
-    criterion is the integer code (0 entropy, 1 max_prob, 2 patience, 3 policy)."""
+def _launch(*op_args, **op_kwargs):
+    """Allocate the outputs and launch; the arguments and outputs of :data:`EXIT_HEAD_SCHEMA`."""
+    a = ExitHeadArgs.from_op_args(op_args, op_kwargs)
+    hidden, weight = a.hidden, a.weight
     n, h = hidden.shape
     c = weight.shape[0]
     dev = hidden.device
@@ -508,33 +468,34 @@ def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lam
     score = torch.empty((n,), dtype=torch.float32, device=dev)
     exit_ = torch.empty((n,), dtype=torch.bool, device=dev)
     pred = torch.empty((n,), dtype=torch.int64, device=dev)
-    patience = criterion == 2
+    patience = a.criterion == "patience"
     cnt_out = torch.empty((n if patience else 0,), dtype=torch.int32, device=dev)
     if n == 0:
         return logits, score, exit_, pred, cnt_out
     is_f32 = hidden.dtype == torch.float32
-    has_pooler = pooler_weight is not None
-    has_policy = criterion == 3
-    p = policy_weight.shape[0] if has_policy else 0
+    has_pooler = a.pooler_weight is not None
+    has_policy = a.criterion == "policy"
+    p = a.policy_weight.shape[0] if has_policy else 0
     pool, block_n, block_c, block_k, block_j, num_warps, policy, block_p = _config(
         n, h, c, is_f32, has_pooler, _INTERPRETED, p)
     scratch = torch.empty((n, h), dtype=torch.float32, device=dev) if pool == 2 else logits
-    lam = float(memory_lambda)
+    lam = float(a.memory_lambda)
+    bias = a.bias
     with device_guard(dev):
         _exit_head_kernel[(triton.cdiv(n, block_n),)](
             hidden, hidden.stride(0), weight, bias,
-            pooler_weight if has_pooler else weight, pooler_bias if has_pooler else bias,
-            memory if memory is not None else logits,
-            prev_pred if prev_pred is not None else pred,  # dummies are never read
-            counter if counter is not None else score,
+            a.pooler_weight if has_pooler else weight, a.pooler_bias if has_pooler else bias,
+            logits if a.memory is None else a.memory,  # dummies (never read) for absent inputs
+            pred if a.prev_pred is None else a.prev_pred,
+            score if a.counter is None else a.counter,
             scratch,
-            policy_weight if has_policy else weight, policy_bias if has_policy else bias,
-            policy_out_weight if has_policy else bias, policy_out_bias if has_policy else bias,
+            a.policy_weight if has_policy else weight, a.policy_bias if has_policy else bias,
+            a.policy_out_weight if has_policy else bias, a.policy_out_bias if has_policy else bias,
             logits, score, exit_, pred, cnt_out if patience else score,
-            n, h, c, p, 1.0 - lam, lam, _threshold32(float(threshold), patience),
-            POOL=pool, POLICY=policy, TANH_LOGITS=bool(tanh_logits), HAS_MEMORY=memory is not None,
-            CRITERION=criterion, HAS_PREV=patience and prev_pred is not None,
-            HAS_COUNTER=patience and counter is not None, IS_F32=is_f32,
+            n, h, c, p, 1.0 - lam, lam, _threshold32(float(a.threshold), patience),
+            POOL=pool, POLICY=policy, TANH_LOGITS=bool(a.tanh_logits), HAS_MEMORY=a.memory is not None,
+            CRITERION=CRITERIA[a.criterion], HAS_PREV=patience and a.prev_pred is not None,
+            HAS_COUNTER=patience and a.counter is not None, IS_F32=is_f32,
             UPCAST=_BF16_INTERPRETER_MODE if hidden.dtype == torch.bfloat16 else 0,
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_J=block_j,
             BLOCK_P=block_p, num_warps=num_warps,
@@ -542,71 +503,10 @@ def _launch(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lam
     return logits, score, exit_, pred, cnt_out
 
 
-# --------------------------------------------------------------------------- custom op
-
-# Same schema as the C++ op eekernels::exit_head (csrc/register.cpp).
-_OP_SCHEMA = (
-    "(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, Tensor? pooler_bias, "
-    "Tensor? memory, float memory_lambda, bool tanh_logits, int criterion, float threshold, "
-    "Tensor? prev_pred, Tensor? counter, Tensor? policy_weight=None, Tensor? policy_bias=None, "
-    "Tensor? policy_out_weight=None, Tensor? policy_out_bias=None) -> "
-    "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)"
-)
+_call = opaque_launcher("exit_head_triton", _launch, EXIT_HEAD_SCHEMA, exit_head_fake)
 
 
-def _fake(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-          tanh_logits, criterion, threshold, prev_pred, counter, policy_weight=None,
-          policy_bias=None, policy_out_weight=None, policy_out_bias=None):
-    return exit_head_empty_outputs(hidden, weight, criterion)
-
-
-def _register_op():
-    """Define ``eekernels::exit_head_triton`` once per process (safe on re-import)."""
-    try:
-        return torch.ops.eekernels.exit_head_triton
-    except (AttributeError, RuntimeError):
-        pass
-    op = torch.library.custom_op("eekernels::exit_head_triton", _launch, mutates_args=(),
-                                 schema=_OP_SCHEMA)
-    op.register_fake(_fake)
-    return torch.ops.eekernels.exit_head_triton
-
-
-_op = _register_op()
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def exit_head_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    *,
-    pooler_weight: Optional[torch.Tensor] = None,
-    pooler_bias: Optional[torch.Tensor] = None,
-    tanh_logits: bool = False,
-    memory: Optional[torch.Tensor] = None,
-    memory_lambda: float = 1.0,
-    criterion: str = "entropy",
-    threshold: float = 0.0,
-    prev_pred: Optional[torch.Tensor] = None,
-    counter: Optional[torch.Tensor] = None,
-    policy_weight: Optional[torch.Tensor] = None,
-    policy_bias: Optional[torch.Tensor] = None,
-    policy_out_weight: Optional[torch.Tensor] = None,
-    policy_out_bias: Optional[torch.Tensor] = None,
-) -> ExitHeadOutput:
-    """Fused exit head in one Triton launch; arguments as for ``eekernels.ops.exit_head``
-    (already validated; everything contiguous except ``hidden``'s row stride)."""
-    code = CRITERIA[criterion]
-    policy = (policy_weight, policy_bias, policy_out_weight, policy_out_bias)
-    if torch.compiler.is_compiling():
-        logits, score, exit_, pred, cnt = _op(
-            hidden, weight, bias, pooler_weight, pooler_bias, memory, float(memory_lambda),
-            bool(tanh_logits), code, float(threshold), prev_pred, counter, *policy)
-    else:
-        logits, score, exit_, pred, cnt = _launch(
-            hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
-            tanh_logits, code, threshold, prev_pred, counter, *policy)
-    return ExitHeadOutput(logits, score, exit_, pred, cnt if code == 2 else None)
+def exit_head_triton(a: ExitHeadArgs) -> ExitHeadOutput:
+    """Fused exit head in one Triton launch; ``a`` validated and prepared by
+    ``eekernels.ops.exit_head`` (:meth:`ExitHeadArgs.for_kernels`)."""
+    return ExitHeadOutput.from_op(_call(*a.op_args()), a.criterion)

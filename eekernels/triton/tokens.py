@@ -33,8 +33,8 @@ launch, one program per sample (mpee.txt eq. 7-8):
   accumulated in float32 per column tile; then [CLS] (slot 0) and padding slots.
 
 The host wrappers launch directly; under ``torch.compile`` they call the custom ops
-``eekernels::{pack_tokens,pack_tokens_padded,scatter_tokens,mpee_prune}_triton``
-(registered at import, with the fake kernels of ``eekernels.ops._compiled``).
+``eekernels::{pack_tokens,pack_tokens_padded,scatter_tokens,mpee_prune}_triton`` (schemas
+and fakes of ``eekernels.ops.tokens``).
 """
 
 
@@ -42,13 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard, next_pow2
-from ..ops._compiled import mpee_prune_fake, pack_tokens_fake, pack_tokens_padded_fake
-from ..ops.tokens import PackedTokens, PaddedTokens, PrunedTokens, mpee_kept_width
+from ._launch import device_guard, next_pow2, opaque_launcher
+from ..ops.tokens import (KEEP_EPS, SCHEMAS, PackedTokens, PaddedTokens, PrunedTokens, mpee_kept_width,
+                          mpee_prune_fake, pack_tokens_fake, pack_tokens_padded_fake, scatter_tokens_fake)
 
 __all__ = ["mpee_prune_triton", "pack_tokens_padded_triton", "pack_tokens_triton", "scatter_tokens_triton"]
-
-_KEEP_EPS = 1e-6  # as eekernels.ops.tokens: ceil(keep_ratio * n - eps)
 
 
 # --------------------------------------------------------------------------- device code
@@ -243,17 +241,15 @@ _INTERPRETED = type(_scatter_kernel).__name__ == "InterpretedFunction"
 # --------------------------------------------------------------------------- host code
 
 
-_np2 = next_pow2
-_guard = device_guard
 
 
 def _row_tile(rows: int, h: int):
     """[BR, BH] tile for row copies: large under the interpreter (cost per program)."""
     if _INTERPRETED:
-        bh = min(_np2(h), 4096)
-        return max(1, min(_np2(rows), (1 << 15) // bh)), bh
-    bh = min(_np2(h), 512)
-    return max(1, min(_np2(rows), 4096 // bh)), bh
+        bh = min(next_pow2(h), 4096)
+        return max(1, min(next_pow2(rows), (1 << 15) // bh)), bh
+    bh = min(next_pow2(h), 512)
+    return max(1, min(next_pow2(rows), 4096 // bh)), bh
 
 
 def _scan(hidden, active):
@@ -269,7 +265,7 @@ def _scan(hidden, active):
     if total > 2**31 - 1:
         raise ValueError(f"pack_tokens: B*S={total} does not fit the int32 scan")
     stats = torch.empty((2,), dtype=torch.int64, device=dev)
-    block = min(_np2(max(total, b)), 4096 if _INTERPRETED else 2048)
+    block = min(next_pow2(max(total, b)), 4096 if _INTERPRETED else 2048)
     _pack_scan_kernel[(1,)](active, index, cu, lengths, stats, b, s, total, BLOCK=max(block, 16),
                             num_warps=8 if block >= 1024 else 4)
     nnz, longest = stats.tolist()  # the one device->host read: output sizes depend on it
@@ -278,7 +274,7 @@ def _scan(hidden, active):
 
 def _pack_launch(hidden, active):
     b, s, h = hidden.shape
-    with _guard(hidden.device):
+    with device_guard(hidden.device):
         index, cu, _, nnz, longest = _scan(hidden, active)
         values = torch.empty((nnz, h), dtype=hidden.dtype, device=hidden.device)
         if nnz and h:
@@ -290,7 +286,7 @@ def _pack_launch(hidden, active):
 
 def _pack_padded_launch(hidden, active):
     b, s, h = hidden.shape
-    with _guard(hidden.device):
+    with device_guard(hidden.device):
         flat, cu, lengths, _, m = _scan(hidden, active)
         values = torch.empty((b, m, h), dtype=hidden.dtype, device=hidden.device)
         index = torch.empty((b, m), dtype=torch.int64, device=hidden.device)
@@ -308,7 +304,7 @@ def _scatter_launch(hidden, index, values) -> None:
     if r == 0 or h == 0:
         return
     br, bh = _row_tile(r, h)
-    with _guard(hidden.device):
+    with device_guard(hidden.device):
         _scatter_kernel[(triton.cdiv(r, br), triton.cdiv(h, bh))](
             hidden, index, values, r, b * s, h, BR=br, BH=bh, num_warps=4)
 
@@ -324,83 +320,48 @@ def _mpee_launch(hidden, valid, memory, attention, keep_ratio):
     if b == 0:
         return out_h, out_valid, out_mem, out_src
     # keep_ratio and eps as float64 on the device (a fill, no sync): m is computed exactly.
-    ratio = torch.full((2,), _KEEP_EPS, dtype=torch.float64, device=dev)
+    ratio = torch.full((2,), KEEP_EPS, dtype=torch.float64, device=dev)
     ratio[0] = float(keep_ratio)
     fused = torch.empty((b, s), dtype=torch.int8, device=dev)
     if _INTERPRETED:
-        bs, bh = min(max(_np2(s), 16), 256), min(max(_np2(h), 16), 1024)
+        bs, bh = min(max(next_pow2(s), 16), 256), min(max(next_pow2(h), 16), 1024)
     else:
-        bs, bh = 64, min(max(_np2(h), 16), 128)
-    with _guard(dev):
+        bs, bh = 64, min(max(next_pow2(h), 16), 128)
+    with device_guard(dev):
         _mpee_kernel[(b,)](hidden, valid, memory, attention, ratio, fused, out_h, out_valid.view(torch.uint8),
                            out_mem, out_src,
                            s, h, w, hidden.stride(0), hidden.stride(1), BS=bs, BH=bh, num_warps=4)
     return out_h, out_valid, out_mem, out_src
 
 
-# --------------------------------------------------------------------------- custom ops
-
-
-def _register_ops():
-    """Define the four custom ops once per process (safe on re-import)."""
-    names = ("pack_tokens_triton", "pack_tokens_padded_triton", "scatter_tokens_triton", "mpee_prune_triton")
-    try:
-        return tuple(getattr(torch.ops.eekernels, n) for n in names)
-    except (AttributeError, RuntimeError):
-        pass
-    pack = torch.library.custom_op(
-        "eekernels::pack_tokens_triton", _pack_launch, mutates_args=(),
-        schema="(Tensor hidden, Tensor active) -> (Tensor, Tensor, Tensor, SymInt)")
-    pack.register_fake(pack_tokens_fake)
-    padded = torch.library.custom_op(
-        "eekernels::pack_tokens_padded_triton", _pack_padded_launch, mutates_args=(),
-        schema="(Tensor hidden, Tensor active) -> (Tensor, Tensor, Tensor)")
-    padded.register_fake(pack_tokens_padded_fake)
-    scatter = torch.library.custom_op(
-        "eekernels::scatter_tokens_triton", _scatter_launch, mutates_args=("hidden",),
-        schema="(Tensor(a!) hidden, Tensor index, Tensor values) -> ()")
-    scatter.register_fake(lambda hidden, index, values: None)
-    prune = torch.library.custom_op(
-        "eekernels::mpee_prune_triton", _mpee_launch, mutates_args=(),
-        schema="(Tensor hidden, Tensor valid, Tensor memory, Tensor attention, float keep_ratio) -> "
-               "(Tensor, Tensor, Tensor, Tensor)")
-    prune.register_fake(mpee_prune_fake)
-    return tuple(getattr(torch.ops.eekernels, n) for n in names)
-
-
-_pack_op, _padded_op, _scatter_op, _prune_op = _register_ops()
-
-
 # --------------------------------------------------------------------------- entry points
+
+_pack = opaque_launcher("pack_tokens_triton", _pack_launch, SCHEMAS["pack_tokens"], pack_tokens_fake)
+_pack_padded = opaque_launcher("pack_tokens_padded_triton", _pack_padded_launch, SCHEMAS["pack_tokens_padded"],
+                               pack_tokens_padded_fake)
+_scatter = opaque_launcher("scatter_tokens_triton", _scatter_launch, SCHEMAS["scatter_tokens"],
+                           scatter_tokens_fake, mutates_args=("hidden",))
+_prune = opaque_launcher("mpee_prune_triton", _mpee_launch, SCHEMAS["mpee_prune"], mpee_prune_fake)
 
 
 def pack_tokens_triton(hidden: torch.Tensor, active: torch.Tensor) -> PackedTokens:
     """pack_tokens with the Triton kernels; arguments as for ``eekernels.ops.pack_tokens``
     (already validated; hidden's last dim contiguous, active contiguous)."""
-    if torch.compiler.is_compiling():
-        return PackedTokens(*_pack_op(hidden, active))
-    return PackedTokens(*_pack_launch(hidden, active))
+    return PackedTokens(*_pack(hidden, active))
 
 
 def pack_tokens_padded_triton(hidden: torch.Tensor, active: torch.Tensor) -> PaddedTokens:
     """pack_tokens_padded with the Triton kernels (arguments validated and prepared)."""
-    if torch.compiler.is_compiling():
-        return PaddedTokens(*_padded_op(hidden, active))
-    return PaddedTokens(*_pack_padded_launch(hidden, active))
+    return PaddedTokens(*_pack_padded(hidden, active))
 
 
 def scatter_tokens_triton(hidden: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """scatter_tokens in one Triton launch (in place; returns hidden). Arguments validated,
     index and values contiguous."""
-    if torch.compiler.is_compiling():
-        _scatter_op(hidden, index, values)
-    else:
-        _scatter_launch(hidden, index, values)
+    _scatter(hidden, index, values)
     return hidden
 
 
 def mpee_prune_triton(hidden, valid, memory, attention, keep_ratio: float) -> PrunedTokens:
     """mpee_prune in one fused Triton launch (arguments validated and prepared)."""
-    if torch.compiler.is_compiling():
-        return PrunedTokens(*_prune_op(hidden, valid, memory, attention, float(keep_ratio)))
-    return PrunedTokens(*_mpee_launch(hidden, valid, memory, attention, float(keep_ratio)))
+    return PrunedTokens(*_prune(hidden, valid, memory, attention, float(keep_ratio)))
