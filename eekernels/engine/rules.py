@@ -52,12 +52,11 @@ class ExitRule:
 
 def head_exit(model, layer: int, rows: Rows, *, criterion: str, threshold: float, backend: Optional[str],
               **kwargs):
-    """The fused exit head of ``model``'s exit after ``layer`` on the active rows: its input
-    is each row's [CLS] state (``model.exit_pooling == "cls"``) or the mean of its real
-    tokens ("mean"). ``kwargs`` go to :func:`eekernels.ops.exit_head` (memory, patience
-    state, policy network...)."""
+    """The fused exit head of ``model``'s exit after ``layer`` on the active rows, on what
+    ``model.exit_input`` gives (a row's [CLS] state or the mean of its real tokens).
+    ``kwargs`` go to :func:`eekernels.ops.exit_head` (memory, patience state, policy network...)."""
     head = model.head(layer)
-    x, pooling = model.exit_input(rows.hidden, rows.valid)
+    x, pooling = model.exit_input(layer, rows.hidden, rows.valid)
     return exit_head(x, head.classifier.weight, head.classifier.bias,
                      pooler_weight=None if head.pooler is None else head.pooler.weight,
                      pooler_bias=None if head.pooler is None else head.pooler.bias,

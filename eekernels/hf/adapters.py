@@ -208,6 +208,21 @@ class BartEncoderAdapter(EncoderAdapter):
 ADAPTERS = (BertAdapter, RobertaAdapter, AlbertAdapter, BartEncoderAdapter)
 
 
+def backbone_pooling(path: str) -> str:
+    """How the checkpoint in ``path`` summarises a sentence: "mean" when it is a
+    sentence-transformers model trained with mean pooling (its ``1_Pooling/config.json``
+    says ``pooling_mode_mean_tokens``), else "cls" (BERT-style classifiers)."""
+    import json
+    import os
+
+    cfg = os.path.join(path, "1_Pooling", "config.json")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            return "mean" if json.load(f).get("pooling_mode_mean_tokens") else "cls"
+    except (OSError, ValueError):
+        return "cls"
+
+
 def adapter_for(model: nn.Module, per_layer_exits: bool = True) -> EncoderAdapter:
     """The adapter for an HF ``*ForSequenceClassification`` model, or a clear ValueError.
 

@@ -81,10 +81,12 @@ class ConsistentEEModel(EarlyExitModel):
     criteria = ("policy", "entropy", "max_prob", "patience")
 
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None, init: str = "copy",
-                 loss_weighting: str = "weighted", *, policy_hidden: int = 32, reward: str = "hardness",
+                 loss_weighting: str = "weighted", exit_pooling: str = "cls", *, policy_hidden: int = 32,
+                 reward: str = "hardness",
                  alpha: float = 0.1, num_samples: int = 8, epsilon: float = 0.05,
                  classifier_actions: str = "sample"):
-        super().__init__(hf_model, exit_layers=exit_layers, init=init, loss_weighting=loss_weighting)
+        super().__init__(hf_model, exit_layers=exit_layers, init=init, loss_weighting=loss_weighting,
+                         exit_pooling=exit_pooling)
         if self.num_labels < 2:
             raise ValueError(f"ConsistentEE needs a classifier with num_labels >= 2 (its reward is a "
                              f"cross-entropy), got num_labels={self.num_labels}")
@@ -127,6 +129,7 @@ class ConsistentEEModel(EarlyExitModel):
         if not isinstance(model, EarlyExitModel):
             raise TypeError(f"from_early_exit: expected an EarlyExitModel, got {type(model).__name__}")
         kwargs.setdefault("loss_weighting", model.loss_weighting)
+        kwargs.setdefault("exit_pooling", model.exit_pooling)
         out = cls(model.hf, exit_layers=model.exit_layers, init="random", **kwargs)
         out.heads.load_state_dict(model.heads.state_dict())
         return out.train(model.hf.training)  # keep the HF model's mode (eval stays eval)
@@ -218,11 +221,12 @@ class ConsistentEEModel(EarlyExitModel):
         with torch.no_grad(), self._frozen_eval():
             hidden = ad.embed(input_ids, token_type_ids)
             mask = ad.attention_mask(attention_mask, hidden)
+            valid = None if attention_mask is None else attention_mask.bool()
             pooled, exit_logits = [], []
             for i in range(self.num_layers):
                 hidden = ad.layer(i)(hidden, mask)
                 if i + 1 in self.exit_layers:
-                    x = self._pooled(i + 1, hidden[:, 0])
+                    x = self._pooled(i + 1, self.exit_input(i + 1, hidden, valid)[0])
                     pooled.append(x)
                     exit_logits.append(self._head_logits(i + 1, x).float())
             stacked = torch.stack(exit_logits)
@@ -261,6 +265,7 @@ class ConsistentEEModel(EarlyExitModel):
         ad = self.adapter
         hidden = ad.embed(input_ids, token_type_ids)
         mask = ad.attention_mask(attention_mask, hidden)
+        valid = None if attention_mask is None else attention_mask.bool()
         b = input_ids.shape[0]
         active = torch.ones(b, dtype=torch.bool, device=input_ids.device)
         out_logits = None
@@ -270,7 +275,7 @@ class ConsistentEEModel(EarlyExitModel):
             layer = i + 1
             if layer not in self.exit_layers:
                 continue
-            x = self._pooled(layer, hidden[:, 0])
+            x = self._pooled(layer, self.exit_input(layer, hidden, valid)[0])
             z = self._head_logits(layer, x).float()
             if layer == self.num_layers:
                 leave = active

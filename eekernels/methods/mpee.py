@@ -114,8 +114,9 @@ class MPEEModel(EarlyExitModel):
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None,
                  prune_layers: Sequence[int] = (4, 7, 10), keep_ratio: float = 0.7, beta: float = 0.5,
                  lam: float = 0.9, temperature: float = 1.0, kd_direction: str = "student_teacher",
-                 teacher_dim: Optional[int] = None, final_mpee_head: bool = False, init: str = "copy"):
-        super().__init__(hf_model, exit_layers=exit_layers, init=init, loss_weighting="sum")
+                 teacher_dim: Optional[int] = None, final_mpee_head: bool = False, init: str = "copy",
+                 exit_pooling: str = "cls"):
+        super().__init__(hf_model, exit_layers=exit_layers, init=init, loss_weighting="sum", exit_pooling=exit_pooling)
         n, c = self.num_layers, self.num_labels
         if c < 2:
             raise ValueError(f"MPEE is a classification method (tanh logits, cross-entropy): num_labels must be >= 2, got {c}")
@@ -165,7 +166,7 @@ class MPEEModel(EarlyExitModel):
         """The constructor options (what :meth:`save_pretrained` records)."""
         return dict(exit_layers=self.exit_layers, prune_layers=list(self.prune_layers), keep_ratio=self.keep_ratio,
                     beta=self.beta, lam=self.lam, temperature=self.temperature, kd_direction=self.kd_direction,
-                    teacher_dim=self.teacher_dim, final_mpee_head=self.final_mpee_head)
+                    teacher_dim=self.teacher_dim, final_mpee_head=self.final_mpee_head, exit_pooling=self.exit_pooling)
 
     # ------------------------------------------------------------------ inference seams
     def exit_rule(self, criterion, threshold, backend):
@@ -193,8 +194,8 @@ class MPEEModel(EarlyExitModel):
         return self.layer_speedup(exit_layer), flops
 
     # ------------------------------------------------------------------ training path
-    def _exit_logits(self, layer: int, hidden: torch.Tensor, memory: Optional[torch.Tensor], input_ids,
-                     attention_mask):
+    def _exit_logits(self, layer: int, hidden: torch.Tensor, valid: torch.Tensor, memory: Optional[torch.Tensor],
+                     input_ids, attention_mask):
         """(C_zm, next memory) of the exit after ``layer`` (differentiable, float32)."""
         n = self.num_layers
         if layer == n:
@@ -203,7 +204,7 @@ class MPEEModel(EarlyExitModel):
                 return z, memory
             z = torch.tanh(z)  # eq. 9
         else:
-            z = self.heads[str(layer)](hidden[:, 0]).float()  # tanh inside (eq. 9)
+            z = self.heads[str(layer)](self.summary(hidden, valid)).float()  # tanh inside (eq. 9)
         zm = z if memory is None else (1.0 - self.lam) * memory + self.lam * z  # eq. 10
         return zm, zm
 
@@ -234,7 +235,7 @@ class MPEEModel(EarlyExitModel):
             else:
                 hidden = p(hidden, key_valid)
             if layer in self.exit_layers:
-                z, cmem = self._exit_logits(layer, hidden, cmem, input_ids, attention_mask)
+                z, cmem = self._exit_logits(layer, hidden, valid, cmem, input_ids, attention_mask)
                 exit_logits.append(z)
             record = None
             if trace is not None:

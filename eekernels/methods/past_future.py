@@ -112,10 +112,11 @@ class PastFutureModel(EarlyExitModel):
     criteria = ("entropy", "max_prob")
 
     def __init__(self, hf_model: nn.Module, strategy: str = "concat", exit_layers: Optional[Sequence[int]] = None,
-                 init: str = "copy"):
+                 init: str = "copy", exit_pooling: str = "cls"):
         if strategy not in METHODS:
             raise ValueError(f"PastFutureModel: unknown strategy {strategy!r}; choose one of {METHODS}")
-        super().__init__(hf_model, exit_layers=exit_layers, init=init, loss_weighting="weighted")
+        super().__init__(hf_model, exit_layers=exit_layers, init=init, loss_weighting="weighted",
+                         exit_pooling=exit_pooling)
         if self.num_labels < 2:
             raise ValueError(f"PastFutureModel: needs a classifier with num_labels >= 2 (entropy exit), got {self.num_labels}")
         n = self.num_layers
@@ -135,7 +136,7 @@ class PastFutureModel(EarlyExitModel):
                 m.to(device=ref.device, dtype=ref.dtype)
 
     def options(self):
-        return {"strategy": self.strategy, "exit_layers": self.exit_layers}
+        return {"strategy": self.strategy, "exit_layers": self.exit_layers, "exit_pooling": self.exit_pooling}
 
     def exit_rule(self, criterion, threshold, backend):
         return PastFutureRule(self, criterion=criterion, threshold=threshold, backend=backend)
@@ -159,7 +160,8 @@ class PastFutureModel(EarlyExitModel):
         if input_ids.dim() != 2:
             raise ValueError(f"PastFutureModel: input_ids must be [B, S], got {tuple(input_ids.shape)}")
         layer_states = self.layer_states(input_ids, attention_mask, token_type_ids)
-        states = torch.stack([h[:, 0] for h in layer_states], dim=1)  # [B, n, H]: s_1..s_n
+        valid = None if attention_mask is None else attention_mask.bool()
+        states = torch.stack([self.summary(h, valid) for h in layer_states], dim=1)  # [B, n, H]: s_1..s_n
         final = self.final_logits(layer_states[-1], input_ids, attention_mask)
         internal = self.exit_layers[:-1]
         cos_loss = None
@@ -270,7 +272,7 @@ class PastFutureRule(ExitRule):
         pool = self.model.past_pool
         past = {k[len("past."):]: v for k, v in rows.state.items()}
         if layer <= pool.max_states:  # later layers feed no internal exit
-            past = pool.update(past, rows.hidden[:, 0], layer)
+            past = pool.update(past, self.model.summary(rows.hidden, rows.valid), layer)
         return past
 
     def observe(self, layer, rows):
@@ -285,33 +287,33 @@ class PastFutureRule(ExitRule):
 
     def decide(self, layer, rows):
         m = self.model
-        hidden = rows.hidden
         if layer == m.num_layers:  # the HF model's own head on its last [CLS] state
-            out = self._head(hidden[:, 0], layer, self.criterion, self.threshold)
+            out = self._head(rows.hidden[:, 0], layer, self.criterion, self.threshold)
             return ExitDecision(out.logits, out.exit, {})
+        s_i = m.summary(rows.hidden, rows.valid)
         if m.strategy == "voting":
-            return self._decide_voting(layer, hidden, rows.state)
+            return self._decide_voting(layer, s_i, rows.state)
         if m.strategy == "ensemble":
-            return self._decide_ensemble(layer, hidden, rows.state)
+            return self._decide_ensemble(layer, s_i, rows.state)
         past = self._update_past(layer, rows)
         s_p = m.past_pool.read(past, layer)  # eq. 1, incrementally
-        approx = m.imitation.future(hidden[:, 0], layer)  # eq. 2 for j = i+1..n: one matmul
+        approx = m.imitation.future(s_i, layer)  # eq. 2 for j = i+1..n: one matmul
         s_f = m.future_pool(approx)  # eq. 6
         z = m.gate(s_p, s_f)  # eq. 7-8
         out = self._head(z, layer, self.criterion, self.threshold)  # pooler + classifier + entropy + exit, fused
         return ExitDecision(out.logits, out.exit, {f"past.{k}": v for k, v in past.items()})
 
-    def _decide_voting(self, layer, hidden, state):
+    def _decide_voting(self, layer, s_i, state):
         # The exit decision is the layer's own confidence (the vote shares of one exit would
         # have zero entropy); the prediction is the majority of the exits so far (ties: the
         # lowest class index).
-        out = self._head(hidden[:, 0], layer, self.criterion, self.threshold)
+        out = self._head(s_i, layer, self.criterion, self.threshold)
         valid = (out.pred >= 0).float()[:, None]
         votes = state["votes"].scatter_add(1, out.pred.clamp(min=0)[:, None], valid)
         return ExitDecision(votes / self._exit_index[layer], out.exit, {"votes": votes})
 
-    def _decide_ensemble(self, layer, hidden, state):
-        out = self._head(hidden[:, 0], layer, "entropy", 0.0)  # logits only; the exit is on the mean
+    def _decide_ensemble(self, layer, s_i, state):
+        out = self._head(s_i, layer, "entropy", 0.0)  # logits only; the exit is on the mean
         prob_sum = state["prob_sum"] + torch.softmax(out.logits, dim=1)
         p = prob_sum / self._exit_index[layer]
         if self.criterion == "entropy":
@@ -323,7 +325,7 @@ class PastFutureRule(ExitRule):
 
 
 def convert(model: nn.Module, strategy: str = "concat", exit_layers: Optional[Sequence[int]] = None,
-            num_labels: Optional[int] = None, init: str = "copy") -> PastFutureModel:
+            num_labels: Optional[int] = None, init: str = "copy", exit_pooling: str = "cls") -> PastFutureModel:
     """Make a :class:`PastFutureModel` from an HF BERT/RoBERTa/ALBERT classifier or base
     model (a base model needs ``num_labels``), reusing its modules and weights.
 
@@ -333,4 +335,4 @@ def convert(model: nn.Module, strategy: str = "concat", exit_layers: Optional[Se
     if strategy not in METHODS:
         raise ValueError(f"convert: unknown strategy {strategy!r}; choose one of {METHODS}")
     return _convert_early_exit(model, exit_layers=exit_layers, num_labels=num_labels, init=init, cls=PastFutureModel,
-                               strategy=strategy)
+                               strategy=strategy, exit_pooling=exit_pooling)

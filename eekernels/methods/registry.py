@@ -94,7 +94,8 @@ def _trainer(model, targs, dataset, collate, make_optimizer, callbacks=None, tra
 def _ee_build(hf, exit_layers, options, corpus=None):
     from ..models import convert
 
-    return convert(hf, exit_layers=exit_layers, loss_weighting=options["loss_weighting"])
+    return convert(hf, exit_layers=exit_layers, loss_weighting=options["loss_weighting"],
+                   exit_pooling=options["exit_pooling"])
 
 
 def _ee_train(model, targs, dataset, collate, options, make_optimizer):
@@ -124,7 +125,7 @@ def _plain_train(model, targs, dataset, collate, options, make_optimizer):
 def _pf_build(hf, exit_layers, options, corpus=None):
     from .past_future import convert
 
-    return convert(hf, strategy=options["strategy"], exit_layers=exit_layers)
+    return convert(hf, strategy=options["strategy"], exit_layers=exit_layers, exit_pooling=options["exit_pooling"])
 
 
 def _pf_train(model, targs, dataset, collate, options, make_optimizer):
@@ -142,7 +143,7 @@ def _cee_build(hf, exit_layers, options, corpus=None):
 
     return ConsistentEEModel.from_hf(hf, exit_layers=exit_layers, reward=options["reward"], alpha=options["alpha"],
                                      num_samples=options["num_samples"], epsilon=options["epsilon"],
-                                     policy_hidden=options["policy_hidden"])
+                                     policy_hidden=options["policy_hidden"], exit_pooling=options["exit_pooling"])
 
 
 def _cee_train(model, targs, dataset, collate, options, make_optimizer):
@@ -163,7 +164,8 @@ def _mpee_build(hf, exit_layers, options, corpus=None):
     from .mpee import convert_mpee
 
     return convert_mpee(hf, exit_layers=exit_layers, prune_layers=options["prune_layers"],
-                        keep_ratio=options["keep_ratio"], beta=options["beta"], lam=options["lam"])
+                        keep_ratio=options["keep_ratio"], beta=options["beta"], lam=options["lam"],
+                        exit_pooling=options["exit_pooling"])
 
 
 # ---------------------------------------------------------------------- cascadebert
@@ -220,23 +222,30 @@ def _hashee_build(hf, exit_layers, options, corpus=None):
     return HashEEModel(hf, table)
 
 
+#: the option of every method with per-layer exit heads: what the heads read of their layer
+EXIT_POOLING = ("auto", "cls | mean | auto: the backbone's own (mean for sentence-transformers checkpoints, "
+                        "else cls)")
+
 METHODS: Dict[str, MethodSpec] = {
     "early-exit": MethodSpec(
         "early-exit", "an exit head after every layer (DeeBERT entropy / Right-Tool max-prob / PABEE patience)",
         "eekernels.models.early_exit:EarlyExitModel",
         {"loss_weighting": ("weighted", "weighted (w_i = i / sum j) or sum (DeeBERT)"),
+         "exit_pooling": EXIT_POOLING,
          "two_stage": (False, "DeeBERT: backbone + final head first, then the internal exits, backbone frozen")},
         _ee_build, _ee_train),
     "past-future": MethodSpec(
         "past-future", "Past-Future: pooled past states + imitated future states, merging gate (past-future.txt)",
         "eekernels.methods.past_future:PastFutureModel",
         {"strategy": ("concat", "max | avg | attn | concat | lstm, or the baselines voting | ensemble"),
+         "exit_pooling": EXIT_POOLING,
          "layer_freezing": (True, "freeze layer l with probability (L-l)/(L-1) each step (section 3.4)")},
         _pf_build, _pf_train),
     "consistentee": MethodSpec(
         "consistentee", "ConsistentEE: policy network per exit trained by policy gradient (consistentee.txt)",
         "eekernels.methods.consistentee:ConsistentEEModel",
         {"reward": ("hardness", "hardness (eq. 4, memorized layer) or vanilla (eq. 3)"),
+         "exit_pooling": EXIT_POOLING,
          "alpha": (0.1, "weight of the layer-cost term of the reward"),
          "num_samples": (8, "K trajectories per sample (repeated sampling)"),
          "epsilon": (0.05, "epsilon-greedy exploration (eq. 5)"),
@@ -248,6 +257,7 @@ METHODS: Dict[str, MethodSpec] = {
         "mpee", "MPEE: token pruning by class-attention memory + layer exits with classifier memory (mpee.txt)",
         "eekernels.methods.mpee:MPEEModel",
         {"prune_layers": ((4, 7, 10), "layers after which tokens are pruned (comma-separated)"),
+         "exit_pooling": EXIT_POOLING,
          "keep_ratio": (0.7, "fraction of the non-[CLS] tokens kept at each pruning layer"),
          "beta": (0.5, "class-attention memory weight (eq. 6)"),
          "lam": (0.9, "classifier memory weight (eq. 10)")},

@@ -23,15 +23,13 @@ from .. import metrics
 from ..engine.executors import EXECUTORS
 from ..engine.rules import ExitHeadRule
 from ..hf.adapters import HeadLinears, adapter_for
-from ..nn.exit_head import ExitHead
+from ..nn.exit_head import POOLINGS, ExitHead, layer_summary
 from .base import EarlyExitTrainOutput, SingleModelBase
 
-__all__ = ["EXIT_POOLINGS", "EarlyExitModel", "LOSS_WEIGHTINGS", "TRAINING_STAGES", "convert"]
+__all__ = ["EarlyExitModel", "LOSS_WEIGHTINGS", "TRAINING_STAGES", "convert"]
 
 LOSS_WEIGHTINGS = ("weighted", "sum")
 TRAINING_STAGES = ("joint", "final", "internal")
-#: what an internal exit reads of its layer: the [CLS] state, or the mean of the real tokens
-EXIT_POOLINGS = ("cls",)
 
 
 class EarlyExitModel(SingleModelBase):
@@ -44,12 +42,16 @@ class EarlyExitModel(SingleModelBase):
         init: "copy" initialises internal heads from the final head, "random" afresh.
         loss_weighting: "weighted" (w_i = i / sum_j j, past-future.txt eq. 9-12) or "sum"
             (DeeBERT).
+        exit_pooling: what the internal exits read of their layer: "cls" (the [CLS] state,
+            as DeeBERT) or "mean" (the mean of the real tokens: for backbones trained with
+            mean pooling, such as sentence-transformers). The last exit is always the HF
+            model's own head, so with exits disabled the model is the HF model.
     """
 
     method = "early-exit"
 
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None,
-                 init: str = "copy", loss_weighting: str = "weighted"):
+                 init: str = "copy", loss_weighting: str = "weighted", exit_pooling: str = "cls"):
         super().__init__()
         adapter = adapter_for(hf_model)
         self._bind(hf_model, adapter)
@@ -63,9 +65,11 @@ class EarlyExitModel(SingleModelBase):
             raise ValueError(f"init must be 'copy' or 'random', got {init!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        if exit_pooling not in POOLINGS:
+            raise ValueError(f"exit_pooling must be one of {POOLINGS}, got {exit_pooling!r}")
         self.exit_layers: List[int] = layers
         self.loss_weighting = loss_weighting
-        self.exit_pooling = "cls"
+        self.exit_pooling = exit_pooling
         self.training_stage = "joint"
         cfg = hf_model.config
         final = adapter.final_head()
@@ -94,9 +98,16 @@ class EarlyExitModel(SingleModelBase):
         h = self.heads[str(layer)]
         return HeadLinears(h.pooler, h.classifier, h.dropout)
 
-    def exit_input(self, hidden: torch.Tensor, valid: Optional[torch.Tensor]):
-        """(input, pooling keywords) of :func:`eekernels.ops.exit_head` for a layer's states."""
-        return hidden[:, 0], {}
+    def summary(self, hidden: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """What an internal exit reads of a layer's states [N, S, H]: [N, H] (``exit_pooling``)."""
+        return layer_summary(hidden, valid, self.exit_pooling)
+
+    def exit_input(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]):
+        """(input, pooling keywords) of :func:`eekernels.ops.exit_head` for the exit after
+        ``layer``: the summary for an internal exit, [CLS] for the HF head at the last layer."""
+        if layer == self.num_layers:
+            return hidden[:, 0], {}
+        return self.summary(hidden, valid), {}
 
     def head_parameters(self) -> List[nn.Parameter]:
         """The parameters the method adds or initialises afresh (every exit head, the final
@@ -105,7 +116,8 @@ class EarlyExitModel(SingleModelBase):
         return super().head_parameters() + [p for m in (final.pooler, final.classifier) for p in m.parameters()]
 
     def options(self) -> Dict[str, Any]:
-        return {"exit_layers": self.exit_layers, "loss_weighting": self.loss_weighting}
+        return {"exit_layers": self.exit_layers, "loss_weighting": self.loss_weighting,
+                "exit_pooling": self.exit_pooling}
 
     @classmethod
     def from_hf_models(cls, hf_models, **options):
@@ -202,7 +214,7 @@ class EarlyExitModel(SingleModelBase):
             if layer == self.num_layers:
                 exit_logits.append(self.final_logits(hidden, input_ids, attention_mask))
             else:
-                exit_logits.append(self.heads[str(layer)](self.exit_input(hidden, valid)[0]))
+                exit_logits.append(self.heads[str(layer)](self.summary(hidden, valid)))
         loss = None
         if labels is not None:
             w = self._exit_loss_weights().to(exit_logits[0].device)

@@ -131,6 +131,12 @@ def _load_for_training(cfg: FinetuneConfig, spec, options, label_names: List[str
             model.loss_weighting = options["loss_weighting"]
         log(f"continuing training of the {spec.name} model in {cfg.model}")
         return model
+    if options.get("exit_pooling") == "auto":
+        from ..hf.adapters import backbone_pooling
+
+        options["exit_pooling"] = backbone_pooling(cfg.model)
+        log(f"exit heads read the layer's {'[CLS] state' if options['exit_pooling'] == 'cls' else 'mean token'} "
+            f"(exit_pooling={options['exit_pooling']}, the backbone's own pooling)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = AutoModelForSequenceClassification.from_pretrained(
