@@ -105,23 +105,40 @@ class RowCompaction:
     """Rows that leave are gone: their logits and exit step are scattered to their batch
     positions, and the survivors are compacted, so later layers compute on them alone.
 
-    Host synchronisation: one read of the survivor count per exit point (``compact_rows``).
-    No boolean-mask indexing.
+    Args:
+        trim: after each compaction, cut the padded length to the longest row still active
+            (the batch's longest sentence may have left): later layers then compute no
+            padding the survivors do not need. Rows carry ``ends`` (one past each row's last
+            real token), so any padding side works.
+
+    Host synchronisation: one read of the survivor count per exit point (``compact_rows``),
+    and with ``trim`` one read of the survivors' longest length. No boolean-mask indexing.
     """
 
     name = "rows"
 
+    def __init__(self, trim: bool = True):
+        self.trim = trim
+
     def start(self, rows: Rows) -> None:
-        pass
+        valid = rows.valid
+        if self.trim and valid is not None and valid.shape[1] == rows.hidden.shape[1]:
+            pos = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+            rows.tensors["ends"] = (valid * pos).amax(dim=1)
 
     def run_layer(self, executor, step: int, rows: Rows) -> None:
         executor.layer(step, rows)
 
     def leave(self, rows: Rows, leave: torch.Tensor, logits: torch.Tensor, step: int, last: bool,
               out_logits: torch.Tensor, out_layer: torch.Tensor, backend: Optional[str]) -> bool:
-        """Scatter the leavers; compact the rest. False when no row remains."""
+        """Scatter the leavers; compact (and trim) the rest. False when no row remains."""
         scatter_exits(out_logits, out_layer, rows.tensors["batch_index"], leave, logits, step, backend=backend)
-        return not last and rows.compact(~leave, backend)
+        if last or not rows.compact(~leave, backend):
+            return False
+        ends = rows.tensors.get("ends")
+        if ends is not None and ends.shape[0] and rows.hidden.shape[1] == rows.valid.shape[1]:
+            rows.trim(max(int(ends.max()), 1))
+        return True
 
 
 def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

@@ -155,6 +155,7 @@ class MPEEExecutor(PartsExecutor):
                         backend=backend)  # eq. 7-8
         rows.hidden, rows.tensors["amem"] = pr.hidden, pr.memory
         rows.tensors.pop("a_cls")
+        rows.tensors.pop("ends", None)  # tokens moved: the padding no longer starts where it did
         if step == self.last_memory_layer:  # no later layer reads the memory
             rows.tensors.pop("amem")
         if dense and (mpee_kept_width(width, self.pruning.keep_ratio) - 2) < width - 1:

@@ -67,6 +67,20 @@ class Rows:
         self.state = dict(zip(self.state, out[1 + len(names):]))
         return True
 
+    def trim(self, length: int) -> None:
+        """Cut the sequence dimension to its first ``length`` slots (hidden states, and every
+        per-row tensor with a sequence dimension: masks [N, S], HF masks [N, 1, S, S] or
+        [N, 1, 1, S], token memories). The caller knows no real token lies beyond."""
+        s = self.hidden.shape[1]
+        if length >= s:
+            return
+        self.hidden = self.hidden[:, :length]
+        for k, t in self.tensors.items():
+            if t.dim() == 2 and t.shape[1] == s:
+                self.tensors[k] = t[:, :length]
+            elif t.dim() == 4 and t.shape[-1] == s:
+                self.tensors[k] = t[..., :length, :length] if t.shape[-2] == s else t[..., :length]
+
     def reorder(self, order: torch.Tensor) -> None:
         """Permute every row tensor by ``order`` (no host sync)."""
         self.hidden = self.hidden.index_select(0, order)

@@ -181,3 +181,24 @@ def test_convert_keeps_the_hf_models_mode():
     ee.early_exit(torch.randint(5, 90, (2, 6)), threshold=0.5)
     assert not hf.training and not ee.training  # early_exit restored eval mode, dropout stays off
     assert convert(tiny_classifier("bert").train()).training
+
+
+def test_padding_trimmed_to_the_longest_active_row():
+    """When the longest row leaves, later layers compute on the survivors' own longest length."""
+    ee = convert(tiny_classifier("bert", seed=2))
+    ids, _, _ = ragged_batch(4, 12, seed=3)
+    lengths = torch.tensor([12, 5, 7, 3])
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    widths = []
+    hook = ee.hf.bert.encoder.layer[2].register_forward_hook(lambda m, a, o: widths.append(tuple(a[0].shape[:2])))
+    try:
+        out = ee.early_exit(ids, mask, exit_profile=torch.tensor([1, 4, 4, 4]))  # the 12-token row leaves first
+        untrimmed = ee.early_exit(ids, mask, exit_profile=torch.tensor([1, 4, 4, 4]), engine="rows",
+                                  executor="parts")  # parts run outside the HF modules: no hook call
+    finally:
+        hook.remove()
+    assert widths == [(3, 7)], widths  # 3 rows left, padded to the longest of them (7), not 12
+    for i in range(1, 4):
+        alone = ee.early_exit(ids[i:i + 1, :int(lengths[i])], None, exit_profile=torch.tensor([4]))
+        assert torch.allclose(alone.logits[0], out.logits[i], rtol=1e-5, atol=1e-5), i
+        assert torch.allclose(untrimmed.logits[i], out.logits[i], rtol=1e-5, atol=1e-5), i
