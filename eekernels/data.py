@@ -51,7 +51,8 @@ class LabelledTexts:
 
     Attributes:
         texts: one string per example, or a (first, second) tuple for sentence pairs.
-        labels: class indices, 0 .. len(label_names) - 1.
+        labels: class indices, 0 .. len(label_names) - 1 (None for a file read without
+            labels: ``read_examples(..., require_labels=False)`` of an unlabelled file).
         label_names: string labels: the sorted unique raw strings (or the names given to
             :func:`read_examples`); integer labels: ``str(i)`` for i in 0 .. max label.
         text_columns: the text column(s) used (1 or 2).
@@ -60,7 +61,7 @@ class LabelledTexts:
     """
 
     texts: List[Text]
-    labels: List[int]
+    labels: Optional[List[int]]
     label_names: List[str]
     text_columns: Tuple[str, ...]
     label_column: str
@@ -68,7 +69,7 @@ class LabelledTexts:
     columns: List[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.texts)
 
     @property
     def is_pair(self) -> bool:
@@ -191,8 +192,11 @@ def _as_int(s: str) -> Optional[int]:
 
 
 def read_examples(path, text_columns: Optional[Union[str, Sequence[str]]] = None,
-                  label_column: Optional[str] = None, label_names: Optional[Sequence[str]] = None) -> LabelledTexts:
-    """Read a labelled text-classification file.
+                  label_column: Optional[str] = None, label_names: Optional[Sequence[str]] = None,
+                  require_labels: bool = True) -> LabelledTexts:
+    """Read a labelled text-classification file (or, with ``require_labels=False``, one
+    that may have no labels: a file without a label column, or whose labels are all -1 as
+    GLUE test files mark them, comes back with ``labels=None``).
 
     Args:
         path: a ``.tsv`` (or TAB-separated ``.txt``), ``.csv``, ``.jsonl`` (or, with pyarrow, ``.parquet``) file.
@@ -227,7 +231,9 @@ def read_examples(path, text_columns: Optional[Union[str, Sequence[str]]] = None
     # ---- columns
     if label_column is None:
         label_column = next((c for c in LABEL_COLUMNS if c in header), None)
-        if label_column is None:
+        if label_column is None and not require_labels:
+            label_column = ""
+        elif label_column is None:
             raise ValueError(f"{path}: no label column (looked for {', '.join(LABEL_COLUMNS)}): this looks like an "
                              f"unlabeled (test) file; available columns: {cols}. Give --label-column if the "
                              f"labels are under another name")
@@ -249,7 +255,7 @@ def read_examples(path, text_columns: Optional[Union[str, Sequence[str]]] = None
         if missing:
             raise ValueError(f"{path}: text column {', '.join(map(repr, missing))} not found; "
                              f"available columns: {cols}")
-    if label_column in tc:
+    if label_column and label_column in tc:
         raise ValueError(f"{path}: column {label_column!r} is both a text and the label column")
     if not rows:
         raise ValueError(f"{path}: no rows (only a header line)")
@@ -257,8 +263,9 @@ def read_examples(path, text_columns: Optional[Union[str, Sequence[str]]] = None
     # ---- rows
     texts: List[Text] = []
     raw: List[str] = []
+    label_cols = (label_column,) if label_column else ()
     for lineno, row in rows:
-        for c in tc + (label_column,):
+        for c in tc + label_cols:
             if c not in row:  # JSON lines: each object has its own keys
                 raise ValueError(f"{path}, line {lineno}: no field {c!r}; this row has {_columns_str(list(row))}")
         vals = []
@@ -268,11 +275,15 @@ def read_examples(path, text_columns: Optional[Union[str, Sequence[str]]] = None
                 raise ValueError(f"{path}, line {lineno}: empty text in column {c!r}")
             vals.append(str(v))
         texts.append(vals[0] if len(vals) == 1 else (vals[0], vals[1]))
-        raw.append(_raw_label(row[label_column], path, lineno, label_column))
+        if label_column:
+            raw.append(_raw_label(row[label_column], path, lineno, label_column))
 
     # ---- labels
     ints = [_as_int(s) for s in raw]
     all_int = all(i is not None for i in ints)
+    if not require_labels and (not label_column or (all_int and all(i == -1 for i in ints))):
+        return LabelledTexts(texts=texts, labels=None, label_names=[str(n) for n in label_names or []],
+                             text_columns=tc, label_column=label_column, path=path, columns=list(header))
     if all_int:
         neg = [(rows[k][0], i) for k, i in enumerate(ints) if i < 0]
         if neg:
@@ -330,7 +341,8 @@ def encode(tokenizer, examples: LabelledTexts, max_length: int = 128) -> Encoded
     out["attention_mask"] = enc["attention_mask"]
     if "token_type_ids" in enc:
         out["token_type_ids"] = enc["token_type_ids"]
-    out["labels"] = torch.tensor(examples.labels, dtype=torch.long)
+    if examples.labels is not None:
+        out["labels"] = torch.tensor(examples.labels, dtype=torch.long)
     out.num_truncated = int(num_truncated)
     out.max_length = int(max_length)
     if num_truncated:

@@ -10,7 +10,9 @@ It runs ``model.early_exit`` over the file in batches (dynamic padding) and repo
 accuracy (early exit and full model), the exit histogram, the layer speed-up
 (past-future.txt eq. 15 over the whole set), the FLOPs speed-up and the wall clock of early
 exit against the full HF forward on the same batches. Any method's saved directory works:
-its own exit rule is the default.
+its own exit rule is the default. With ``predictions=PATH`` it also writes one line per
+input row (index, prediction, label name, exit layer, score), for any file, labelled or
+not (an unlabelled file needs a threshold calibrated elsewhere; its report has no accuracy).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["evaluate", "plot_histogram", "threshold_notes"]
+__all__ = ["binary_f1", "evaluate", "exit_scores", "plot_histogram", "threshold_notes", "write_predictions"]
 
 
 def threshold_notes(hist: Dict[int, int], exit_points: List[int], criterion: str) -> List[str]:
@@ -68,6 +70,37 @@ def plot_histogram(path: str, hist: Dict[int, int], n: int, title: str) -> None:
     plt.close(fig)
 
 
+def binary_f1(pred: torch.Tensor, labels: torch.Tensor, positive: int = 1) -> float:
+    """F1 of class ``positive`` (GLUE's MRPC metric), 0 when it is never predicted nor true."""
+    tp = int(((pred == positive) & (labels == positive)).sum())
+    fp = int(((pred == positive) & (labels != positive)).sum())
+    fn = int(((pred != positive) & (labels == positive)).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def exit_scores(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Each row's score as the predictions file reports it, from its logits at its exit:
+    the entropy (nats) for "entropy", else the max probability."""
+    p = logits.float().softmax(-1)
+    if criterion == "entropy":
+        return -torch.special.xlogy(p, p).sum(-1)
+    return p.max(-1).values
+
+
+def write_predictions(path: str, pred: torch.Tensor, exit_layer: torch.Tensor, score: torch.Tensor,
+                      names: Optional[List[str]]) -> None:
+    """One TSV line per input row (index, prediction, label, exit_layer, score), written
+    atomically (a crash leaves no half-written file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("index\tprediction\tlabel\texit_layer\tscore\n")
+        for i, (p, e, s) in enumerate(zip(pred.tolist(), exit_layer.tolist(), score.tolist())):
+            label = names[p] if names and 0 <= p < len(names) else str(p)
+            f.write(f"{i}\t{p}\t{label}\t{e}\t{s:.6g}\n")
+    os.replace(tmp, path)
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,7 +109,8 @@ def _sync(device) -> None:
 def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, threshold: Optional[float] = None,
              target_speedup: Optional[float] = None, batch_size: int = 32, max_length: int = 128,
              text_columns: Optional[str] = None, label_column: Optional[str] = None, backend: Optional[str] = None,
-             cpu: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+             cpu: bool = False, progress: bool = True, predictions: Optional[str] = None,
+             log: Callable[[str], None] = print) -> dict:
     """Evaluate a saved model on a labelled file (see the module docstring); returns the report.
 
     Exactly one of ``threshold`` and ``target_speedup`` (calibrated on this data, in-sample)
@@ -128,18 +162,24 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
                              f"--target-speedup")
         criterion, threshold = "none", float("nan")
     points = model.exit_points
-    examples = read_examples(data, text_columns, label_column, label_names=names)
+    examples = read_examples(data, text_columns, label_column, label_names=names,
+                             require_labels=predictions is None)
+    labelled = examples.labels is not None
+    if not labelled and target_speedup is not None:
+        raise ValueError(f"{data} has no labels: --target-speedup calibrates on labels; give a --threshold "
+                         f"calibrated on a labelled dev set")
     n, c = model.num_layers, model.num_labels
-    check_labels(examples.labels, c, data, names)
+    if labelled:
+        check_labels(examples.labels, c, data, names)
     tokenizer = load_tokenizer(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
     model.to(device)
     max_length = max_length_for(model.config, max_length, log)
     enc = encode_quietly(tokenizer, examples, max_length, "data", log)
-    labels = enc["labels"]
+    labels = enc.get("labels")
     log(f"data: {len(examples)} examples from {data}, text {list(examples.text_columns)}, "
-        f"label {examples.label_column!r}; model: {spec.name}, {n} layers, exits after {points}, {c} classes; "
-        f"device {device}")
+        f"label {examples.label_column or '(none)'!r}; model: {spec.name}, {n} layers, exits after {points}, "
+        f"{c} classes; device {device}")
 
     calibration = None
     if target_speedup is not None:
@@ -180,7 +220,7 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
                 _sync(device)
                 t_full += time.perf_counter() - t0
                 full_preds.append(z.argmax(-1).cpu())
-            preds, exit_layer, t_early, flops = [], [], 0.0, []
+            preds, exit_layer, t_early, flops, scores = [], [], 0.0, [], []
             for b in tqdm(batch_list, desc="early exit", disable=not progress):
                 t0 = time.perf_counter()
                 out = early(b)
@@ -188,13 +228,17 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
                 t_early += time.perf_counter() - t0
                 preds.append(out.pred.cpu())
                 exit_layer.append(out.exit_layer.cpu())
+                scores.append(exit_scores(out.logits.cpu(), criterion))
                 flops.append((float(b[1].sum()), out.flops_speedup))
     except backends.BackendUnavailableError as e:
         raise ValueError(f"--backend {backend}: {e}") from None
     full_pred, pred, el = torch.cat(full_preds), torch.cat(preds), torch.cat(exit_layer)
+    if predictions:
+        write_predictions(predictions, pred, el, torch.cat(scores), names or examples.label_names)
+        log(f"wrote {predictions}")
 
-    acc = float((pred == labels).float().mean())
-    full_acc = float((full_pred == labels).float().mean())
+    acc = float((pred == labels).float().mean()) if labelled else None
+    full_acc = float((full_pred == labels).float().mean()) if labelled else None
     hist = {l: int((el == l).sum()) for l in points}
     layer_speedup = model.layer_speedup(el)
     # Each batch's FLOPs speed-up is the method's own count (token pruning, extra heads and
@@ -207,11 +251,13 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
         "label_names": names or examples.label_names, "text_columns": list(examples.text_columns),
         "label_column": examples.label_column, "criterion": criterion, "threshold": threshold,
         "calibration": calibration, "accuracy": acc, "full_accuracy": full_acc,
+        "f1": binary_f1(pred, labels) if labelled and c == 2 else None,
+        "full_f1": binary_f1(full_pred, labels) if labelled and c == 2 else None,
         "agreement_with_full": float((pred == full_pred).float().mean()), "method": spec.name, "num_layers": n,
         "exit_layers": points, "exit_histogram": {str(l): v for l, v in hist.items()},
         "mean_exit_layer": float(el.double().mean()), "layer_speedup": layer_speedup, "flops_speedup": flops_speedup,
         "time_early_exit_s": t_early, "time_full_s": t_full, "wallclock_speedup": wall, "batch_size": batch_size,
         "num_batches": len(batch_list), "max_length": max_length, "num_truncated": enc.num_truncated,
-        "device": str(device), "backend": backend,
+        "device": str(device), "backend": backend, "predictions": predictions,
         "notes": [] if not rules else threshold_notes(hist, points, criterion),
     }

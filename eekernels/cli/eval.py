@@ -14,7 +14,8 @@ CRITERIA = ("entropy", "max_prob", "patience", "policy")
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a directory written by `eekernels train`")
-    p.add_argument("--data", required=True, help="labelled file to evaluate (.tsv, .csv, .jsonl)")
+    p.add_argument("--data", required=True, help="file to evaluate (.tsv, .csv, .jsonl); labelled, or any file with "
+                                                 "--predictions")
     add_data_arguments(p)
     p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help="entropy (exit when < threshold), max_prob (exit when >= threshold), "
@@ -28,6 +29,10 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default=None, help="ops backend: torch, cpu, triton, cuda (default: automatic)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--plot", default=None, help="write a PNG exit histogram here")
+    p.add_argument("--predictions", default=None, metavar="FILE",
+                   help="write one TSV line per input row here (index, prediction, label, exit layer, score: the "
+                        "entropy for --criterion entropy, else the max probability); the data may be unlabelled, "
+                        "then give a --threshold calibrated elsewhere")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -37,9 +42,11 @@ def print_report(r: dict) -> None:
     total = sum(hist.values())
     print(f"criterion {r['criterion']}, threshold {r['threshold']:.6g}, {r['num_batches']} batches of "
           f"<= {r['batch_size']}")
-    print(f"accuracy (early exit): {r['accuracy']:.4f}")
-    print(f"accuracy (full model): {r['full_accuracy']:.4f}   (early exit agrees with the full model on "
-          f"{r['agreement_with_full']:.2%})")
+    if r["accuracy"] is not None:
+        print(f"accuracy (early exit): {r['accuracy']:.4f}" + (f"   F1 {r['f1']:.4f}" if r["f1"] is not None else ""))
+        print(f"accuracy (full model): {r['full_accuracy']:.4f}" +
+              (f"   F1 {r['full_f1']:.4f}" if r["full_f1"] is not None else ""))
+    print(f"early exit agrees with the full model on {r['agreement_with_full']:.2%} of the rows")
     print("exit histogram:")
     top = max(hist.values()) or 1
     for l in r["exit_layers"]:
@@ -58,7 +65,7 @@ def _eval(args) -> int:
     r = evaluate(args.model, args.data, criterion=args.criterion, threshold=args.threshold,
                  target_speedup=args.target_speedup, batch_size=args.batch_size, max_length=args.max_length,
                  text_columns=args.text_columns, label_column=args.label_column, backend=args.backend,
-                 cpu=args.cpu, progress=not args.no_progress)
+                 cpu=args.cpu, progress=not args.no_progress, predictions=args.predictions)
     print_report(r)
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
@@ -67,8 +74,9 @@ def _eval(args) -> int:
         print(f"wrote {args.report}")
     if args.plot:
         plot_histogram(args.plot, {int(k): v for k, v in r["exit_histogram"].items()}, r["exit_layers"][-1],
-                       f"{os.path.basename(args.data)}: {r['criterion']} {r['threshold']:.4g}, acc "
-                       f"{r['accuracy']:.3f}, layer speed-up {r['layer_speedup']:.2f}x")
+                       f"{os.path.basename(args.data)}: {r['criterion']} {r['threshold']:.4g}"
+                       + (f", acc {r['accuracy']:.3f}" if r["accuracy"] is not None else "")
+                       + f", layer speed-up {r['layer_speedup']:.2f}x")
         print(f"wrote {args.plot}")
     return 0
 

