@@ -94,6 +94,19 @@ def _columns_str(cols: Sequence[str]) -> str:
     return ", ".join(repr(c) for c in cols) if cols else "(none)"
 
 
+def _check_utf8(path: str) -> None:
+    """A ValueError naming the line and byte when ``path`` is not UTF-8 text."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}, column {col}: byte 0x{data[e.start]:02x} is not UTF-8 text; "
+                         f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _read_tsv(path: str):
     with open(path, encoding="utf-8-sig", newline="") as f:
         text = f.read()
@@ -223,6 +236,8 @@ def read_examples(path, text_columns: Optional[Union[str, Sequence[str]]] = None
                          f"(.tsv: TAB-separated with a header line, no quoting)")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty file")
+    if ext != ".parquet":
+        _check_utf8(path)
     reader = {".tsv": _read_tsv, ".txt": _read_tsv, ".csv": _read_csv, ".jsonl": _read_jsonl,
               ".parquet": _read_parquet}[ext]
     header, rows = reader(path)

@@ -123,6 +123,7 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
     from .calibration import calibrate
     from .data import batches, check_labels, encode_quietly, load_tokenizer, max_length_for, read_examples
     from .methods.registry import load_model
+    from .models.base import CONFIG_FILE
     from .training.finetune import LABEL_NAMES_FILE, check_model_dir
 
     if batch_size <= 0:
@@ -130,11 +131,10 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
     if threshold is not None and not (threshold >= 0):  # NaN too
         raise ValueError(f"--threshold must be a number >= 0 (inf allowed), got {threshold}")
     check_model_dir(model_dir)
-    try:
-        model, spec = load_model(model_dir)
-    except FileNotFoundError:
+    if not os.path.isfile(os.path.join(model_dir, CONFIG_FILE)):
         raise ValueError(f"{model_dir} was not saved by `eekernels train` (no early-exit model of any method in it); "
-                         f"train it first: eekernels train --model {model_dir} --train FILE --out DIR") from None
+                         f"train it first: eekernels train --model {model_dir} --train FILE --out DIR")
+    model, spec = load_model(model_dir)
     model.eval()
     names = None
     names_file = os.path.join(model_dir, LABEL_NAMES_FILE)

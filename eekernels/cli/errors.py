@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-#: exit status of a command stopped by bad input
-USER_ERROR = 1
+#: exit status of a command stopped by bad input (as argparse's own usage errors)
+USER_ERROR = 2
 
 
 def user_error(cmd: str, msg: str) -> int:

@@ -40,6 +40,7 @@ from ..engine.executors import EXECUTORS, LayerExecutor
 from ..engine.fixed import FixedCapacity
 from ..engine.graphed import GraphCache
 from ..engine.loop import EarlyExitOutput, RowCompaction, run_early_exit
+from .._atomic import recover, staged_dir, write_json
 from ..engine.rules import ExitRule
 
 __all__ = ["CONFIG_FILE", "ENGINES", "EarlyExitBase", "EarlyExitTrainOutput", "SingleModelBase", "WEIGHTS_FILE",
@@ -48,6 +49,8 @@ __all__ = ["CONFIG_FILE", "ENGINES", "EarlyExitBase", "EarlyExitTrainOutput", "S
 CONFIG_FILE = "eekernels.json"
 WEIGHTS_FILE = "eekernels.safetensors"
 FORMAT = "eekernels/1"
+#: the files an HF model directory holds its weights in (one of them)
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 #: ``early_exit(engine=...)``: row compaction, fixed capacity, fixed capacity as one CUDA graph
 ENGINES = ("rows", "fixed", "graphed")
 
@@ -69,6 +72,7 @@ class EarlyExitTrainOutput(ModelOutput):
 
 def read_config(path: str) -> dict:
     """The ``eekernels.json`` of a saved model directory, or a clear error."""
+    recover(path)
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
@@ -271,18 +275,20 @@ class EarlyExitBase(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """Save the HF models (their own format), ``eekernels.json`` (method, options) and the
-        method's weights (``eekernels.safetensors``)."""
+        method's weights (``eekernels.safetensors``) as the directory ``path``.
+
+        Atomic: the files are written beside ``path`` and take its place in one step, so a
+        crash leaves the previous directory or the new one (a previous directory's other
+        files do not survive: ``path`` becomes exactly the saved model)."""
         from safetensors.torch import save_file
 
-        os.makedirs(path, exist_ok=True)
-        for sub, hf in self.hf_models().items():
-            hf.save_pretrained(os.path.join(path, sub) if sub else path)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self._method_state().items()},
-                  os.path.join(path, WEIGHTS_FILE))
-        config = {"format": FORMAT, "method": self.method, "options": self.options(),
-                  "hf_models": sorted(self.hf_models())}
-        with open(os.path.join(path, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=1)
+        with staged_dir(path) as d:
+            for sub, hf in self.hf_models().items():
+                hf.save_pretrained(os.path.join(d, sub) if sub else d)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self._method_state().items()},
+                      os.path.join(d, WEIGHTS_FILE))
+            write_json(os.path.join(d, CONFIG_FILE), {"format": FORMAT, "method": self.method,
+                                                      "options": self.options(), "hf_models": sorted(self.hf_models())})
 
     @classmethod
     def from_pretrained(cls, path: str, **hf_kwargs) -> "EarlyExitBase":
@@ -299,6 +305,11 @@ class EarlyExitBase(nn.Module):
             raise ValueError(f"{path} holds a {config['method']!r} model, not {cls.method!r}; "
                              f"load it with eekernels.load({path!r})")
         hf_kwargs.setdefault("local_files_only", True)
+        for sub in config.get("hf_models", [""]):
+            d = os.path.join(path, sub) if sub else path
+            if not any(os.path.isfile(os.path.join(d, f)) for f in HF_WEIGHT_FILES):
+                raise FileNotFoundError(f"{d} holds no model weights ({' or '.join(HF_WEIGHT_FILES)}): the saved "
+                                        f"model is incomplete; copy it again or retrain it")
         hf_models = {sub: AutoModelForSequenceClassification.from_pretrained(os.path.join(path, sub) if sub else path,
                                                                              **hf_kwargs)
                      for sub in config.get("hf_models", [""])}

@@ -24,6 +24,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from .._atomic import staged_dir, write_json
+
 __all__ = ["FinetuneConfig", "FinetuneResult", "LABEL_NAMES_FILE", "TRAIN_RESULTS_FILE", "finetune", "make_optimizer"]
 
 LABEL_NAMES_FILE = "label_names.json"
@@ -93,14 +95,25 @@ def make_optimizer(model, lr: float, head_lr: float):
 
 def check_model_dir(path: str) -> None:
     """A ValueError unless ``path`` is a local model directory."""
+    from .._atomic import recover
     from ..models.base import CONFIG_FILE
 
+    recover(path)
     if not os.path.exists(path):
         raise ValueError(f"model directory {path} does not exist")
     if not os.path.isdir(path):
         raise ValueError(f"--model {path} is not a directory (give a local HF model directory; nothing is downloaded)")
-    if not os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    hf_config = os.path.join(path, "config.json")
+    if not os.path.isfile(hf_config) and not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         raise ValueError(f"{path} holds no config.json: not a Hugging Face model directory")
+    for cfg in (hf_config, os.path.join(path, CONFIG_FILE)):
+        if os.path.isfile(cfg):
+            try:
+                with open(cfg, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{cfg} is not valid JSON ({e}); the model directory is damaged: copy it again "
+                                 f"or point --model at an intact one") from None
 
 
 def _load_for_training(cfg: FinetuneConfig, spec, options, label_names: List[str], corpus, log):
@@ -157,6 +170,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     from ..methods.registry import get_method, parse_options
 
     check_model_dir(cfg.model)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is a file; give a directory to save the model into")
     spec = get_method(cfg.method)
     options = parse_options(spec, [])
     unknown = sorted(set(cfg.method_options) - set(options))
@@ -212,11 +227,6 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
             log(f"  exit after layer {point:2d}: {acc:.4f}")
 
     model.cpu()
-    os.makedirs(cfg.out, exist_ok=True)
-    model.save_pretrained(cfg.out)
-    tokenizer.save_pretrained(cfg.out)
-    with open(os.path.join(cfg.out, LABEL_NAMES_FILE), "w") as f:
-        json.dump(names, f, indent=1)
     summary = {
         "base_model": cfg.model, "train": cfg.train, "dev": cfg.dev, "num_train": len(train),
         "text_columns": list(train.text_columns), "label_column": train.label_column, "label_names": names,
@@ -226,7 +236,11 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         "train_seconds": train_seconds, "num_truncated": train_enc.num_truncated,
         "dev_accuracy": None if dev_acc is None else {str(l): a for l, a in zip(model.exit_points, dev_acc)},
     }
-    with open(os.path.join(cfg.out, TRAIN_RESULTS_FILE), "w") as f:
-        json.dump(summary, f, indent=1)
+    # One step for the whole directory: a crash leaves the previous output or the new one.
+    with staged_dir(cfg.out) as d:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_json(os.path.join(d, LABEL_NAMES_FILE), names)
+        write_json(os.path.join(d, TRAIN_RESULTS_FILE), summary)
     log(f"saved the {spec.name} model, tokenizer and {LABEL_NAMES_FILE} to {cfg.out}")
     return FinetuneResult(model, summary)

@@ -207,7 +207,7 @@ def test_train_bad_input(files, tmp_path, capsys, case):
         args["--train"] = write_tsv(tmp_path / "test.tsv", ["index", "sentence"], [(0, "good")])
         needle = "unlabeled"
     argv = [x for k, v in args.items() for x in ([k] if v is None else [k, v])]
-    assert train(argv) == 1
+    assert train(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
@@ -295,11 +295,11 @@ def test_eval_bad_input(trained, files, tmp_path, capsys, case):
         extra, needle = ["--target-speedup", "9"], "target_speedup must be in (0, 4]"
     rc = evaluate(["--model", model, "--data", data, *extra, "--cpu"])
     err = capsys.readouterr().err
-    assert rc == 1 and needle in err and "Traceback" not in err, err
+    assert rc == 2 and needle in err and "Traceback" not in err, err
 
 
 def test_eval_needs_threshold_or_target(trained, files, capsys):
-    assert evaluate(["--model", trained, "--data", files["dev"], "--cpu"]) == 1
+    assert evaluate(["--model", trained, "--data", files["dev"], "--cpu"]) == 2
     assert "give --threshold or --target-speedup" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(eval_cmd.add_arguments, ["--model", trained, "--data", files["dev"], "--threshold", "1",
@@ -363,7 +363,7 @@ def test_train_continues_from_an_eekernels_dir(trained, files, tmp_path, capsys)
     assert json.loads((out / "eekernels.json").read_text())["options"]["exit_layers"] == [1, 2, 3, 4]
     # A three-class task does not fit the trained two-class heads.
     rc = train(["--model", trained, "--train", files["nli_train"], "--out", tmp_path / "x", "--max-steps", 1, "--cpu"])
-    assert rc == 1 and "2 classes, the training data has 3" in capsys.readouterr().err
+    assert rc == 2 and "2 classes, the training data has 3" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- --method
@@ -405,13 +405,13 @@ def test_train_and_eval_each_method(files, tmp_path, capsys, method, options, me
 
 def test_method_options_are_checked(files, tmp_path, capsys):
     base = ["--model", files["clf"], "--train", files["train"], "--out", tmp_path / "x", "--max-steps", 1, "--cpu"]
-    assert train(base + ["--method", "nope"]) == 1
+    assert train(base + ["--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
-    assert train(base + ["--method", "mpee", "--method-option", "keep_ratoi=0.5"]) == 1
+    assert train(base + ["--method", "mpee", "--method-option", "keep_ratoi=0.5"]) == 2
     assert "has no option 'keep_ratoi'" in capsys.readouterr().err
-    assert train(base + ["--method", "mpee", "--method-option", "keep_ratio=lots"]) == 1
+    assert train(base + ["--method", "mpee", "--method-option", "keep_ratio=lots"]) == 2
     assert "expected a value like 0.7" in capsys.readouterr().err
-    assert train(base + ["--method", "past-future", "--two-stage"]) == 1
+    assert train(base + ["--method", "past-future", "--two-stage"]) == 2
     assert "--two-stage is not an option of --method past-future" in capsys.readouterr().err
     assert train(base + ["--method", "cascadebert", "--method-option", "help=1"]) == 0
     assert "small_layers" in capsys.readouterr().out
@@ -419,5 +419,5 @@ def test_method_options_are_checked(files, tmp_path, capsys):
 
 def test_eval_refuses_a_criterion_the_method_lacks(trained, files, capsys):
     rc = evaluate(["--model", trained, "--data", files["dev"], "--criterion", "policy", "--threshold", 0.5, "--cpu"])
-    assert rc == 1
+    assert rc == 2
     assert "takes entropy, max_prob, patience" in capsys.readouterr().err
