@@ -75,11 +75,16 @@ def run_layer_bucketed(layer_fn: Callable, hidden: torch.Tensor, mask: Optional[
     def skip(h, m, n):
         return h.clone()
 
-    if mask is None:  # torch.cond takes tensors only: a placeholder, dropped again inside
-        def strip(fn):
-            return lambda h, _m, n: fn(h, None, n)
-        return torch.cond(count > 0, strip(level(0)), skip, (hidden, hidden.new_zeros(()), count))
-    return torch.cond(count > 0, level(0), skip, (hidden, mask, count))
+    # Static shapes for the branches: after a shape change dynamo would mark dimensions
+    # dynamic, and recompiling nested conds with dynamic shapes fails ("lift_tracked_freevar_to_
+    # input should not be called on root SubgraphTracer", torch 2.13) when a second model of
+    # another width runs in the same process. Each shape gets its own graph instead.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        if mask is None:  # torch.cond takes tensors only: a placeholder, dropped again inside
+            def strip(fn):
+                return lambda h, _m, n: fn(h, None, n)
+            return torch.cond(count > 0, strip(level(0)), skip, (hidden, hidden.new_zeros(()), count))
+        return torch.cond(count > 0, level(0), skip, (hidden, mask, count))
 
 
 class FixedCapacity:

@@ -4,7 +4,7 @@ the row-compacting engine and the HF model, on tiny configs."""
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from eekernels.engine import FixedCapacity, PartsExecutor, row_buckets, run_early_exit  # noqa: E402
 from eekernels.models import convert  # noqa: E402
@@ -101,3 +101,17 @@ def test_early_exit_engine_option():
     assert torch.equal(a.exit_layer, b.exit_layer) and torch.allclose(a.logits, b.logits, atol=1e-5)
     with pytest.raises(ValueError, match="engine must be one of"):
         ee.early_exit(ids, mask, engine="graph")
+
+
+def test_fixed_capacity_serves_models_of_different_widths_in_one_process():
+    """torch.cond's branches recompile for a model of another width (regression: the
+    dynamic-shape recompile of nested conds failed for the second model)."""
+    ids, mask, _ = ragged_batch(3, 7, seed=10)
+    for hidden, heads in ((8, 2), (12, 2), (8, 1)):
+        cfg = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                                      intermediate_size=2 * hidden, vocab_size=120, max_position_embeddings=32,
+                                      num_labels=2)
+        ee = convert(transformers.BertForSequenceClassification(cfg).eval())
+        ref = ee.early_exit(ids, mask, threshold=0.5, backend="torch")
+        got = ee.early_exit(ids, mask, threshold=0.5, backend="torch", engine="fixed")
+        assert torch.equal(got.exit_layer, ref.exit_layer) and torch.allclose(got.logits, ref.logits, atol=1e-5)
