@@ -72,6 +72,7 @@ def test_pooling_incremental_equals_full(strategy):
     rows = torch.arange(n_rows)
     with torch.no_grad():
         prefixes = pool.forward_prefixes(states)
+        assert torch.allclose(pool.prefixes(states, [2, 5]), prefixes[:, [1, 4]], atol=1e-6)
         state = pool.init_state(n_rows, states.device, states.dtype)
         for k in range(1, k_max + 1):
             full = pool(states[rows, :k])
@@ -93,6 +94,8 @@ def test_pooling_bad_inputs():
     concat = build_pooling("concat", H, 4, counts=[1, 3])
     with pytest.raises(ValueError, match="no linear map for K=2"):
         concat(torch.randn(2, 2, H))
+    with pytest.raises(ValueError, match="prefix lengths must be within"):
+        concat.prefixes(torch.randn(2, 3, H), [1, 4])
     with pytest.raises(ValueError, match=r"\[N, K, 32\]"):
         build_pooling("max", H, 3)(torch.randn(2, 3, 16))
     avg = build_pooling("avg", H, 3)
@@ -101,6 +104,17 @@ def test_pooling_bad_inputs():
     # an untrained concat map is the mean of its states
     s = torch.randn(3, 4, H)
     assert torch.allclose(build_pooling("concat", H, 4)(s), s.mean(1), atol=1e-6)
+
+
+def test_concat_pools_only_the_prefixes_its_exits_use():
+    """One linear map per prefix length an exit reads; the prefixes of the others are never asked for."""
+    torch.manual_seed(0)
+    concat = perturbed(build_pooling("concat", H, 4, counts=[1, 3, 4]))
+    states = torch.randn(5, 4, H)
+    got = concat.prefixes(states, [1, 3, 4])
+    for a, k in enumerate([1, 3, 4]):
+        assert torch.allclose(got[:, a], direct_pool("concat", concat, states[:, :k]), atol=1e-5), k
+    assert sorted(concat.linears) == ["1", "3", "4"]
 
 
 # --------------------------------------------------------------------------- eq. 2-8
