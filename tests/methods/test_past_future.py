@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from eekernels.methods.past_future import METHODS, STRATEGIES, PastFutureModel, PastFutureRule, convert  # noqa: E402
+from eekernels.methods.registry import get_method, parse_options  # noqa: E402
 from eekernels.nn.imitation import ImitationLearners, MergingGate, cosine_imitation_loss  # noqa: E402
 from eekernels.nn.past_pooling import build_pooling  # noqa: E402
 from eekernels.ops import compact_rows  # noqa: E402
@@ -347,14 +348,31 @@ def test_trainer_loss_decreases(strategy, tmp_path):
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_freeze_probabilities_linear_one_to_zero():
-    assert torch.allclose(freeze_probabilities(4), torch.tensor([1.0, 2 / 3, 1 / 3, 0.0], dtype=torch.float64))
-    assert torch.equal(freeze_probabilities(1), torch.zeros(1, dtype=torch.float64))
-    cb = LayerFreezingCallback(seed=3)
+def test_freeze_probabilities_fall_from_one_over_the_lowest_L_layers():
+    """section 3.4 / 4.1: only the lowest L (<= 3 in the paper) layers are frozen, layer 1 with
+    p = 1, falling linearly: p_l = (L + 1 - l) / L, 0 above L."""
+    f64 = dict(dtype=torch.float64)
+    assert torch.allclose(freeze_probabilities(12, 3), torch.tensor([1.0, 2 / 3, 1 / 3] + [0.0] * 9, **f64))
+    assert torch.equal(freeze_probabilities(4, 1), torch.tensor([1.0, 0, 0, 0], **f64))
+    assert torch.equal(freeze_probabilities(4, 2), torch.tensor([1.0, 0.5, 0, 0], **f64))
+    assert torch.equal(freeze_probabilities(4, 0), torch.zeros(4, **f64))
+    cb = LayerFreezingCallback(3, seed=3)
     draws = torch.stack([cb.draw(5) for _ in range(4000)]).double().mean(0)
-    assert torch.allclose(draws, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64), atol=0.03), draws
-    with pytest.raises(ValueError):
-        freeze_probabilities(0)
+    assert torch.allclose(draws, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0, 0.0], **f64), atol=0.03), draws
+    for bad in ((0, 0), (4, 5), (4, -1), (4, True)):
+        with pytest.raises(ValueError):
+            freeze_probabilities(*bad)
+    with pytest.raises(ValueError, match="freeze_layers"):
+        LayerFreezingCallback(-1)
+
+
+def test_registry_trains_without_freezing_by_default():
+    """The authors fine-tune with no frozen layers unless L is set (their default 0, grid {0,1,2,3})."""
+    spec = get_method("past-future")
+    options = parse_options(spec, [])
+    assert options["freeze_layers"] == 0
+    assert parse_options(spec, ["freeze_layers=2"])["freeze_layers"] == 2
+    assert "layer_freezing" not in spec.options
 
 
 class _StepWatcher(transformers.TrainerCallback):
@@ -379,15 +397,16 @@ class _StepWatcher(transformers.TrainerCallback):
 
 def test_frozen_layers_get_no_update(tmp_path):
     model = two_class("avg")
-    freezer = LayerFreezingCallback(seed=1)
+    freezer = LayerFreezingCallback(2, seed=1)
     watcher = _StepWatcher(freezer, model)
     trainer = trainer_for(model, tmp_path, steps=6, callbacks=[freezer, watcher])
     first_layer = [p.detach().clone() for p in model.hf.bert.encoder.layer[0].parameters()]
     trainer.train()
     assert len(watcher.seen) == 6
-    assert all(f[0] and not f[-1] for f in watcher.seen)  # p = 1 for layer 1, 0 for the last
-    assert len({tuple(f) for f in watcher.seen}) > 1  # the middle layers are drawn
+    assert all(f[0] and not any(f[2:]) for f in watcher.seen)  # L = 2: p = 1, 1/2, then 0
+    assert len({tuple(f) for f in watcher.seen}) > 1  # layer 2 is drawn
     assert all(torch.equal(a, b) for a, b in zip(first_layer, model.hf.bert.encoder.layer[0].parameters()))
     assert all(p.requires_grad for p in model.parameters())  # restored after training
     with pytest.raises(ValueError, match="ALBERT"):
-        LayerFreezingCallback(model=convert(tiny_classifier("albert"), strategy="max")).on_step_begin(None, None, None)
+        LayerFreezingCallback(1, model=convert(tiny_classifier("albert"), strategy="max")).on_step_begin(None, None,
+                                                                                                         None)
