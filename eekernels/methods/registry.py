@@ -125,7 +125,8 @@ def _plain_train(model, targs, dataset, collate, options, make_optimizer):
 def _pf_build(hf, exit_layers, options, corpus=None):
     from .past_future import convert
 
-    return convert(hf, strategy=options["strategy"], exit_layers=exit_layers, exit_pooling=options["exit_pooling"])
+    return convert(hf, strategy=options["strategy"], exit_layers=exit_layers, exit_pooling=options["exit_pooling"],
+                   last_exit=options["last_exit"])
 
 
 def _pf_train(model, targs, dataset, collate, options, make_optimizer):
@@ -243,6 +244,8 @@ METHODS: Dict[str, MethodSpec] = {
         "eekernels.methods.past_future:PastFutureModel",
         {"strategy": ("concat", "max | avg | attn | concat | lstm, or the baselines voting | ensemble"),
          "exit_pooling": EXIT_POOLING,
+         "last_exit": ("past", "past: the last exit classifies G(s_1..s_n) (the paper; the full model is then "
+                               "this model's own forward) | hf: the HF head alone (the full model is the HF model)"),
          "freeze_layers": (0, "L: each step freeze layer l <= L with probability (L+1-l)/L (section 3.4; the paper "
                               "tunes L in 0,1,2,3; 0 = off, as the authors' default)")},
         _pf_build, _pf_train),
