@@ -115,7 +115,7 @@ def exit_accuracies(model, enc, batch_size: int = 64, progress: bool = False) ->
     tt = enc.get("token_type_ids")
     z = collect_exit_logits(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev),
                             None if tt is None else tt.to(dev), batch_size=batch_size, progress=progress)
-    return (z.argmax(-1) == enc["labels"][None]).float().mean(dim=1).tolist()
+    return (model.exit_predictions(z).argmax(-1) == enc["labels"][None]).float().mean(dim=1).tolist()
 
 
 def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None, *, criterion: Optional[str] = None,
@@ -150,7 +150,7 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
     if labels.shape[0] != input_ids.shape[0] or labels.shape[0] == 0:
         raise ValueError("calibrate: need one label per input row, and at least one row")
     z = collect_exit_logits(model, input_ids, attention_mask, token_type_ids, batch_size, progress)
-    full_acc = float((z[-1].argmax(-1) == labels).float().mean())
+    full_acc = float((model.exit_predictions(z)[-1].argmax(-1) == labels).float().mean())
 
     if criterion == "patience":
         cands = [float(p) for p in range(len(model.exit_points))]

@@ -125,15 +125,20 @@ def _plain_train(model, targs, dataset, collate, options, make_optimizer):
 def _pf_build(hf, exit_layers, options, corpus=None):
     from .past_future import convert
 
-    return convert(hf, strategy=options["strategy"], exit_layers=exit_layers, exit_pooling=options["exit_pooling"])
+    return convert(hf, strategy=options["strategy"], exit_layers=exit_layers, exit_pooling=options["exit_pooling"],
+                   last_exit=options["last_exit"])
 
 
 def _pf_train(model, targs, dataset, collate, options, make_optimizer):
+    """Joint training (eq. 13); with ``freeze_layers`` L > 0 the lowest L layers are frozen
+    at random each step (section 3.4), checked against the model before training starts."""
     callbacks = []
-    if options["layer_freezing"]:
-        from ..training.past_future import LayerFreezingCallback
+    if options["freeze_layers"]:
+        from ..training.past_future import LayerFreezingCallback, encoder_layers, freeze_probabilities
 
-        callbacks.append(LayerFreezingCallback(seed=targs.seed))
+        freeze_probabilities(model.num_layers, options["freeze_layers"])
+        encoder_layers(model)
+        callbacks.append(LayerFreezingCallback(options["freeze_layers"], seed=targs.seed))
     return {"joint": _trainer(model, targs, dataset, collate, make_optimizer, callbacks)}
 
 
@@ -239,7 +244,10 @@ METHODS: Dict[str, MethodSpec] = {
         "eekernels.methods.past_future:PastFutureModel",
         {"strategy": ("concat", "max | avg | attn | concat | lstm, or the baselines voting | ensemble"),
          "exit_pooling": EXIT_POOLING,
-         "layer_freezing": (True, "freeze layer l with probability (L-l)/(L-1) each step (section 3.4)")},
+         "last_exit": ("past", "past: the last exit classifies G(s_1..s_n) (the paper; the full model is then "
+                               "this model's own forward) | hf: the HF head alone (the full model is the HF model)"),
+         "freeze_layers": (0, "L: each step freeze layer l <= L with probability (L+1-l)/L (section 3.4; the paper "
+                              "tunes L in 0,1,2,3; 0 = off, as the authors' default)")},
         _pf_build, _pf_train),
     "consistentee": MethodSpec(
         "consistentee", "ConsistentEE: policy network per exit trained by policy gradient (consistentee.txt)",

@@ -122,7 +122,9 @@ class EarlyExitBase(nn.Module):
         raise NotImplementedError
 
     def full_model(self) -> nn.Module:
-        """The HF model whose plain forward is the full-model baseline (a cascade's largest member)."""
+        """The module whose plain forward (HF-style, ``.logits``) is the full-model baseline:
+        the HF model (a cascade's largest member), or the method's own full forward where
+        its last exit is not the HF head (Past-Future)."""
         return list(self.hf_models().values())[-1]
 
     def head_parameters(self) -> List[nn.Parameter]:
@@ -166,6 +168,12 @@ class EarlyExitBase(nn.Module):
         from ..calibration import simulate_exits
 
         return simulate_exits(exit_logits, self.exit_points, self.exit_points[-1], criterion, threshold)
+
+    def exit_predictions(self, exit_logits: torch.Tensor) -> torch.Tensor:
+        """What the rule predicts at every exit point from ``exit_logits`` [E, B, C] of the
+        training forward: those logits themselves, unless the rule combines exits (Past-Future
+        voting: the vote shares)."""
+        return exit_logits
 
     def threshold_bounds(self, criterion: str) -> Tuple[float, float]:
         """The thresholds of ``criterion`` that exit every row and none (calibration's ends)."""

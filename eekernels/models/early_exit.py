@@ -139,6 +139,11 @@ class EarlyExitModel(SingleModelBase):
         """FLOPs per sample an exit at ``layer`` costs beyond its pooler + classifier."""
         return 0
 
+    def full_model_extra_flops(self) -> int:
+        """FLOPs per sample the full-model baseline (:meth:`full_model`) runs beyond its
+        layers and one head (0: it is the HF forward)."""
+        return 0
+
     def speedups(self, exit_layer, seq_len, extras) -> Tuple[float, float]:
         hidden, inter, _ = self.adapter.shape()
         e = torch.as_tensor(exit_layer, dtype=torch.float64)
@@ -147,7 +152,7 @@ class EarlyExitModel(SingleModelBase):
         exits = torch.tensor(self.exit_layers, dtype=torch.float64)
         cost = torch.tensor([head + self.exit_extra_flops(l) for l in self.exit_layers], dtype=torch.float64)
         heads_run = ((exits[None, :] <= e[:, None]).double() * cost[None, :]).sum(dim=1)
-        full = (self.num_layers * per_layer + head).sum()
+        full = (self.num_layers * per_layer + head + self.full_model_extra_flops()).sum()
         return self.layer_speedup(exit_layer), float(full / (e * per_layer + heads_run).sum())
 
     # ------------------------------------------------------------------ training path

@@ -27,7 +27,9 @@ Every strategy has two forms:
   preallocated as ``[N, max_states, H]``.
 
 ``forward_prefixes(states)`` gives ``G(s_1:k)`` for every k = 1..K at once ([N, K, H]),
-cheaply where the strategy allows (cummax, cumsum, one LSTM pass): the training path.
+cheaply where the strategy allows (cummax, cumsum, one LSTM pass); ``prefixes(states,
+counts)`` gives it for the k in ``counts`` only (the training path: the exit layers), so
+a concat pooling needs a linear map only for the prefix lengths its exits use.
 """
 
 from __future__ import annotations
@@ -96,6 +98,19 @@ class StatePooling(nn.Module):
         """G(s_1..s_k) for k = 1..K: [N, K, H] -> [N, K, H] (row k-1 is the k-prefix)."""
         self._check_states(states)
         return torch.stack([self(states[:, :k]) for k in range(1, states.shape[1] + 1)], dim=1)
+
+    def prefixes(self, states: torch.Tensor, counts: Iterable[int]) -> torch.Tensor:
+        """G(s_1..s_k) for each k in ``counts`` (1-based prefix lengths, each <= K), in that
+        order: [N, K, H] -> [N, len(counts), H]."""
+        self._check_states(states)
+        ks = self._check_counts(counts, states.shape[1])
+        return self.forward_prefixes(states[:, :max(ks)])[:, [k - 1 for k in ks]]
+
+    def _check_counts(self, counts: Iterable[int], k_max: int):
+        ks = [int(k) for k in counts]
+        if not ks or min(ks) < 1 or max(ks) > k_max:
+            raise ValueError(f"{type(self).__name__}: prefix lengths must be within [1, {k_max}], got {ks}")
+        return ks
 
     # -- incremental form
     def init_state(self, batch_size: int, device, dtype) -> State:
@@ -176,6 +191,11 @@ class _StackPooling(StatePooling):
 
     def read(self, state, k):
         return self(state["stack"][:, :k])
+
+    def prefixes(self, states, counts):
+        # G is computed afresh for each prefix: only the requested ones
+        self._check_states(states)
+        return torch.stack([self(states[:, :k]) for k in self._check_counts(counts, states.shape[1])], dim=1)
 
 
 class AttnPooling(_StackPooling):
