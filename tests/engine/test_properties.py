@@ -3,7 +3,7 @@
 
 - batched equals each row alone (exit layer exactly, logits to float tolerance);
 - a permuted batch gives the permuted result;
-- exits disabled give the HF model's forward.
+- exits disabled give the full model's forward (the HF model's, for most methods).
 
 Thresholds come from the model's own scores, between two distinct ones (never on a row's
 own score). CI runs a bounded number of examples; ``EEKERNELS_FUZZ_EXAMPLES`` raises it
@@ -129,13 +129,17 @@ DISABLED = [v for v in VARIANTS if v[0] not in ("cascade", "hashee")]  # these c
 @pytest.mark.parametrize("kind,engine,executor", DISABLED, ids=["-".join(map(str, v)) for v in DISABLED])
 @FUZZ
 @given(setup=tiny_setup())
-def test_exits_disabled_equal_the_hf_forward(kind, engine, executor, setup):
+def test_exits_disabled_equal_the_full_model(kind, engine, executor, setup):
+    """The full model is the HF forward, or the method's own (Past-Future's last exit pools
+    every layer)."""
     hf, ids, mask, _, _, _ = setup
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).logits
     model = build(kind, hf).eval()
     if kind == "mpee":
         model = convert_mpee(hf, prune_layers=(1,), keep_ratio=1.0)  # no token is pruned either
+    with torch.no_grad():
+        ref = model.full_model()(input_ids=ids, attention_mask=mask).logits
+        if kind != "past-future":
+            assert rel_err(hf(input_ids=ids, attention_mask=mask).logits, ref) <= 1e-6
     out = model.early_exit(ids, mask, engine=engine, executor=executor, threshold=0.0)
     assert (out.exit_layer == model.num_layers).all()
     assert rel_err(out.logits, ref) <= 1e-4
