@@ -63,9 +63,9 @@ def test_python_schemas_match_the_cpp_ops():
     import torch
 
     import eekernels
-    from eekernels.ops.compaction import COMPACT_ROWS_SCHEMA, SCATTER_EXITS_SCHEMA
-    from eekernels.ops.exit_head import EXIT_HEAD_SCHEMA
-    from eekernels.ops.tokens import SCHEMAS
+    from eekernels.ops.contracts.compaction import COMPACT_ROWS_SCHEMA, SCATTER_EXITS_SCHEMA
+    from eekernels.ops.contracts.exit_head import EXIT_HEAD_SCHEMA
+    from eekernels.ops.contracts.tokens import SCHEMAS
 
     if "cpu" not in eekernels.available_backends():
         pytest.skip("C++ extension unavailable")

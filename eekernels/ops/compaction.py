@@ -37,13 +37,14 @@ first.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
 from .. import backends
 from ._checks import check_tensor, needs_autograd
 from ._registry import register_op
+from .contracts.compaction import CompactedRows, compact_rows_fake, scatter_exits_fake
 
 __all__ = [
     "CompactedRows",
@@ -54,26 +55,6 @@ __all__ = [
 ]
 
 _LAYER_DTYPES = (torch.int32, torch.int64)
-
-#: Schemas of the registered ops: the C++ ``eekernels::compact_rows`` / ``scatter_exits``
-#: (csrc/register.cpp, the same strings) and their Triton twins ``*_triton``.
-COMPACT_ROWS_SCHEMA = "(Tensor keep, Tensor[] tensors) -> (Tensor index, Tensor[] rows)"
-SCATTER_EXITS_SCHEMA = ("(Tensor(a!) out_logits, Tensor(b!) out_layer, Tensor batch_index, Tensor exit, "
-                        "Tensor logits, int layer) -> ()")
-
-
-class CompactedRows(NamedTuple):
-    """Result of :func:`compact_rows` for M kept rows out of N.
-
-    Attributes:
-        index: int64 [M], the positions of the kept rows in the input, ascending.
-        tensors: the compacted tensors, ``tensors[j][k] == input[j][index[k]]``, each a new
-            contiguous tensor [M, ...] with the input's dtype and device.
-    """
-
-    index: torch.Tensor
-    tensors: List[torch.Tensor]
-
 
 # --------------------------------------------------------------------------- reference
 
@@ -96,17 +77,6 @@ def scatter_exits_reference(
     rows = batch_index[exit]
     out_logits[rows] = logits[exit].to(out_logits.dtype)
     out_layer[rows] = layer
-
-
-def compact_rows_fake(keep, tensors):
-    """Fake (meta) implementation of the compact_rows ops: M is a data-dependent size."""
-    m = torch.library.get_ctx().new_dynamic_size()
-    return keep.new_empty((m,), dtype=torch.int64), [t.new_empty((m, *t.shape[1:])) for t in tensors]
-
-
-def scatter_exits_fake(*args):
-    """Fake implementation of the scatter_exits ops (in place, no outputs)."""
-    return None
 
 
 # --------------------------------------------------------------------------- validation

@@ -35,13 +35,14 @@ NaN also never exits and has score NaN, but keeps its prediction (the logits are
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from .. import backends
 from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd
 from ._registry import register_op
+from .contracts.exit_head import CRITERIA, DEFAULT_THRESHOLD, ExitHeadArgs, ExitHeadOutput, exit_head_fake
 
 __all__ = [
     "CRITERIA",
@@ -51,101 +52,6 @@ __all__ = [
     "exit_head",
     "exit_head_reference",
 ]
-
-#: Criterion name -> integer code used by the registered ops.
-CRITERIA = {"entropy": 0, "max_prob": 1, "patience": 2, "policy": 3}
-_CRITERION_NAMES = tuple(CRITERIA)  # code -> name
-
-#: Threshold used when ``threshold`` is None: 0.0 for the classifier criteria, 0.5 for the
-#: policy network (consistentee.txt: exit when p(exit) > 0.5).
-DEFAULT_THRESHOLD = {"entropy": 0.0, "max_prob": 0.0, "patience": 0.0, "policy": 0.5}
-
-#: Schema of the registered exit_head ops: the C++ ``eekernels::exit_head``
-#: (csrc/register.cpp, the same string) and the Triton ``eekernels::exit_head_triton``.
-#: ``criterion`` is the code of :data:`CRITERIA`; the ``counter`` output is [N] int32 for
-#: patience and [0] otherwise.
-EXIT_HEAD_SCHEMA = (
-    "(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, Tensor? pooler_bias, "
-    "Tensor? memory, float memory_lambda, bool tanh_logits, int criterion, float threshold, "
-    "Tensor? prev_pred, Tensor? counter, Tensor? policy_weight=None, Tensor? policy_bias=None, "
-    "Tensor? policy_out_weight=None, Tensor? policy_out_bias=None) -> "
-    "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)"
-)
-
-
-class ExitHeadArgs(NamedTuple):
-    """The arguments of one exit head call in the order of :data:`EXIT_HEAD_SCHEMA` (see
-    :func:`exit_head` for their meaning), built once by :func:`exit_head` and handed to the
-    validator, the reference and every backend. ``criterion`` is the name here."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-    pooler_weight: Optional[torch.Tensor] = None
-    pooler_bias: Optional[torch.Tensor] = None
-    memory: Optional[torch.Tensor] = None
-    memory_lambda: float = 1.0
-    tanh_logits: bool = False
-    criterion: str = "entropy"
-    threshold: Optional[float] = None
-    prev_pred: Optional[torch.Tensor] = None
-    counter: Optional[torch.Tensor] = None
-    policy_weight: Optional[torch.Tensor] = None
-    policy_bias: Optional[torch.Tensor] = None
-    policy_out_weight: Optional[torch.Tensor] = None
-    policy_out_bias: Optional[torch.Tensor] = None
-
-    def op_args(self) -> tuple:
-        """The positional arguments of the registered ops (criterion as its code)."""
-        return (*self[:8], CRITERIA[self.criterion], *self[9:])
-
-    @classmethod
-    def from_op_args(cls, args: tuple, kwargs: Optional[dict] = None) -> "ExitHeadArgs":
-        """The inverse of :meth:`op_args`, from a registered op's arguments."""
-        a = cls(**dict(zip(cls._fields, args)), **(kwargs or {}))
-        return a._replace(criterion=_CRITERION_NAMES[a.criterion])
-
-    def for_kernels(self) -> "ExitHeadArgs":
-        """What the kernels take: every tensor contiguous, except that ``hidden`` keeps its
-        row stride (e.g. ``states[:, 0]``) when its last dim is contiguous."""
-        a = ExitHeadArgs(*(t.contiguous() if isinstance(t, torch.Tensor) else t for t in self))
-        return a._replace(hidden=self.hidden if self.hidden.stride(-1) == 1 else a.hidden)
-
-
-class ExitHeadOutput(NamedTuple):
-    """Result of :func:`exit_head` for N rows and C classes.
-
-    Attributes:
-        logits: float32 [N, C], the final logits (after tanh and the memory blend, so
-            this is also the next layer's classifier memory for MPEE).
-        score: float32 [N], the criterion's score (entropy in nats, max probability, the
-            patience counter as a float, or the policy network's exit probability).
-        exit: bool [N], True where the row exits at this layer.
-        pred: int64 [N], argmax of the logits (first index on ties; -1 for non-finite rows).
-        counter: int32 [N], the updated patience counter ("patience" only, else None).
-    """
-
-    logits: torch.Tensor
-    score: torch.Tensor
-    exit: torch.Tensor
-    pred: torch.Tensor
-    counter: Optional[torch.Tensor]
-
-    @classmethod
-    def from_op(cls, outputs, criterion: str) -> "ExitHeadOutput":
-        """From a registered op's five outputs (its [0] counter becomes None)."""
-        logits, score, exit_, pred, counter = outputs
-        return cls(logits, score, exit_, pred, counter if criterion == "patience" else None)
-
-
-def exit_head_fake(*args, **kwargs):
-    """Fake (meta) implementation of the registered exit_head ops: uninitialised outputs."""
-    a = ExitHeadArgs.from_op_args(args, kwargs)
-    n, c = a.hidden.shape[0], a.weight.shape[0]
-    new = a.hidden.new_empty
-    return (new((n, c), dtype=torch.float32), new((n,), dtype=torch.float32), new((n,), dtype=torch.bool),
-            new((n,), dtype=torch.int64), new((n if a.criterion == "patience" else 0,), dtype=torch.int32))
-
 
 # --------------------------------------------------------------------------- reference
 

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard, next_pow2, opaque_launcher
-from ..ops.compaction import (COMPACT_ROWS_SCHEMA, SCATTER_EXITS_SCHEMA, CompactedRows, compact_rows_fake,
-                              scatter_exits_fake)
+from ..ops.contracts.compaction import (COMPACT_ROWS_SCHEMA, SCATTER_EXITS_SCHEMA, CompactedRows,
+                                        compact_rows_fake, scatter_exits_fake)
 
 __all__ = ["compact_rows_triton", "scatter_exits_triton"]
 

@@ -72,7 +72,7 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard, next_pow2, opaque_launcher
-from ..ops.exit_head import CRITERIA, EXIT_HEAD_SCHEMA, ExitHeadArgs, ExitHeadOutput, exit_head_fake
+from ..ops.contracts.exit_head import CRITERIA, EXIT_HEAD_SCHEMA, ExitHeadArgs, ExitHeadOutput, exit_head_fake
 
 __all__ = ["exit_head_triton"]
 

@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from ._launch import device_guard, next_pow2, opaque_launcher
-from ..ops.tokens import (KEEP_EPS, SCHEMAS, PackedTokens, PaddedTokens, PrunedTokens, mpee_kept_width,
-                          mpee_prune_fake, pack_tokens_fake, pack_tokens_padded_fake, scatter_tokens_fake)
+from ..ops.contracts.tokens import (KEEP_EPS, SCHEMAS, PackedTokens, PaddedTokens, PrunedTokens, mpee_kept_width,
+                                    mpee_prune_fake, pack_tokens_fake, pack_tokens_padded_fake, scatter_tokens_fake)
 
 __all__ = ["mpee_prune_triton", "pack_tokens_padded_triton", "pack_tokens_triton", "scatter_tokens_triton"]
 
