@@ -228,3 +228,18 @@ def test_eval_executor_option(tmp_path, capsys, monkeypatch):
                         "--cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and "pip install eekernels[ort]" in err, err
+
+
+def test_a_training_model_runs_in_eval_mode_and_is_restored():
+    """early_exit switches a training model to eval (dropout off) for the call only."""
+    hf = tiny_classifier("bert")
+    hf.config.hidden_dropout_prob = 0.5
+    hf = transformers.BertForSequenceClassification(hf.config)  # with real dropout
+    model = convert(hf).eval()
+    ids, mask, _ = ragged_batch(3, 7)
+    ref = model.early_exit(ids, mask, threshold=0.0, executor="hf").logits
+    model.train()
+    for name in ("hf", "ort"):
+        out = model.early_exit(ids, mask, threshold=0.0, executor=name)
+        assert rel_err(out.logits, ref) <= 1e-4, name
+        assert model.training and hf.training and hf.bert.encoder.layer[0].training
