@@ -299,7 +299,9 @@ class OrtExecutor(LayerExecutor):
 class OrtInt8Executor(OrtExecutor):
     """:class:`OrtExecutor` with each layer graph's weights dynamically quantized to INT8
     (activations quantized per call): faster, and its logits differ from fp32 by the
-    quantization error."""
+    quantization error. The activations' scale is one per tensor, taken over the rows in the
+    call, so a row's result depends a little on its batch-mates: batched equals alone only
+    up to that error (fp32 ``"ort"`` matches to float tolerance)."""
 
     name = "ort-int8"
     int8 = True
