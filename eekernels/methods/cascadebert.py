@@ -19,10 +19,14 @@ the 2-layer model counts 2 layers; one that also runs the 12-layer model counts 
 ``exit_layer`` in the output is *cumulative* and the layer speed-up is
 ``L_n * B / sum(exit_layer)``.
 
-Training (section 3.2): :meth:`CascadeModel.forward` sums every member's cross-entropy and,
-with difficulty labels, ``lambda`` times the difficulty-aware margin loss (DAR, eq. 5-6,
-:func:`eekernels.training.cascadebert.dar_margin_loss`) on each member's confidences. The
-difficulty labels come from :func:`eekernels.training.cascadebert.kfold_difficulty_labels`.
+Training: each member is fine-tuned on its own (section 4.2 trains the complete models of
+the suite separately), the largest first, then each smaller one with vanilla knowledge
+distillation from it (section 5.4, for small members cut from a checkpoint rather than
+pre-trained) and, with difficulty labels, ``lambda`` times the difficulty-aware margin loss
+(DAR, section 3.2, eq. 5-6, :func:`eekernels.training.cascadebert.dar_margin_loss`) on its
+confidences (:meth:`CascadeModel.set_training_member`, :meth:`CascadeModel.forward`). The
+difficulty labels come from :func:`eekernels.training.cascadebert.kfold_difficulty_labels`
+(K = 8 folds, 5 seeds in the paper); :mod:`eekernels.methods.registry` runs the schedule.
 
 Section 5.4: without a separately pre-trained small model, :func:`truncate` builds one from
 a checkpoint's first k layers, and :meth:`CascadeModel.from_first_layers` makes the cascade.
@@ -137,6 +141,10 @@ class CascadeModel(EarlyExitBase):
             same ``vocab_size`` (they read the same token ids: use one tokenizer).
         dar_weight: lambda, the weight of the DAR margin loss (the paper uses 0.5).
         confidence_margin: epsilon in eq. 5 (the paper grid-searches 0.1..0.7).
+        kd_alpha, kd_temperature: vanilla KD of the smaller members from the largest
+            (section 5.4: "a fine-tuned RoBERTa-2L with the vanilla KD (Hinton et al., 2015)"):
+            loss ``(1 - alpha) CE + alpha T^2 KL(p_teacher^T || p_student^T)``. The paper
+            gives neither value; 0.5 and 2.0 are the common vanilla-KD settings (0 turns KD off).
 
     The members stay ordinary HF models (``self.members[i]``), so each can be saved, loaded
     or evaluated on its own.
@@ -159,7 +167,8 @@ class CascadeModel(EarlyExitBase):
     # itself rather than pass num_items_in_batch (which forward would ignore).
     accepts_loss_kwargs = False
 
-    def __init__(self, members: Sequence[nn.Module], dar_weight: float = 0.5, confidence_margin: float = 0.5):
+    def __init__(self, members: Sequence[nn.Module], dar_weight: float = 0.5, confidence_margin: float = 0.5,
+                 kd_alpha: float = 0.5, kd_temperature: float = 2.0):
         super().__init__()
         if isinstance(members, nn.Module) or members is None:
             raise TypeError("CascadeModel: members must be a list of HF sequence classifiers")
@@ -187,10 +196,16 @@ class CascadeModel(EarlyExitBase):
             raise ValueError(f"CascadeModel: dar_weight must be >= 0, got {dar_weight}")
         if not (float(confidence_margin) >= 0):
             raise ValueError(f"CascadeModel: confidence_margin must be >= 0, got {confidence_margin}")
+        if not 0.0 <= float(kd_alpha) <= 1.0:
+            raise ValueError(f"CascadeModel: kd_alpha must be in [0, 1], got {kd_alpha}")
+        if not float(kd_temperature) > 0:
+            raise ValueError(f"CascadeModel: kd_temperature must be > 0, got {kd_temperature}")
         self.members = nn.ModuleList(members)
         self._adapters = adapters  # plain list (not modules), built and validated once
         self.dar_weight = float(dar_weight)
         self.confidence_margin = float(confidence_margin)
+        self.kd_alpha, self.kd_temperature = float(kd_alpha), float(kd_temperature)
+        self.training_member: Optional[int] = None
 
     # ------------------------------------------------------------------ structure
     @classmethod
@@ -213,7 +228,8 @@ class CascadeModel(EarlyExitBase):
         return {f"member_{j}": m for j, m in enumerate(self.members)}
 
     def options(self):
-        return {"dar_weight": self.dar_weight, "confidence_margin": self.confidence_margin}
+        return {"dar_weight": self.dar_weight, "confidence_margin": self.confidence_margin,
+                "kd_alpha": self.kd_alpha, "kd_temperature": self.kd_temperature}
 
     @classmethod
     def from_hf_models(cls, hf_models, **options):
@@ -280,14 +296,64 @@ class CascadeModel(EarlyExitBase):
         return out
 
     # ------------------------------------------------------------------ training path
+    def set_training_member(self, member: Optional[int]) -> None:
+        """Which member the training path trains: ``None`` all of them jointly (the sum of
+        their losses), or the index ``j`` of one member, trained on its own (its parameters
+        alone require grad). The paper fine-tunes each complete model of the cascade
+        separately (cascadebert.txt 4.2); :func:`eekernels.methods.registry` trains the
+        largest member first, then each smaller one distilled from it (5.4)."""
+        m = len(self.members)
+        if member is not None and (not isinstance(member, int) or isinstance(member, bool) or not 0 <= member < m):
+            raise ValueError(f"set_training_member: member must be None or an int in [0, {m - 1}], got {member!r}")
+        self.training_member = member
+        for j, mod in enumerate(self.members):
+            for p in mod.parameters():
+                p.requires_grad_(member is None or j == member)
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        """Every member's pooler and classifier (new or re-initialised for the task): what
+        ``--head-lr`` trains."""
+        return [p for a in self._adapters for lin in (a.final_head().pooler, a.final_head().classifier)
+                for p in lin.parameters()]
+
+    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+        """The largest member's logits as a fixed KD target: no grad, no dropout."""
+        teacher = self.members[-1]
+        was = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad():
+                return teacher(**inputs).logits.float()
+        finally:
+            teacher.train(was)
+
+    def _member_loss(self, j: int, z: torch.Tensor, labels: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """Member j's task loss: cross-entropy, and for a smaller member with ``kd_alpha`` > 0
+        vanilla KD from the largest member (cascadebert.txt 5.4, Hinton et al. 2015):
+        ``(1 - alpha) CE + alpha T^2 KL(softmax(t / T) || softmax(z / T))``."""
+        from ..nn.distillation import ensemble_distillation_loss
+
+        ce = nn.functional.cross_entropy(z.float(), labels)
+        if j == len(self.members) - 1 or self.kd_alpha == 0.0:
+            return ce
+        kd = ensemble_distillation_loss(z[None], self._teacher_logits(inputs), self.kd_temperature,
+                                        "teacher_student")
+        return (1.0 - self.kd_alpha) * ce + self.kd_alpha * kd
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 difficulty: Optional[torch.Tensor] = None, **unused) -> CascadeTrainOutput:
-        """Every member on every input (differentiable): the training path for HF ``Trainer``.
+        """The members on the input (differentiable): the training path for HF ``Trainer``.
+
+        With :meth:`set_training_member` ``None`` (the default) every member runs and the
+        loss sums their task losses; with member ``j`` only member ``j`` runs (and the
+        largest one, without grad, as its KD teacher) and the loss is its own; then
+        ``exit_logits`` is [1, B, C] and ``logits`` member j's.
 
         Args:
             input_ids, attention_mask, token_type_ids: as for an HF classifier.
-            labels: int [B]; the loss is the sum of the members' cross-entropies.
+            labels: int [B]; each member's task loss is its cross-entropy, for the smaller
+                members blended with KD from the largest (``kd_alpha``, ``kd_temperature``).
             difficulty: optional difficulty labels d(x) (1 difficult, 0 easy, -1 unknown).
                 Shape [B]: the smallest member's labels (the paper's setting: difficulty is
                 evaluated with the 2-layer model and regularizes it); [B, M]: one column per
@@ -306,26 +372,27 @@ class CascadeModel(EarlyExitBase):
                 difficulty = torch.cat([difficulty[:, None], pad], dim=1)
             if tuple(difficulty.shape) != (input_ids.shape[0], m):
                 raise ValueError(f"CascadeModel: difficulty must be [B] or [B, {m}], got {tuple(difficulty.shape)}")
-        member_logits = []
-        for member in self.members:
-            kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-            member_logits.append(member(input_ids=input_ids, attention_mask=attention_mask, **kw).logits)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        run = range(m) if self.training_member is None else [self.training_member]
+        member_logits = {j: self.members[j](**inputs).logits for j in run}
         loss = dar = None
         if labels is not None:
             labels = labels.long()
-            loss = sum(nn.functional.cross_entropy(z.float(), labels) for z in member_logits)
+            loss = sum(self._member_loss(j, z, labels, inputs) for j, z in member_logits.items())
         if difficulty is not None:
             terms = []
-            for j, z in enumerate(member_logits):
+            for j, z in member_logits.items():
                 if bool((difficulty[:, j] >= 0).any()):
                     conf = z.float().softmax(-1).max(-1).values  # c(x), eq. 4
                     terms.append(dar_margin_loss(conf, difficulty[:, j], self.confidence_margin))
             if terms:
                 dar = sum(terms)
                 if loss is not None:
-                    loss = loss + self.dar_weight * dar
-        return CascadeTrainOutput(loss=loss, logits=member_logits[-1], exit_logits=torch.stack(member_logits),
-                                  dar_loss=dar)
+                    loss = loss + self.dar_weight * dar  # lambda (section 3.2)
+        stacked = torch.stack(list(member_logits.values()))
+        return CascadeTrainOutput(loss=loss, logits=stacked[-1], exit_logits=stacked, dar_loss=dar)
 
 
 class CascadeRule(ExitRule):

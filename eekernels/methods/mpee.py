@@ -10,7 +10,8 @@ Two perspectives on one HF encoder classifier (BERT, RoBERTa, ALBERT):
   1 - R_ee) and the rest are fused into one token weighted by their raw class attention
   (eq. 8), with :func:`eekernels.ops.mpee_prune`. [CLS] always stays; padding is never
   kept nor fused.
-- **layer-wise** (eq. 9-14): exit classifiers with tanh logits (eq. 9) and recycled
+- **layer-wise** (eq. 9-14): exit classifiers with tanh logits and no pooler (eq. 9:
+  ``tanh(W h + b)`` on the layer's summary, :class:`MPEEExitHead`) and recycled
   classifier memory ``C_zm = (1-lam) C_zm_prev + lam C_z`` (eq. 10, lam 0.9; the first exit
   has no memory: C_zm = C_z; layers without an exit pass the memory on), trained with
   ``L = L_CE + L_KD`` (eq. 11-14) against an attention-combined teacher
@@ -19,10 +20,12 @@ Two perspectives on one HF encoder classifier (BERT, RoBERTa, ALBERT):
 
 Exits sit after every layer by default (the paper puts a classifier "between every two
 transformer layers", i.e. between each layer and the next); ``exit_layers`` chooses a
-subset. The last layer's exit is the HF model's own pooler + classifier. By default it is
-used as it is (no tanh, no memory; ``final_mpee_head=False``), so with pruning and exits
-disabled the model's logits are the HF model's; ``final_mpee_head=True`` gives it tanh
-logits and memory like the other exits (the paper's uniform classifiers).
+subset. By default the last exit is an eq. 9 classifier with memory like the others (the
+paper's uniform classifiers, ``final_mpee_head=True``): the teacher (eq. 12) then combines
+logits of one kind, all tanh-bounded, and the model run in full is this model's own
+forward (:meth:`MPEEModel.full_model`). ``final_mpee_head=False`` keeps the HF model's own
+pooler + classifier as the last exit (no tanh, no memory), so with pruning and exits
+disabled the model's logits are the HF model's.
 
 - ``model(input_ids, attention_mask, token_type_ids, labels)``: every layer with the
   pruning applied (differentiable reference path), every exit, and with labels the loss
@@ -42,13 +45,14 @@ from torch import nn
 from .. import metrics
 from ..engine.mpee import MPEEExecutor, TokenPruning, class_attention_memory
 from ..engine.rules import ExitDecision, ExitRule, head_exit
+from ..hf.adapters import HeadLinears
 from ..hf.layer_parts import layer_parts
 from ..models.base import EarlyExitTrainOutput
 from ..models.early_exit import EarlyExitModel, convert
 from ..nn.distillation import KD_DIRECTIONS, AttentionTeacher, mpee_loss
 from ..ops import mpee_prune
 
-__all__ = ["MPEEExitRule", "MPEEModel", "MPEETrainOutput", "convert_mpee"]
+__all__ = ["MPEEExitHead", "MPEEExitRule", "MPEEModel", "MPEETrainOutput", "convert_mpee"]
 
 
 @dataclass
@@ -56,13 +60,31 @@ class MPEETrainOutput(EarlyExitTrainOutput):
     """:class:`~eekernels.models.early_exit.EarlyExitTrainOutput` plus the loss parts.
 
     Attributes:
-        ce_loss, kd_loss: L_CE (eq. 11) and L_KD (eq. 13); ``loss`` = their sum (eq. 14).
+        ce_loss, kd_loss: L_CE (eq. 11) and L_KD (eq. 13); ``loss`` = their sum (eq. 14)
+            plus ``teacher_ce_loss``, the cross-entropy that trains the teacher's attention
+            (see :mod:`eekernels.nn.distillation`).
         teacher_logits: [B, C] the attention-combined teacher t (eq. 12).
     """
 
     ce_loss: Optional[torch.Tensor] = None
     kd_loss: Optional[torch.Tensor] = None
+    teacher_ce_loss: Optional[torch.Tensor] = None
     teacher_logits: Optional[torch.Tensor] = None
+
+
+class MPEEExitHead(nn.Module):
+    """An MPEE exit classifier, mpee.txt eq. 9: ``C_z = tanh(W_z h + b_z)`` on the layer's
+    summary (its [CLS] state or mean token), with no pooler; dropout on the input in training."""
+
+    pooler = None
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.classifier = nn.Linear(hidden, num_labels)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, summary: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.classifier(self.dropout(summary)))  # eq. 9
 
 
 class MPEEExitRule(ExitRule):
@@ -103,9 +125,9 @@ class MPEEModel(EarlyExitModel):
         temperature: distillation temperature tau (eq. 13; not given in the paper), default 1.
         kd_direction: "student_teacher" (eq. 13 as printed) or "teacher_student".
         teacher_dim: hidden size of the teacher's attention (eq. 12), default max(16, 4C).
-        final_mpee_head: give the last exit tanh logits and memory too (default False: the
-            HF head as it is).
-        init: "copy" (internal heads start from the final head) or "random".
+        final_mpee_head: the last exit is an eq. 9 classifier with memory like the others
+            (default True); False: the HF head as it is (no tanh, no memory).
+        init: "copy" (the exit classifiers start from the HF classifier's weights) or "random".
     """
 
     method = "mpee"
@@ -114,7 +136,7 @@ class MPEEModel(EarlyExitModel):
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None,
                  prune_layers: Sequence[int] = (4, 7, 10), keep_ratio: float = 0.7, beta: float = 0.5,
                  lam: float = 0.9, temperature: float = 1.0, kd_direction: str = "student_teacher",
-                 teacher_dim: Optional[int] = None, final_mpee_head: bool = False, init: str = "copy",
+                 teacher_dim: Optional[int] = None, final_mpee_head: bool = True, init: str = "copy",
                  exit_pooling: str = "cls"):
         super().__init__(hf_model, exit_layers=exit_layers, init=init, loss_weighting="sum", exit_pooling=exit_pooling)
         n, c = self.num_layers, self.num_labels
@@ -133,11 +155,20 @@ class MPEEModel(EarlyExitModel):
             raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {kd_direction!r}")
         self.lam, self.temperature, self.kd_direction = float(lam), float(temperature), kd_direction
         self.final_mpee_head = bool(final_mpee_head)
-        for head in self.heads.values():
-            head.tanh_logits = True  # eq. 9
-        ref = self.adapter.final_head().classifier.weight
+        final = self.adapter.final_head()
+        ref = final.classifier.weight
+        dropout = getattr(self.config, "classifier_dropout", None)
+        dropout = dropout if dropout is not None else getattr(self.config, "hidden_dropout_prob", 0.1)
+        mpee_layers = [l for l in self.exit_layers if self.is_mpee_exit(l)]
+        self.heads = nn.ModuleDict()  # eq. 9's classifiers replace the pooled exit heads
+        for l in mpee_layers:
+            head = MPEEExitHead(self.config.hidden_size, c, dropout)
+            if init == "copy":
+                head.classifier.load_state_dict(final.classifier.state_dict())
+            self.heads[str(l)] = head.to(device=ref.device, dtype=ref.dtype)
         self.teacher = AttentionTeacher(c, teacher_dim).to(device=ref.device)
         self.teacher_dim = self.teacher.proj.out_features
+        self.train(hf_model.training)  # the new modules follow the HF model's mode
         # plain list, not submodules: the pieces reuse the HF layers' modules and weights
         self._parts = [layer_parts(self.adapter, i) for i in range(n)]
 
@@ -157,6 +188,34 @@ class MPEEModel(EarlyExitModel):
     def is_mpee_exit(self, layer: int) -> bool:
         """Whether the exit after ``layer`` uses tanh logits and classifier memory."""
         return layer != self.num_layers or self.final_mpee_head
+
+    def head(self, layer: int) -> HeadLinears:
+        """The exit after ``layer``: eq. 9's classifier (no pooler), or the HF head at the last
+        layer with ``final_mpee_head=False``."""
+        if not self.is_mpee_exit(layer):
+            return self.adapter.final_head()
+        h = self.heads[str(layer)]
+        return HeadLinears(None, h.classifier, h.dropout)
+
+    def exit_input(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]):
+        if not self.is_mpee_exit(layer):
+            return hidden[:, 0], {}
+        return self.summary(hidden, valid), {}
+
+    def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What the model predicts when no exit fires: the last exit's C_zm, float32 [B, C]."""
+        if not self.final_mpee_head:
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).logits.float()
+        return self._run(input_ids, attention_mask, token_type_ids)[-1].float()
+
+    def full_model(self) -> nn.Module:
+        """The full-model baseline: this model's own full forward (its last exit reads the
+        classifier memory), or the HF model with ``final_mpee_head=False``."""
+        from .past_future import _FullForward
+
+        return _FullForward(self) if self.final_mpee_head else self.hf
 
     def sequence_widths(self, seq_len: int):
         """Padded sequence width entering each layer for inputs of width ``seq_len``."""
@@ -189,22 +248,20 @@ class MPEEModel(EarlyExitModel):
         # class attention (q_cls . k, 2*n*H) up to the last pruning layer, fusion (2*n*H) at pruning layers
         extra = 2.0 * tokens.double() * hsz * ((layer_ids <= last_memory_layer).double()
                                                 + torch.tensor([float(l in prune) for l in layer_ids.tolist()]))
+        # eq. 9's classifiers have no pooler; with final_mpee_head=False the full model's head
+        # (HF's) has one, and the internal heads are counted alike (a slight overcount)
         flops = metrics.flops_speedup_tokens(exit_layer, tokens, seq_len, hsz, inter, c,
-                                             sorted(set(self.exit_layers) | {n}), extra_flops=extra)
+                                             sorted(set(self.exit_layers) | {n}), pooler=not self.final_mpee_head,
+                                             extra_flops=extra)
         return self.layer_speedup(exit_layer), flops
 
     # ------------------------------------------------------------------ training path
     def _exit_logits(self, layer: int, hidden: torch.Tensor, valid: torch.Tensor, memory: Optional[torch.Tensor],
                      input_ids, attention_mask):
         """(C_zm, next memory) of the exit after ``layer`` (differentiable, float32)."""
-        n = self.num_layers
-        if layer == n:
-            z = self.final_logits(hidden, input_ids, attention_mask).float()
-            if not self.final_mpee_head:
-                return z, memory
-            z = torch.tanh(z)  # eq. 9
-        else:
-            z = self.heads[str(layer)](self.summary(hidden, valid)).float()  # tanh inside (eq. 9)
+        if not self.is_mpee_exit(layer):
+            return self.final_logits(hidden, input_ids, attention_mask).float(), memory
+        z = self.heads[str(layer)](self.summary(hidden, valid)).float()  # eq. 9
         zm = z if memory is None else (1.0 - self.lam) * memory + self.lam * z  # eq. 10
         return zm, zm
 
@@ -254,15 +311,18 @@ class MPEEModel(EarlyExitModel):
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 **unused) -> MPEETrainOutput:
         """Every layer with token pruning applied, every exit (differentiable) and, with
-        ``labels`` [B], the loss L_CE + L_KD (mpee.txt eq. 14)."""
+        ``labels`` [B], the loss L_CE + L_KD (mpee.txt eq. 14) plus the teacher's own
+        cross-entropy (:func:`eekernels.nn.distillation.mpee_loss`)."""
         exit_logits = self._run(input_ids, attention_mask, token_type_ids)
         stacked = torch.stack(exit_logits)
         loss = ce = kd = teacher = None
         if labels is not None:
             parts = mpee_loss(stacked, labels, self.teacher, self.temperature, self.kd_direction)
-            loss, ce, kd, teacher = parts.loss, parts.ce, parts.kd, parts.teacher
+            loss, ce, kd, tce, teacher = parts.loss, parts.ce, parts.kd, parts.teacher_ce, parts.teacher
+        else:
+            tce = None
         return MPEETrainOutput(loss=loss, logits=exit_logits[-1], exit_logits=stacked, ce_loss=ce, kd_loss=kd,
-                               teacher_logits=teacher)
+                               teacher_ce_loss=tce, teacher_logits=teacher)
 
     def trace_tokens(self, input_ids, attention_mask=None, token_type_ids=None) -> list:
         """What the token-wise exit does, layer by layer, on the forward path (no grad).

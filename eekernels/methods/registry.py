@@ -80,14 +80,19 @@ def parse_options(spec: MethodSpec, items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def _trainer(model, targs, dataset, collate, make_optimizer, callbacks=None, trainer_cls=None, **kwargs):
-    """One HF ``Trainer`` run; returns its mean training loss."""
+def _trainer(model, targs, dataset, collate, make_optimizer, callbacks=None, trainer_cls=None, log_history=None,
+             **kwargs):
+    """One HF ``Trainer`` run; returns its mean training loss (and extends ``log_history``,
+    when given, with the run's logs)."""
     import transformers
 
     cls = trainer_cls or transformers.Trainer
     trainer = cls(model=model, args=targs, train_dataset=dataset, data_collator=collate,
                   callbacks=list(callbacks or []), optimizers=(make_optimizer(model), None), **kwargs)
-    return float(trainer.train().training_loss)
+    loss = float(trainer.train().training_loss)
+    if log_history is not None:
+        log_history.extend(trainer.state.log_history)
+    return loss
 
 
 # ---------------------------------------------------------------------- early-exit (DeeBERT, PABEE, Right-Tool)
@@ -154,13 +159,15 @@ def _cee_build(hf, exit_layers, options, corpus=None):
 def _cee_train(model, targs, dataset, collate, options, make_optimizer):
     from ..training.consistentee import train_consistentee
 
-    res = train_consistentee(model, dataset, targs, rounds=options["rounds"], data_collator=collate,
-                             make_optimizer=make_optimizer)
+    res = train_consistentee(model, dataset, targs, max_rounds=options["max_rounds"], tolerance=options["tolerance"],
+                             data_collator=collate, make_optimizer=make_optimizer)
     model.set_phase("init")  # back to the all-exits forward that per-exit accuracy and calibration read
     losses = {}
     for ph in res.phases:
         if ph.losses:
             losses[f"round{ph.round}-{ph.phase}"] = float(sum(ph.losses) / len(ph.losses))
+    for r, change in enumerate(res.changes, start=2):
+        losses[f"round{r}-exit-change"] = change  # the stopping rule's measure
     return losses
 
 
@@ -183,27 +190,55 @@ def _cascade_build(hf, exit_layers, options, corpus=None):
     if not small:
         raise ValueError("cascadebert needs small_layers, e.g. --method-option small_layers=2")
     return CascadeModel.from_first_layers(hf, list(small), dar_weight=options["dar_weight"],
-                                          confidence_margin=options["confidence_margin"])
+                                          confidence_margin=options["confidence_margin"],
+                                          kd_alpha=options["kd_alpha"], kd_temperature=options["kd_temperature"])
 
 
 def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
+    """Each member on its own (cascadebert.txt 4.2): the complete model first, then the
+    smaller ones, largest first, each distilled from the complete model (5.4) and the
+    smallest regularized by DAR (3.2) with K-fold difficulty labels from fresh copies of
+    itself (K = ``difficulty_folds`` folds x ``difficulty_seeds`` seeds)."""
     import copy
 
     from ..training.cascadebert import DARTrainer, kfold_difficulty_labels
+    from .cascadebert import CascadeModel
 
-    difficulty = None
-    if options["difficulty_folds"] > 0:
-        small = copy.deepcopy(model.members[0])
-        labels = kfold_difficulty_labels(lambda seed: copy.deepcopy(small), dataset, k=options["difficulty_folds"],
-                                         seeds=range(options["difficulty_seeds"]),
-                                         training_args=dict(per_device_train_batch_size=targs.per_device_train_batch_size,
-                                                            num_train_epochs=targs.num_train_epochs,
-                                                            max_steps=targs.max_steps, learning_rate=targs.learning_rate,
-                                                            use_cpu=targs.use_cpu),
-                                         data_collator=collate)
-        difficulty = labels.labels
-    return {"joint": _trainer(model, targs, dataset, collate, make_optimizer, trainer_cls=DARTrainer,
-                              difficulty=difficulty)}
+    folds, seeds = options["difficulty_folds"], options["difficulty_seeds"]
+    if folds < 0 or (folds > 0 and seeds < 1):
+        raise ValueError(f"cascadebert: difficulty_folds must be >= 0 and difficulty_seeds >= 1, got "
+                         f"{folds} and {seeds}")
+    if options["difficulty_steps"] < 0:
+        raise ValueError(f"cascadebert: difficulty_steps must be >= 0, got {options['difficulty_steps']}")
+    # the fold models start from the smallest member as built, before any training
+    fresh_small = copy.deepcopy(model.members[0]) if folds > 0 else None
+    last = len(model.members) - 1
+    losses = {}
+    try:
+        model.set_training_member(last)
+        losses[f"member{last}"] = _trainer(model, targs, dataset, collate, make_optimizer)
+        difficulty = None
+        if folds > 0:
+            steps = options["difficulty_steps"] or targs.max_steps
+            difficulty = kfold_difficulty_labels(
+                lambda seed: copy.deepcopy(fresh_small), dataset, k=folds, seeds=range(seeds),
+                training_args=dict(per_device_train_batch_size=targs.per_device_train_batch_size,
+                                   num_train_epochs=targs.num_train_epochs, max_steps=steps,
+                                   learning_rate=targs.learning_rate, use_cpu=targs.use_cpu,
+                                   remove_unused_columns=False),
+                data_collator=collate, make_optimizer=lambda m: make_optimizer(CascadeModel([m]))).labels
+            losses["difficult_fraction"] = float(difficulty.float().mean())
+        for j in reversed(range(last)):
+            model.set_training_member(j)
+            history: list = []
+            losses[f"member{j}"] = _trainer(model, targs, dataset, collate, make_optimizer, trainer_cls=DARTrainer,
+                                            difficulty=difficulty if j == 0 else None, log_history=history)
+            dar = [h["dar_loss"] for h in history if "dar_loss" in h]
+            if dar:
+                losses[f"member{j}-dar"] = sum(dar) / len(dar)
+    finally:
+        model.set_training_member(None)
+    return losses
 
 
 # ---------------------------------------------------------------------- hashee
@@ -258,9 +293,13 @@ METHODS: Dict[str, MethodSpec] = {
          "num_samples": (8, "K trajectories per sample (repeated sampling)"),
          "epsilon": (0.05, "epsilon-greedy exploration (eq. 5)"),
          "policy_hidden": (32, "hidden size of the policy MLP"),
-         "rounds": (2, "iterative training rounds (memorized layers, policy step, classifier step)")},
+         "max_rounds": (5, "most iterative training rounds (memorized layers, policy step, classifier step)"),
+         "tolerance": (0.02, "stop once the policy's exit distribution on the training rows moves less than this "
+                             "(total variation) between rounds")},
         _cee_build, _cee_train,
-        notes=["criterion policy: exit when p(exit) > threshold; the paper's threshold is 0.5"]),
+        notes=["criterion policy: exit when p(exit) > threshold; the paper's threshold is 0.5",
+               "training: weighted-CE init, then rounds until the policy settles (tolerance) or max_rounds; "
+               "each step runs --epochs / --max-steps; --head-lr trains the exit heads and policy nets"]),
     "mpee": MethodSpec(
         "mpee", "MPEE: token pruning by class-attention memory + layer exits with classifier memory (mpee.txt)",
         "eekernels.methods.mpee:MPEEModel",
@@ -276,10 +315,18 @@ METHODS: Dict[str, MethodSpec] = {
         {"small_layers": ((), "depths of the smaller members, cut from the model's first layers, e.g. 2 or 2,6"),
          "dar_weight": (0.5, "lambda of the difficulty-aware margin loss (eq. 5-6)"),
          "confidence_margin": (0.5, "epsilon of the margin loss"),
-         "difficulty_folds": (0, "K of the K-fold difficulty labels (0: train without DAR)"),
-         "difficulty_seeds": (2, "seeds per fold for the difficulty labels")},
+         "kd_alpha": (0.5, "weight of the KD loss of the smaller members (section 5.4, vanilla KD; 0: off)"),
+         "kd_temperature": (2.0, "KD temperature T"),
+         "difficulty_folds": (8, "K of the K-fold difficulty labels for DAR (the paper: 8; 0: train without DAR)"),
+         "difficulty_seeds": (5, "seeds per fold for the difficulty labels (the paper: 5)"),
+         "difficulty_steps": (0, "training steps of each fold model (0: as many as the members' own training)")},
         _cascade_build, _cascade_train,
-        notes=["criterion max_prob: a member emits a sample once its max probability > threshold"]),
+        notes=["criterion max_prob: a member emits a sample once its max probability > threshold",
+               "training: the complete model, then each smaller member distilled from it (KD) with DAR",
+               "cost of DAR: difficulty_folds x difficulty_seeds trainings of the smallest member on (K-1)/K of "
+               "the data (defaults 8 x 5 = 40: for a 2-layer member of a 6-layer model about 12x the complete "
+               "model's own training); lower it with difficulty_seeds=1, difficulty_folds=2..4 or "
+               "difficulty_steps=N, or turn DAR off with difficulty_folds=0"]),
     "hashee": MethodSpec(
         "hashee", "HashEE: each token exits at the layer its id hashes to; no sample exits early (hashee.txt)",
         "eekernels.methods.hashee:HashEEModel",

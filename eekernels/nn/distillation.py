@@ -17,8 +17,16 @@ the sums over exits are plain sums, as in the paper.
 
 KL direction. Eq. 13 as printed is KL(student || teacher); the usual distillation loss
 (Hinton et al.) is KL(teacher || student). ``direction`` chooses; the default follows the
-paper. The teacher is not detached: its attention parameters (W_eta, b_eta, V) have no
-other loss to learn from, so gradients flow into the teacher and the students alike.
+paper.
+
+The teacher is a target: in L_KD it is detached, so each student moves towards it and
+the teacher is not pulled towards the students (without the detach the term is a
+consensus loss that can shrink every exit towards the others, teacher included). The
+paper does not say how the attention (W_eta, b_eta, V) learns; here it learns from the
+teacher's own cross-entropy with the label, ``CE(t, y)``, computed on detached students,
+so only the attention gets that gradient and it learns to weight the exits by how well
+they predict (eq. 12's "importance of students to the final prediction"). The total loss
+is ``L_CE + L_KD + CE(t, y)``.
 """
 
 from __future__ import annotations
@@ -108,18 +116,23 @@ def ensemble_distillation_loss(student_logits: torch.Tensor, teacher: torch.Tens
 
 
 class MPEELoss(NamedTuple):
-    """The MPEE loss and its parts: ``loss = ce + kd`` (mpee.txt eq. 14)."""
+    """The MPEE loss and its parts: ``loss = ce + kd + teacher_ce`` (mpee.txt eq. 14, and
+    the attention's own loss, see the module docs); ``teacher`` [B, C] is t (eq. 12)."""
 
     loss: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor
+    teacher_ce: torch.Tensor
     teacher: torch.Tensor
 
 
 def mpee_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_module: AttentionTeacher,
               temperature: float = 1.0, direction: str = "student_teacher") -> MPEELoss:
-    """L = L_CE + L_KD (mpee.txt eq. 11-14) for student logits [E, B, C] and labels [B]."""
-    teacher = teacher_module(student_logits).teacher
+    """L = L_CE + L_KD (mpee.txt eq. 11-14) for student logits [E, B, C] and labels [B],
+    with the teacher t (eq. 12) detached in L_KD, plus CE(t, y) on detached students, which
+    trains the teacher's attention alone."""
+    teacher = teacher_module(student_logits.detach()).teacher
     ce = exit_ce_loss(student_logits, labels)
-    kd = ensemble_distillation_loss(student_logits, teacher, temperature, direction)
-    return MPEELoss(ce + kd, ce, kd, teacher)
+    kd = ensemble_distillation_loss(student_logits, teacher.detach(), temperature, direction)
+    teacher_ce = nn.functional.cross_entropy(teacher, labels.long())
+    return MPEELoss(ce + kd + teacher_ce, ce, kd, teacher_ce, teacher)

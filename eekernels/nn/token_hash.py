@@ -10,13 +10,20 @@ Kinds (hashee.txt section 3.3), all built by :func:`build_hash_table`:
   training and inference;
 - ``"random_inconsistent"`` (Rand-incons, the ablation): a second, independently drawn
   table is used at inference (:attr:`TokenHashTable.inference_exit_layer`);
-- ``"frequency"``: token types seen in the corpus, sorted by corpus frequency (most
-  frequent first, ties to the lower id), split into B buckets holding equal numbers of
-  types (sizes differ by at most one); frequent tokens exit first; types unseen in the
-  corpus get full depth;
-- ``"mi"``: types sorted by the mutual information between "the type occurs in a text"
-  and the text's label (higher MI first), split into B equal buckets; unseen types get
-  full depth;
+- ``"frequency"``: every non-special type of the vocabulary sorted by corpus frequency
+  (most frequent first) and split into B buckets holding equal numbers of types (sizes
+  differ by at most one): "the tokens are sorted by frequency and then divided equally
+  into B buckets" (3.3); frequent tokens exit first;
+- ``"mi"``: every non-special type sorted by the mutual information between "the type
+  occurs in a text" and the text's label (higher MI first), split into B equal buckets;
+
+Types the corpus never shows (a task's training set covers a fraction of the vocabulary,
+yet test text brings others) have frequency 0 and MI 0, the lowest scores, so the sort
+puts them last, in the rarest buckets, ordered among themselves by vocabulary id (a
+WordPiece / BPE vocabulary lists whole, common pieces before rare ones, so the id is the
+frequency order of the tokenizer's own corpus). The paper sorts "the tokens" without saying
+which; sorting the whole vocabulary gives every id a defined layer, and an unseen token
+exits no earlier than any token seen in training;
 - ``"clustered"``: k-means (k = B) over the model's input (word) embeddings of the
   non-special types, clusters ordered by the mean norm of their members, small norm first.
 
@@ -316,8 +323,11 @@ def build_hash_table(kind: str, num_layers: int, num_buckets: Optional[int] = No
         g = torch.Generator().manual_seed(s)
         return layer_of_bucket[torch.randint(num_buckets, (vocab_size,), generator=g)]
 
-    def ranked_to_table(order: torch.Tensor) -> torch.Tensor:
-        # Types in `order` (best first) fill B equal buckets; everything else: full depth.
+    def ranked_to_table(score: torch.Tensor) -> torch.Tensor:
+        # Every non-special type, highest score first (ties, e.g. the unseen types' 0, by
+        # ascending id: a stable sort over ascending ids), fills B equal buckets.
+        types = (~is_special).nonzero().reshape(-1)
+        order = types[torch.sort(-score[types], stable=True).indices]
         t = torch.full((vocab_size,), num_layers, dtype=torch.int64)
         t[order] = layer_of_bucket[_equal_buckets(order, num_buckets)]
         return t
@@ -332,9 +342,7 @@ def build_hash_table(kind: str, num_layers: int, num_buckets: Optional[int] = No
         ids = corpus_ids()
         freq, _ = count_token_types(ids, vocab_size)
         seen = ((freq > 0) & ~is_special).nonzero().reshape(-1)
-        # Most frequent first, ties to the lower id (stable sort of -freq over ascending ids).
-        order = seen[torch.sort(-freq[seen], stable=True).indices]
-        table = ranked_to_table(order)
+        table = ranked_to_table(freq.double())  # most frequent first; unseen last, by id
         meta.update(corpus_tokens=int(freq.sum()), seen_types=int(seen.numel()))
     elif kind == "mi":
         if labels is None:
@@ -349,8 +357,8 @@ def build_hash_table(kind: str, num_layers: int, num_buckets: Optional[int] = No
         freq, per_label = count_token_types(ids, vocab_size, lab.tolist(), num_labels)
         mi = mutual_information(per_label, torch.bincount(lab, minlength=num_labels))
         seen = ((freq > 0) & ~is_special).nonzero().reshape(-1)
-        order = seen[torch.sort(-mi[seen], stable=True).indices]  # higher MI exits first
-        table = ranked_to_table(order)
+        # higher MI exits first; unseen types (MI 0) after every seen one, by id
+        table = ranked_to_table(torch.where(freq > 0, mi, torch.full_like(mi, -1.0)))
         meta.update(corpus_texts=len(ids), seen_types=int(seen.numel()))
     else:  # clustered
         if embeddings is None:

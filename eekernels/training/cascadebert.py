@@ -179,7 +179,8 @@ def _row_labels(dataset) -> torch.Tensor:
 def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, k: int = 8,
                             seeds: Sequence[int] = (0, 1, 2, 3, 4), training_args: Optional[dict] = None,
                             split_seed: int = 0, output_dir: Optional[str] = None, trainer_cls=None,
-                            data_collator=None, progress: bool = True) -> DifficultyLabels:
+                            data_collator=None, make_optimizer: Optional[Callable[[nn.Module], object]] = None,
+                            progress: bool = True) -> DifficultyLabels:
     """Difficulty labels by leave-one-fold-out training (cascadebert.txt section 3.2).
 
     The dataset is split once (``split_seed``) into ``k`` folds D_1..D_k of near-equal size.
@@ -204,6 +205,8 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
         output_dir: where the fold runs write (default: a temporary directory).
         trainer_cls: the ``Trainer`` class (default ``transformers.Trainer``).
         data_collator: passed to the trainer (default: HF's).
+        make_optimizer: model -> its optimizer (e.g. a larger learning rate for the new
+            classifier); default: the trainer's own (AdamW at ``learning_rate``).
         progress: a tqdm bar over the k * len(seeds) runs.
     """
     from tqdm import tqdm
@@ -245,8 +248,9 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
                 model = make_model(seed)
                 args = TrainingArguments(output_dir=os.path.join(output_dir, f"seed{seed}-fold{fold}"), seed=seed,
                                          **base_args)
+                optimizer = make_optimizer(model) if make_optimizer is not None else None
                 trainer = trainer_cls(model=model, args=args, train_dataset=torch.utils.data.Subset(dataset, kept),
-                                      data_collator=data_collator)
+                                      data_collator=data_collator, optimizers=(optimizer, None))
                 trainer.train()
                 pred = trainer.predict(torch.utils.data.Subset(dataset, held)).predictions
                 if isinstance(pred, (tuple, list)):

@@ -280,11 +280,25 @@ class ConsistentEETrainingResult:
         memorized_layers: the last memorized layers computed ([len(train_dataset)]).
         evals: per round (after its classifier step), :func:`evaluate_early_exit` on the
             eval dataset (empty without one).
+        exit_distributions: per round, the share of the probe rows (the training set's
+            first ``probe_size``) leaving at each exit under the policy at threshold 0.5.
+        changes: per round from the second, the total-variation distance between its exit
+            distribution and the previous round's (what the stopping rule reads).
+        converged: whether training stopped because the distribution settled (False when
+            it ran into ``max_rounds``).
     """
 
     phases: List[PhaseRecord] = field(default_factory=list)
     memorized_layers: Optional[torch.Tensor] = None
     evals: List[Dict[str, Any]] = field(default_factory=list)
+    exit_distributions: List[List[float]] = field(default_factory=list)
+    changes: List[float] = field(default_factory=list)
+    converged: bool = False
+
+    @property
+    def rounds(self) -> int:
+        """Rounds run (memorized layers, policy step, classifier step)."""
+        return len(self.exit_distributions)
 
 
 def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator, callbacks, make_optimizer):
@@ -293,7 +307,10 @@ def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator,
     model.set_phase(phase)
     sub = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"round{rnd}-{phase}"),
                               **{k: v for k, v in overrides.items() if v is not None})
-    optimizer = make_optimizer(model) if make_optimizer is not None and phase != "policy" else None
+    # The policy phase freezes all but the policy nets, so make_optimizer's head group holds
+    # them alone (at the head learning rate); an explicit policy learning rate takes over.
+    own_lr = phase == "policy" and overrides.get("learning_rate") is not None
+    optimizer = make_optimizer(model) if make_optimizer is not None and not own_lr else None
     trainer = Trainer(model=model, args=sub, train_dataset=train_dataset, data_collator=data_collator,
                       callbacks=list(callbacks or []), optimizers=(optimizer, None))
     out = trainer.train()
@@ -301,11 +318,18 @@ def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator,
     return PhaseRecord(rnd, phase, losses, getattr(out, "training_loss", None), trainer.state.global_step)
 
 
-def train_consistentee(model, train_dataset, args, *, rounds: int = 2, init: bool = True,
-                       init_steps: Optional[int] = None, policy_steps: Optional[int] = None,
+def _exit_distribution(model, dataset, batch_size, data_collator) -> List[float]:
+    """Share of ``dataset``'s rows leaving at each exit under the policy (threshold 0.5)."""
+    hist = evaluate_early_exit(model, dataset, batch_size, data_collator, threshold=0.5)["exit_histogram"]
+    total = max(sum(hist.values()), 1)
+    return [hist[l] / total for l in model.exit_layers]
+
+
+def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, tolerance: float = 0.02,
+                       init: bool = True, init_steps: Optional[int] = None, policy_steps: Optional[int] = None,
                        classifier_steps: Optional[int] = None, policy_learning_rate: Optional[float] = None,
                        data_collator=None, eval_dataset=None, memorized_batch_size: int = 64,
-                       callbacks: Optional[Sequence] = None, make_optimizer=None,
+                       probe_size: int = 512, callbacks: Optional[Sequence] = None, make_optimizer=None,
                        progress: bool = True) -> ConsistentEETrainingResult:
     """ConsistentEE's iterative training (consistentee.txt "Model Training and Inference").
 
@@ -315,17 +339,22 @@ def train_consistentee(model, train_dataset, args, *, rounds: int = 2, init: boo
        needed by the hardness-guided reward (``model.reward == "hardness"``).
     3. Policy step: eq. 5 by REINFORCE, classifiers and backbone frozen (phase ``"policy"``).
     4. Classifier step: eq. 6, policy frozen (phase ``"classifier"``).
-    5. Steps 2-4 ``rounds`` times.
+    5. Steps 2-4 "until the convergence is reached" (step 5). The paper gives no test;
+       here a round ends by measuring the exit distribution of the policy (threshold 0.5)
+       on the first ``probe_size`` training rows, and training stops once it moves by less
+       than ``tolerance`` (total-variation distance) from the previous round's, or after
+       ``max_rounds`` rounds. At least two rounds run (a change needs two).
 
     Each step is one HF ``Trainer`` run with ``args`` (a ``TrainingArguments``), its
     ``output_dir`` suffixed ``round{r}-{phase}``; ``*_steps`` override ``max_steps`` for that
-    step and ``policy_learning_rate`` the learning rate of the policy step. Progress: a
-    bar over the steps of the schedule, the Trainer's own bars (``args.disable_tqdm``) and
-    one for the memorized layers. ``data_collator`` batches the dataset's dict items
+    step. Progress: a bar over the rounds, the Trainer's own bars (``args.disable_tqdm``)
+    and one for the memorized layers. ``data_collator`` batches the dataset's dict items
     (default ``transformers.default_data_collator``). ``make_optimizer(model)``, when given,
-    builds the optimizer of the init and classifier steps (e.g. a larger learning rate for
-    the fresh exit heads); the policy step trains only the policies, at
-    ``policy_learning_rate`` (default ``args.learning_rate``).
+    builds every step's optimizer over the parameters that step trains (e.g. a larger
+    learning rate for the fresh exit heads and policy nets: in the policy step the policy
+    nets are the only trainable parameters); ``policy_learning_rate`` instead gives the
+    policy step the trainer's own optimizer at that rate. Without either, every step
+    trains at ``args.learning_rate``.
 
     Returns:
         :class:`ConsistentEETrainingResult`; the model is trained in place and left in
@@ -333,35 +362,45 @@ def train_consistentee(model, train_dataset, args, *, rounds: int = 2, init: boo
     """
     from tqdm.auto import tqdm
 
-    if rounds < 1:
-        raise ValueError(f"train_consistentee: rounds must be >= 1, got {rounds}")
+    if not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"train_consistentee: max_rounds must be an int >= 1, got {max_rounds!r}")
+    if not tolerance >= 0:
+        raise ValueError(f"train_consistentee: tolerance must be >= 0, got {tolerance}")
+    if probe_size < 1:
+        raise ValueError(f"train_consistentee: probe_size must be >= 1, got {probe_size}")
     if not hasattr(model, "set_phase"):
         raise TypeError("train_consistentee: model must be a ConsistentEEModel (eekernels.methods.consistentee)")
     result = ConsistentEETrainingResult()
-    plan = ([(0, "init")] if init else []) + [(r, p) for r in range(1, rounds + 1)
-                                              for p in ("memorized", "policy", "classifier")]
-    bar = tqdm(plan, desc="ConsistentEE", disable=not progress)
-    for rnd, phase in bar:
-        bar.set_postfix_str(f"round {rnd}: {phase}")
-        if phase == "init":
-            result.phases.append(_run_phase(model, "init", 0, args, {"max_steps": init_steps},
-                                            train_dataset, data_collator, callbacks, make_optimizer))
-        elif phase == "memorized":
-            if model.reward == "hardness":
-                result.memorized_layers = compute_memorized_layers(
-                    model, train_dataset, memorized_batch_size, data_collator, progress=progress)
-        else:
-            data = train_dataset
-            if result.memorized_layers is not None:
-                data = WithMemorizedLayer(train_dataset, result.memorized_layers)
+    probe = torch.utils.data.Subset(train_dataset, range(min(probe_size, len(train_dataset))))
+    if init:
+        result.phases.append(_run_phase(model, "init", 0, args, {"max_steps": init_steps},
+                                        train_dataset, data_collator, callbacks, make_optimizer))
+    bar = tqdm(range(1, max_rounds + 1), desc="ConsistentEE rounds", disable=not progress)
+    for rnd in bar:
+        if model.reward == "hardness":
+            bar.set_postfix_str(f"round {rnd}: memorized layers")
+            result.memorized_layers = compute_memorized_layers(
+                model, train_dataset, memorized_batch_size, data_collator, progress=progress)
+        data = train_dataset
+        if result.memorized_layers is not None:
+            data = WithMemorizedLayer(train_dataset, result.memorized_layers)
+        for phase in ("policy", "classifier"):
             overrides = {"max_steps": policy_steps if phase == "policy" else classifier_steps}
             if phase == "policy":
                 overrides["learning_rate"] = policy_learning_rate
             rec = _run_phase(model, phase, rnd, args, overrides, data, data_collator, callbacks, make_optimizer)
             result.phases.append(rec)
-            if rec.losses:
-                bar.set_postfix_str(f"round {rnd}: {phase} loss {rec.losses[-1]:.4f}")
-            if phase == "classifier" and eval_dataset is not None:
-                result.evals.append(evaluate_early_exit(model, eval_dataset, memorized_batch_size, data_collator))
+        if eval_dataset is not None:
+            result.evals.append(evaluate_early_exit(model, eval_dataset, memorized_batch_size, data_collator))
+        dist = _exit_distribution(model, probe, memorized_batch_size, data_collator)
+        result.exit_distributions.append(dist)
+        if rnd > 1:
+            prev = result.exit_distributions[-2]
+            change = 0.5 * sum(abs(a - b) for a, b in zip(dist, prev))
+            result.changes.append(change)
+            bar.set_postfix_str(f"round {rnd}: exit distribution moved {change:.3f}")
+            if change < tolerance:
+                result.converged = True
+                break
     bar.close()
     return result

@@ -312,24 +312,75 @@ def test_classifier_phase_trainer_loss_decreases(tmp_path):
     assert out.exit_layer.min() >= 1 and len(set(out.exit_layer.tolist())) > 1  # exits sampled over layers
 
 
+def _recording_optimizer(seen, lr=1e-5, head_lr=5e-2):
+    """finetune.make_optimizer (backbone lr, head lr for the new parameters), recording each
+    optimizer's {param id: lr}."""
+    from eekernels.training.finetune import make_optimizer
+
+    def make(m):
+        opt = make_optimizer(m, lr, head_lr)
+        seen.append((m.phase, {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}))
+        return opt
+    return make
+
+
 def test_iterative_loop_end_to_end(tmp_path):
     model = ConsistentEEModel.from_hf(tiny_bert(seed=5), init="random", reward="hardness", alpha=0.3)
     args = trainer_args(tmp_path, 10)
-    res = ct.train_consistentee(model, ParityTask(256, seed=1), args, rounds=2, init_steps=100, policy_steps=5,
-                                classifier_steps=5, policy_learning_rate=5e-2, eval_dataset=ParityTask(64, seed=2),
-                                progress=True)
+    seen = []
+    res = ct.train_consistentee(model, ParityTask(256, seed=1), args, max_rounds=2, tolerance=0.0, init_steps=100,
+                                policy_steps=10, classifier_steps=5, eval_dataset=ParityTask(64, seed=2),
+                                make_optimizer=_recording_optimizer(seen, lr=3e-3), progress=True)
     assert [(r.round, r.phase) for r in res.phases] == [
         (0, "init"), (1, "policy"), (1, "classifier"), (2, "policy"), (2, "classifier")]
-    assert [r.global_step for r in res.phases] == [100, 5, 5, 5, 5]
+    assert [r.global_step for r in res.phases] == [100, 10, 5, 10, 5]
     assert all(r.losses and all(math.isfinite(x) for x in r.losses) for r in res.phases)
     assert res.memorized_layers.shape == (256,)
+    assert res.rounds == 2 and len(res.changes) == 1 and not res.converged  # tolerance 0 never settles
+    assert all(abs(sum(d) - 1.0) < 1e-9 for d in res.exit_distributions)
+    # the policy step's optimizer holds the policy nets alone, at the head learning rate
+    policy_ids = {id(p) for p in model.policies.parameters()}
+    phases = [ph for ph, _ in seen]
+    assert phases == ["init", "policy", "classifier", "policy", "classifier"]
+    for ph, lrs in seen:
+        if ph == "policy":
+            assert set(lrs) == policy_ids and set(lrs.values()) == {5e-2}
     assert len(res.evals) == 2
     for ev in res.evals:
-        assert ev["accuracy"] > 0.8 and ev["layer_speedup"] >= 1.0
-        assert sum(ev["exit_histogram"].values()) == 64
+        assert ev["accuracy"] > 0.8 and sum(ev["exit_histogram"].values()) == 64
+    # the cost term pays off: the task is learnable at layer 1 and alpha charges every layer,
+    # so the learned policy (threshold 0.5) sends rows out early (observed: all at layer 1,
+    # 3x) and accuracy holds
+    last = res.evals[-1]
+    assert last["layer_speedup"] > 1.5 and last["accuracy"] > 0.8, last
+    # at a threshold between the layer-1 exit probabilities rows spread over the exits
+    # and accuracy still holds
+    dev = ParityTask(64, seed=2)
+    model.eval()
+    with torch.no_grad():
+        cls1 = model.layer_states(dev.ids)[0][:, 0]
+        p1 = torch.sigmoid(model.policy(1).logit(model._pooled(1, cls1))).reshape(-1)
+    out = model.early_exit(dev.ids, threshold=threshold_between(p1))
+    assert len(set(out.exit_layer.tolist())) >= 2, out.exit_layer.tolist()
+    assert float((out.pred == dev.labels).float().mean()) > 0.8
     assert model.phase == "classifier"
-    with pytest.raises(ValueError, match="rounds"):
-        ct.train_consistentee(model, ParityTask(8, seed=1), args, rounds=0)
+    with pytest.raises(ValueError, match="max_rounds"):
+        ct.train_consistentee(model, ParityTask(8, seed=1), args, max_rounds=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        ct.train_consistentee(model, ParityTask(8, seed=1), args, tolerance=-1.0)
+
+
+def test_iterative_loop_stops_once_the_policy_settles(tmp_path):
+    """The stopping rule: rounds go on while the exit distribution moves by at least the
+    tolerance, at most max_rounds; a tolerance above any possible change (1) stops after
+    the second round, the first that can be compared."""
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=7), init="random", reward="vanilla", alpha=0.3)
+    args = trainer_args(tmp_path, 3)
+    res = ct.train_consistentee(model, ParityTask(64, seed=1), args, max_rounds=4, tolerance=1.01, progress=False)
+    assert res.rounds == 2 and res.converged and res.changes[0] <= 1.0
+    res = ct.train_consistentee(model, ParityTask(64, seed=1), args, max_rounds=3, tolerance=0.0, init=False,
+                                progress=False)
+    assert res.rounds == 3 and not res.converged and len(res.changes) == 2
 
 
 # --------------------------------------------------------------------------- inference

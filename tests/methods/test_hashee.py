@@ -82,24 +82,39 @@ def test_bucket_to_layer_is_a3():
         bucket_to_layer(4, 0)
 
 
+def expected_layers(order, num_layers, num_buckets):
+    """A.3 on a ranking of all non-special types: rank r is in bucket floor(r B / n)."""
+    n = len(order)
+    return {t: 1 + (num_layers * ((r * num_buckets) // n)) // num_buckets for r, t in enumerate(order)}
+
+
 def test_frequency_hash_order_buckets_unseen_and_specials():
-    # type 10+k occurs 40-k times (k < 16), so the frequency order is 10, 11, ..., 25
+    # type 10+k occurs 40-k times (k < 16), so the frequency order is 10, 11, ..., 25; then
+    # the types the corpus never shows, by id: 5..9, 26..99 (95 non-special types in all)
     corpus = [[2] + [10 + k] * (40 - k) + [3] for k in range(16)]
     t = build_hash_table("frequency", L, token_ids=corpus, vocab_size=V, special_ids=SPECIALS)
     layers = t.exit_layer
-    assert layers[10:26].tolist() == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4  # equal buckets, frequent first
-    assert (layers[26:] == L).all() and (layers[5:10] == L).all()  # unseen types: full depth
+    order = list(range(10, 26)) + list(range(5, 10)) + list(range(26, V))
+    want = expected_layers(order, L, L)
+    assert [int(layers[i]) for i in order] == [want[i] for i in order]  # equal buckets, frequent first
+    sizes = torch.bincount(layers[order], minlength=L + 1)[1:]
+    assert sizes.tolist() == [24, 24, 24, 23]  # the whole vocabulary in equal buckets
+    # every unseen type has a defined layer, never before a seen type's (the rarest buckets)
+    assert int(layers[5:10].min()) >= int(layers[10:26].max()) and int(layers[26:].min()) >= int(layers[10:26].max())
+    assert int(layers[9]) < L and int(layers[V - 1]) == L  # unseen types span the later buckets by id
     assert (layers[SPECIALS] == L).all()  # [CLS]/[SEP] in the corpus are not hashed
     assert t.meta["seen_types"] == 16
-    # unequal split: 10 types into 4 buckets -> sizes 3,2,3,2 (differ by at most one)
-    t2 = build_hash_table("frequency", L, token_ids=[[10 + k] * (20 - k) for k in range(10)], vocab_size=V,
+    # a small vocabulary, all seen, unequal split: 10 types into 4 buckets -> sizes 3,2,3,2
+    t2 = build_hash_table("frequency", L, token_ids=[[5 + k] * (20 - k) for k in range(10)], vocab_size=15,
                           special_ids=SPECIALS)
-    sizes = torch.bincount(t2.exit_layer[10:20], minlength=L + 1)[1:]
+    sizes = torch.bincount(t2.exit_layer[5:15], minlength=L + 1)[1:]
     assert sizes.sum() == 10 and int(sizes.max() - sizes.min()) <= 1
-    assert t2.exit_layer[10:20].tolist() == sorted(t2.exit_layer[10:20].tolist())
+    assert t2.exit_layer[5:15].tolist() == sorted(t2.exit_layer[5:15].tolist())
     # A.3 mapping with fewer buckets than layers: 12 layers, 3 buckets -> layers 1, 5, 9
     t3 = build_hash_table("frequency", 12, 3, token_ids=corpus, vocab_size=V, special_ids=SPECIALS)
-    assert set(t3.exit_layer[10:26].tolist()) == {1, 5, 9}
+    assert set(t3.exit_layer[order].tolist()) == {1, 5, 9}
+    want3 = expected_layers(order, 12, 3)
+    assert all(int(t3.exit_layer[i]) == want3[i] for i in order)
 
 
 def test_frequency_hash_from_texts_with_tokenizer_equals_from_ids():
@@ -119,11 +134,13 @@ def test_mi_hash_orders_by_mutual_information():
     texts = [[10, 12, 13], [10, 12, 13], [10, 12, 13], [10, 12],
              [11, 12, 13], [11, 12], [11, 12], [11, 12]]
     labels = [0, 0, 0, 0, 1, 1, 1, 1]
-    t = build_hash_table("mi", L, token_ids=texts, labels=labels, vocab_size=V, special_ids=SPECIALS)
+    t = build_hash_table("mi", L, token_ids=texts, labels=labels, vocab_size=14, special_ids=SPECIALS)
     layer = t.exit_layer
-    # 4 seen types, 4 buckets: one type each; w10/w11 tie (same MI), lower id first
-    assert [int(layer[i]) for i in (10, 11, 13, 12)] == [1, 2, 3, 4]
-    assert (layer[14:] == L).all()  # unseen
+    # 9 non-special types, 4 buckets: w10/w11 tie (same MI, lower id first), then w13, then
+    # w12 (MI 0 but seen), then the unseen types 5..9 by id
+    order = [10, 11, 13, 12, 5, 6, 7, 8, 9]
+    want = expected_layers(order, L, L)
+    assert [int(layer[i]) for i in order] == [want[i] for i in order] == [1, 1, 1, 2, 2, 3, 3, 4, 4]
     # MI of a perfectly predictive binary type on balanced labels is log 2
     mi = mutual_information(torch.tensor([[4, 0], [4, 4]]), torch.tensor([4, 4]))
     assert abs(float(mi[0]) - math.log(2)) < 1e-9 and abs(float(mi[1])) < 1e-12

@@ -156,8 +156,18 @@ def test_teacher_and_loss_against_direct_formulas():
     assert ensemble_distillation_loss(z, t, tau) == pytest.approx(kd_st, rel=1e-5)
     assert ensemble_distillation_loss(z, t, tau, "teacher_student") == pytest.approx(kd_ts, rel=1e-5)
     assert exit_ce_loss(z, y) == pytest.approx(ce, rel=1e-5)
-    total = mpee_loss(z, y, teach, tau)
-    assert float(total.loss.detach()) == pytest.approx(ce + kd_st, rel=1e-5)  # eq. 14
+    t_ce = float(torch.nn.functional.cross_entropy(t, y))
+    zg = z.clone().requires_grad_(True)
+    total = mpee_loss(zg, y, teach, tau)
+    assert float(total.loss.detach()) == pytest.approx(ce + kd_st + t_ce, rel=1e-5)  # eq. 14 + the teacher's CE
+    assert float(total.kd.detach()) == pytest.approx(kd_st, rel=1e-5) and float(total.teacher_ce.detach()) == pytest.approx(t_ce)
+    # the teacher is a fixed target in L_KD and its CE trains the attention alone: the
+    # students' gradient is that of L_CE + L_KD with t constant
+    total.loss.backward()
+    zr = z.clone().requires_grad_(True)
+    (exit_ce_loss(zr, y) + ensemble_distillation_loss(zr, t, tau)).backward()
+    assert torch.allclose(zg.grad, zr.grad, atol=1e-6)
+    assert teach.proj.weight.grad is not None and teach.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="direction"):
         ensemble_distillation_loss(z, t, tau, "sideways")
     with pytest.raises(ValueError, match="temperature"):
@@ -175,11 +185,27 @@ def test_exit_logits_tanh_and_classifier_memory_eq9_10():
     for j, layer in enumerate(m.exit_layers[:-1]):
         h = m.heads[str(layer)]
         with torch.no_grad():
-            cz = torch.tanh(h.classifier(torch.tanh(h.pooler(hid[layer][:, 0]))))  # eq. 9
+            cz = torch.tanh(h.classifier(hid[layer][:, 0]))  # eq. 9: no pooler
         expect = cz if prev is None else (1 - lam) * prev + lam * cz  # eq. 10
         assert torch.allclose(zs[j], expect, atol=1e-5), layer
         prev = expect
-    assert zs[:-1].abs().max() <= 1.0
+    assert zs.abs().max() <= 1.0  # every exit's logits are tanh-bounded, the last one's too (the default)
+    assert all(h.pooler is None for h in m.heads.values()) and str(N_LAYERS) in m.heads
+
+
+def test_the_last_exit_has_tanh_and_memory_and_is_the_full_model():
+    lam = 0.6
+    m = convert_mpee(tiny_bert(seed=16), prune_layers=(), lam=lam, init="random").eval()
+    ids, mask, _ = batch(4, 12, seed=17)
+    with torch.no_grad():
+        zs = m(ids, mask).exit_logits
+        hid = m.hf.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        cz = torch.tanh(m.heads[str(N_LAYERS)].classifier(hid[N_LAYERS][:, 0]))
+        assert torch.allclose(zs[-1], (1 - lam) * zs[-2] + lam * cz, atol=1e-5)  # eq. 9-10 at the last exit
+        full = m.full_model()(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(full, zs[-1], atol=1e-6)
+    out = m.early_exit(ids, mask, threshold=0.0)
+    assert (out.exit_layer == N_LAYERS).all() and rel_err(out.logits, full) <= 1e-5
 
 
 # --------------------------------------------------------------------------- the model
@@ -192,7 +218,7 @@ def test_pruning_and_exits_disabled_equal_hf():
         ref = hf(input_ids=ids, attention_mask=mask).logits
         ref_nomask = hf(input_ids=ids).logits
     for opts in (dict(prune_layers=()), dict(prune_layers=PRUNE, keep_ratio=1.0)):
-        m = convert_mpee(hf, **opts)
+        m = convert_mpee(hf, final_mpee_head=False, **opts)  # the HF head as the last exit
         for backend in ["torch", cpu_backend()]:
             out = m.early_exit(ids, mask, threshold=0.0, backend=backend)
             assert (out.exit_layer == N_LAYERS).all()
@@ -241,7 +267,7 @@ def test_flops_speedup_counts_shrinking_sequence_and_exits():
         return 8 * n * h * h + 4 * n * h * inter + 4 * n * n * h
 
     full = run = 0.0
-    head = 2 * h * h + 2 * h * c
+    head = 2 * h * c  # eq. 9: no pooler
     for r in range(5):
         n = int(lengths[r])
         full += N_LAYERS * layer_flops(n) + head
@@ -325,7 +351,7 @@ def test_other_architectures_parity_and_pruning(arch):
     ids, mask, _ = ragged_batch(5, 15, seed=18)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).logits
-    off = convert_mpee(hf, prune_layers=(1, 2), keep_ratio=1.0)
+    off = convert_mpee(hf, prune_layers=(1, 2), keep_ratio=1.0, final_mpee_head=False)
     assert rel_err(off.early_exit(ids, mask, threshold=0.0).logits, ref) <= 1e-5
     on = convert_mpee(hf, prune_layers=(1, 2), keep_ratio=0.5)
     out = on.early_exit(ids, mask, threshold=0.0)
