@@ -71,34 +71,83 @@ class EarlyExitOutput:
     extras: Dict[str, Any] = field(default_factory=dict)
 
 
-def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile) -> None:
-    """Validate an early-exit call's inputs with errors that name the argument (no tensor reads)."""
+def _config_limit(model, key: str) -> Optional[int]:
+    """The smallest ``config.<key>`` of the model's HF models (vocab sizes), None if unknown."""
+    values = [getattr(getattr(m, "config", None), key, None) for m in model.hf_models().values()]
+    values = [v for v in values if isinstance(v, int)]
+    return min(values) if values else None
+
+
+def _model_device(model) -> Optional[torch.device]:
+    p = next(iter(model.parameters()), None)
+    return None if p is None else p.device
+
+
+def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile, who: str = "early_exit") -> None:
+    """Validate a batch for ``model`` with errors that name the argument and say what was
+    expected (``who``: the public function, first in every message).
+
+    Types, shapes and devices always; on the CPU also the values (token ids and token types
+    within the model's vocabularies, a 0/1 mask with a token in every row), which cost
+    nothing there. On an accelerator no tensor value is read (no host synchronisation,
+    CUDA-graph capture stays possible)."""
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"early_exit: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        raise TypeError(f"{who}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
-        raise ValueError(f"early_exit: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        raise ValueError(f"{who}: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"early_exit: input_ids must hold integer token ids, got {input_ids.dtype}")
+        raise TypeError(f"{who}: input_ids must hold integer token ids, got {input_ids.dtype}")
     b, s = input_ids.shape
     if b < 1:
-        raise ValueError("early_exit: empty batch (input_ids has 0 rows)")
+        raise ValueError(f"{who}: empty batch (input_ids has 0 rows)")
     if s < 1:
-        raise ValueError("early_exit: the sequence needs at least the [CLS] token")
+        raise ValueError(f"{who}: input_ids has length 0; each sequence needs at least the [CLS] token")
     max_pos = model.max_positions()
     if max_pos is not None and s > max_pos:
-        raise ValueError(f"early_exit: sequence length {s} exceeds the model's max_position_embeddings {max_pos}; "
-                         f"truncate the input")
+        raise ValueError(f"{who}: input_ids has sequence length {s}, more than the model's max_position_embeddings "
+                         f"{max_pos}; truncate the input")
+    device = _model_device(model)
+    if device is not None and input_ids.device != device:
+        raise ValueError(f"{who}: input_ids is on {input_ids.device} but the model is on {device}; move one of them")
     for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"early_exit: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+            raise TypeError(f"{who}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if tuple(t.shape) != (b, s):
-            raise ValueError(f"early_exit: {name} must be [{b}, {s}] like input_ids, got {tuple(t.shape)}")
+            raise ValueError(f"{who}: {name} must be [{b}, {s}] like input_ids, got {tuple(t.shape)}")
         if t.device != input_ids.device:
-            raise ValueError(f"early_exit: {name} is on {t.device} but input_ids is on {input_ids.device}")
-    if exit_profile is not None and tuple(torch.as_tensor(exit_profile).shape) != (b,):
-        raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(torch.as_tensor(exit_profile).shape)}")
+            raise ValueError(f"{who}: {name} is on {t.device} but input_ids is on {input_ids.device}")
+    if attention_mask is not None and attention_mask.dtype.is_complex:
+        raise TypeError(f"{who}: attention_mask must be bool, integer or float 0/1, got {attention_mask.dtype}")
+    if token_type_ids is not None and (token_type_ids.dtype.is_floating_point or token_type_ids.dtype.is_complex
+                                       or token_type_ids.dtype == torch.bool):
+        raise TypeError(f"{who}: token_type_ids must hold integer token types, got {token_type_ids.dtype}")
+    if exit_profile is not None:
+        profile = torch.as_tensor(exit_profile)
+        if tuple(profile.shape) != (b,):
+            raise ValueError(f"{who}: exit_profile must be [{b}], got {tuple(profile.shape)}")
+        if profile.dtype.is_floating_point or profile.dtype.is_complex or profile.dtype == torch.bool:
+            raise TypeError(f"{who}: exit_profile must hold integer 1-based layers, got {profile.dtype}")
+    if input_ids.device.type == "cpu":
+        _check_values(model, input_ids, attention_mask, token_type_ids, who)
+
+
+def _check_values(model, input_ids, attention_mask, token_type_ids, who: str) -> None:
+    for name, t, key in (("input_ids", input_ids, "vocab_size"), ("token_type_ids", token_type_ids, "type_vocab_size")):
+        limit = _config_limit(model, key)
+        if t is not None and limit is not None:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"{who}: {name} must lie in [0, {limit}) (the model's {key}), got values in "
+                                 f"[{lo}, {hi}]")
+    if attention_mask is not None:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(f"{who}: attention_mask must hold only 0 (padding) and 1 (token)")
+        empty = (attention_mask == 0).all(dim=1).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"{who}: attention_mask row {int(empty[0])} has no token; every row needs at least "
+                             f"the [CLS] token")
 
 
 class RowCompaction:
