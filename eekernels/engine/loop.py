@@ -33,6 +33,9 @@ A "step" is a layer of the encoder; for a cascade it runs on through the members
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -190,6 +193,31 @@ class RowCompaction:
         return True
 
 
+_MODE_LOCK = threading.Lock()
+#: model -> [early_exit calls running, training mode before the first of them]
+_RUNNING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode for the duration of an early-exit call. Calls from several threads share
+    one switch: the first switches to eval, the last restores the mode (a call restoring it
+    while another runs would run that one with dropout)."""
+    with _MODE_LOCK:
+        entry = _RUNNING.setdefault(model, [0, model.training])
+        if entry[0] == 0:
+            entry[1] = model.training
+            model.eval()
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _MODE_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                model.train(entry[1])
+
+
 def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                    token_type_ids: Optional[torch.Tensor] = None, *, rule: ExitRule, executor,
                    placement=None, exit_profile: Optional[torch.Tensor] = None, backend: Optional[str] = None,
@@ -215,33 +243,28 @@ def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     dev = input_ids.device
     points = model.exit_points
     exit_set, last_step = set(points), points[-1]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            rows = executor.start(input_ids, attention_mask, token_type_ids)
-            rows.context["backend"] = backend
-            rows.tensors["batch_index"] = torch.arange(b, device=dev)
-            if exit_profile is not None:
-                rows.tensors["forced"] = torch.as_tensor(exit_profile).to(device=dev, dtype=torch.int64)
-            rows.state = rule.initial_state(b, dev)
-            out_logits = torch.empty(b, model.num_labels, dtype=torch.float32, device=dev)
-            out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
-            placement.start(rows)
-            for step in range(1, last_step + 1):
-                placement.run_layer(executor, step, rows)
-                if step in exit_set:
-                    last = step == last_step
-                    decision = rule.decide(step, rows)
-                    leave = leave_mask(decision.exit, step, last, rows.tensors.get("forced"))
-                    rows.state = decision.state
-                    if not placement.leave(rows, leave, decision.logits, step, last, out_logits, out_layer, backend):
-                        break
-                else:
-                    rows.state = rule.observe(step, rows)
-                executor.after_step(step, rows)
-    finally:
-        model.train(was_training)
+    with _eval_mode(model), torch.no_grad():
+        rows = executor.start(input_ids, attention_mask, token_type_ids)
+        rows.context["backend"] = backend
+        rows.tensors["batch_index"] = torch.arange(b, device=dev)
+        if exit_profile is not None:
+            rows.tensors["forced"] = torch.as_tensor(exit_profile).to(device=dev, dtype=torch.int64)
+        rows.state = rule.initial_state(b, dev)
+        out_logits = torch.empty(b, model.num_labels, dtype=torch.float32, device=dev)
+        out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
+        placement.start(rows)
+        for step in range(1, last_step + 1):
+            placement.run_layer(executor, step, rows)
+            if step in exit_set:
+                last = step == last_step
+                decision = rule.decide(step, rows)
+                leave = leave_mask(decision.exit, step, last, rows.tensors.get("forced"))
+                rows.state = decision.state
+                if not placement.leave(rows, leave, decision.logits, step, last, out_logits, out_layer, backend):
+                    break
+            else:
+                rows.state = rule.observe(step, rows)
+            executor.after_step(step, rows)
     extras = executor.extras(rows)
     if not with_metrics:
         nan = float("nan")
