@@ -13,7 +13,7 @@ grows while the allocator meets new shapes (on a 2-core CPU box: ~40 MiB over th
     python benchmarks/load_soak.py --calls 10000 --out soak.json
 
 The JSON holds the settings, the samples (call index, RSS bytes), the fitted slope after
-the warm-up and the RSS growth over that span. ``tests/engine/test_load.py`` runs a short
+the warm-up and the RSS growth over that span. ``tests/benchmarks/test_load_soak.py`` runs a short
 version in CI.
 """
 
