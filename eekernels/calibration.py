@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .ops import exit_head_reference
+from .ops._checks import real_number
 
 
 @dataclass
@@ -131,8 +132,19 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
         target_speedup: the most accurate threshold whose layer speed-up is >= this.
         max_accuracy_drop: the fastest threshold whose accuracy is >= full accuracy - this.
     """
+    from .engine.loop import check_inputs
+    from .models.base import EarlyExitBase
+
+    if not isinstance(model, EarlyExitBase):
+        raise TypeError(f"calibrate: model must be an eekernels early-exit model (eekernels.convert, eekernels.load), "
+                        f"got {type(model).__name__}")
     if (target_speedup is None) == (max_accuracy_drop is None):
         raise ValueError("calibrate: give exactly one of target_speedup and max_accuracy_drop")
+    target_speedup, max_accuracy_drop = (None if v is None else real_number("calibrate", name, v) for name, v in
+                                         (("target_speedup", target_speedup), ("max_accuracy_drop", max_accuracy_drop)))
+    for name, v in (("batch_size", batch_size), ("candidates", candidates)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"calibrate: {name} must be an int >= 1, got {v!r}")
     if not model.criteria:
         raise ValueError(f"calibrate: a {model.method} model has no exit threshold to calibrate")
     criterion = model.criteria[0] if criterion is None else criterion
@@ -146,9 +158,17 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
                          f"got {target_speedup}")
     if max_accuracy_drop is not None and not (0.0 <= max_accuracy_drop <= 1.0):
         raise ValueError(f"calibrate: max_accuracy_drop must be in [0, 1], got {max_accuracy_drop}")
-    labels = torch.as_tensor(labels).long().cpu()
-    if labels.shape[0] != input_ids.shape[0] or labels.shape[0] == 0:
-        raise ValueError("calibrate: need one label per input row, and at least one row")
+    check_inputs(model, input_ids, attention_mask, token_type_ids, None, who="calibrate")
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"calibrate: labels must be integer class ids, got {labels.dtype}")
+    if tuple(labels.shape) != (input_ids.shape[0],):
+        raise ValueError(f"calibrate: labels must be [{input_ids.shape[0]}] (one per row of input_ids), "
+                         f"got {tuple(labels.shape)}")
+    labels = labels.long().cpu()
+    if int(labels.min()) < 0 or int(labels.max()) >= model.num_labels:
+        raise ValueError(f"calibrate: labels must lie in [0, {model.num_labels}) (the model's classes), got values "
+                         f"in [{int(labels.min())}, {int(labels.max())}]")
     z = collect_exit_logits(model, input_ids, attention_mask, token_type_ids, batch_size, progress)
     full_acc = float((model.exit_predictions(z)[-1].argmax(-1) == labels).float().mean())
 

@@ -128,8 +128,12 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
     from .models.base import CONFIG_FILE
     from .training.finetune import LABEL_NAMES_FILE, check_model_dir
 
-    if batch_size <= 0:
-        raise ValueError(f"--batch-size must be > 0, got {batch_size}")
+    from .ops._checks import real_number
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"--batch-size must be an int > 0, got {batch_size!r}")
+    threshold, target_speedup = (None if v is None else real_number("evaluate", name, v) for name, v in
+                                 (("threshold", threshold), ("target_speedup", target_speedup)))
     if threshold is not None and not (threshold >= 0):  # NaN too
         raise ValueError(f"--threshold must be a number >= 0 (inf allowed), got {threshold}")
     check_model_dir(model_dir)

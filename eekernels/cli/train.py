@@ -49,6 +49,12 @@ def add_arguments(p) -> None:
                         "exits with the backbone frozen (each stage for --epochs / --max-steps)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--logging-steps", type=int, default=50)
+    p.add_argument("--save-steps", type=int, default=500,
+                   help="write a checkpoint every this many steps (beside --out, in .OUT.checkpoints/; removed "
+                        "when training ends), for --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same --out from its last checkpoint (same "
+                        "options and seed: the model an uninterrupted run would end with)")
 
 
 def parse_exit_layers(spec: Optional[str]):
@@ -91,7 +97,8 @@ def _train(args) -> int:
                          head_lr=args.head_lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                          logging_steps=args.logging_steps, text_columns=args.text_columns,
-                         label_column=args.label_column, cpu=args.cpu)
+                         label_column=args.label_column, cpu=args.cpu, save_steps=args.save_steps,
+                         resume=args.resume)
     finetune(cfg)
     return 0
 

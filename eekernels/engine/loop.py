@@ -33,6 +33,9 @@ A "step" is a layer of the encoder; for a cascade it runs on through the members
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -71,34 +74,83 @@ class EarlyExitOutput:
     extras: Dict[str, Any] = field(default_factory=dict)
 
 
-def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile) -> None:
-    """Validate an early-exit call's inputs with errors that name the argument (no tensor reads)."""
+def _config_limit(model, key: str) -> Optional[int]:
+    """The smallest ``config.<key>`` of the model's HF models (vocab sizes), None if unknown."""
+    values = [getattr(getattr(m, "config", None), key, None) for m in model.hf_models().values()]
+    values = [v for v in values if isinstance(v, int)]
+    return min(values) if values else None
+
+
+def _model_device(model) -> Optional[torch.device]:
+    p = next(iter(model.parameters()), None)
+    return None if p is None else p.device
+
+
+def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile, who: str = "early_exit") -> None:
+    """Validate a batch for ``model`` with errors that name the argument and say what was
+    expected (``who``: the public function, first in every message).
+
+    Types, shapes and devices always; on the CPU also the values (token ids and token types
+    within the model's vocabularies, a 0/1 mask with a token in every row), which cost
+    nothing there. On an accelerator no tensor value is read (no host synchronisation,
+    CUDA-graph capture stays possible)."""
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"early_exit: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        raise TypeError(f"{who}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
-        raise ValueError(f"early_exit: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        raise ValueError(f"{who}: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"early_exit: input_ids must hold integer token ids, got {input_ids.dtype}")
+        raise TypeError(f"{who}: input_ids must hold integer token ids, got {input_ids.dtype}")
     b, s = input_ids.shape
     if b < 1:
-        raise ValueError("early_exit: empty batch (input_ids has 0 rows)")
+        raise ValueError(f"{who}: empty batch (input_ids has 0 rows)")
     if s < 1:
-        raise ValueError("early_exit: the sequence needs at least the [CLS] token")
+        raise ValueError(f"{who}: input_ids has length 0; each sequence needs at least the [CLS] token")
     max_pos = model.max_positions()
     if max_pos is not None and s > max_pos:
-        raise ValueError(f"early_exit: sequence length {s} exceeds the model's max_position_embeddings {max_pos}; "
-                         f"truncate the input")
+        raise ValueError(f"{who}: input_ids has sequence length {s}, more than the model's max_position_embeddings "
+                         f"{max_pos}; truncate the input")
+    device = _model_device(model)
+    if device is not None and input_ids.device != device:
+        raise ValueError(f"{who}: input_ids is on {input_ids.device} but the model is on {device}; move one of them")
     for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"early_exit: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+            raise TypeError(f"{who}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if tuple(t.shape) != (b, s):
-            raise ValueError(f"early_exit: {name} must be [{b}, {s}] like input_ids, got {tuple(t.shape)}")
+            raise ValueError(f"{who}: {name} must be [{b}, {s}] like input_ids, got {tuple(t.shape)}")
         if t.device != input_ids.device:
-            raise ValueError(f"early_exit: {name} is on {t.device} but input_ids is on {input_ids.device}")
-    if exit_profile is not None and tuple(torch.as_tensor(exit_profile).shape) != (b,):
-        raise ValueError(f"early_exit: exit_profile must be [{b}], got {tuple(torch.as_tensor(exit_profile).shape)}")
+            raise ValueError(f"{who}: {name} is on {t.device} but input_ids is on {input_ids.device}")
+    if attention_mask is not None and attention_mask.dtype.is_complex:
+        raise TypeError(f"{who}: attention_mask must be bool, integer or float 0/1, got {attention_mask.dtype}")
+    if token_type_ids is not None and (token_type_ids.dtype.is_floating_point or token_type_ids.dtype.is_complex
+                                       or token_type_ids.dtype == torch.bool):
+        raise TypeError(f"{who}: token_type_ids must hold integer token types, got {token_type_ids.dtype}")
+    if exit_profile is not None:
+        profile = torch.as_tensor(exit_profile)
+        if tuple(profile.shape) != (b,):
+            raise ValueError(f"{who}: exit_profile must be [{b}], got {tuple(profile.shape)}")
+        if profile.dtype.is_floating_point or profile.dtype.is_complex or profile.dtype == torch.bool:
+            raise TypeError(f"{who}: exit_profile must hold integer 1-based layers, got {profile.dtype}")
+    if input_ids.device.type == "cpu":
+        _check_values(model, input_ids, attention_mask, token_type_ids, who)
+
+
+def _check_values(model, input_ids, attention_mask, token_type_ids, who: str) -> None:
+    for name, t, key in (("input_ids", input_ids, "vocab_size"), ("token_type_ids", token_type_ids, "type_vocab_size")):
+        limit = _config_limit(model, key)
+        if t is not None and limit is not None:
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"{who}: {name} must lie in [0, {limit}) (the model's {key}), got values in "
+                                 f"[{lo}, {hi}]")
+    if attention_mask is not None:
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(f"{who}: attention_mask must hold only 0 (padding) and 1 (token)")
+        empty = (attention_mask == 0).all(dim=1).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"{who}: attention_mask row {int(empty[0])} has no token; every row needs at least "
+                             f"the [CLS] token")
 
 
 class RowCompaction:
@@ -141,6 +193,34 @@ class RowCompaction:
         return True
 
 
+_MODE_LOCK = threading.Lock()
+#: model -> [early_exit calls running, training mode before the first of them]
+_RUNNING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode for the duration of an early-exit call. Calls from several threads share
+    one switch: the first switches to eval, the last restores the mode (a call restoring it
+    while another runs would run that one with dropout)."""
+    with _MODE_LOCK:
+        entry = _RUNNING.setdefault(model, [0, model.training])
+        if entry[0] == 0:
+            # train(False) walks every module (milliseconds a call on a real model): switch
+            # only when some module trains; entry[1] None: nothing to restore
+            entry[1] = model.training if any(m.training for m in model.modules()) else None
+            if entry[1] is not None:
+                model.eval()
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _MODE_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0 and entry[1] is not None:
+                model.train(entry[1])
+
+
 def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                    token_type_ids: Optional[torch.Tensor] = None, *, rule: ExitRule, executor,
                    placement=None, exit_profile: Optional[torch.Tensor] = None, backend: Optional[str] = None,
@@ -166,37 +246,28 @@ def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     dev = input_ids.device
     points = model.exit_points
     exit_set, last_step = set(points), points[-1]
-    was_training = model.training
-    # train(False) walks every module (milliseconds on a real model): only when one trains
-    switch = any(m.training for m in model.modules())
-    if switch:
-        model.eval()
-    try:
-        with torch.no_grad():
-            rows = executor.start(input_ids, attention_mask, token_type_ids)
-            rows.context["backend"] = backend
-            rows.tensors["batch_index"] = torch.arange(b, device=dev)
-            if exit_profile is not None:
-                rows.tensors["forced"] = torch.as_tensor(exit_profile).to(device=dev, dtype=torch.int64)
-            rows.state = rule.initial_state(b, dev)
-            out_logits = torch.empty(b, model.num_labels, dtype=torch.float32, device=dev)
-            out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
-            placement.start(rows)
-            for step in range(1, last_step + 1):
-                placement.run_layer(executor, step, rows)
-                if step in exit_set:
-                    last = step == last_step
-                    decision = rule.decide(step, rows)
-                    leave = leave_mask(decision.exit, step, last, rows.tensors.get("forced"))
-                    rows.state = decision.state
-                    if not placement.leave(rows, leave, decision.logits, step, last, out_logits, out_layer, backend):
-                        break
-                else:
-                    rows.state = rule.observe(step, rows)
-                executor.after_step(step, rows)
-    finally:
-        if switch:
-            model.train(was_training)
+    with _eval_mode(model), torch.no_grad():
+        rows = executor.start(input_ids, attention_mask, token_type_ids)
+        rows.context["backend"] = backend
+        rows.tensors["batch_index"] = torch.arange(b, device=dev)
+        if exit_profile is not None:
+            rows.tensors["forced"] = torch.as_tensor(exit_profile).to(device=dev, dtype=torch.int64)
+        rows.state = rule.initial_state(b, dev)
+        out_logits = torch.empty(b, model.num_labels, dtype=torch.float32, device=dev)
+        out_layer = torch.zeros(b, dtype=torch.int64, device=dev)
+        placement.start(rows)
+        for step in range(1, last_step + 1):
+            placement.run_layer(executor, step, rows)
+            if step in exit_set:
+                last = step == last_step
+                decision = rule.decide(step, rows)
+                leave = leave_mask(decision.exit, step, last, rows.tensors.get("forced"))
+                rows.state = decision.state
+                if not placement.leave(rows, leave, decision.logits, step, last, out_logits, out_layer, backend):
+                    break
+            else:
+                rows.state = rule.observe(step, rows)
+            executor.after_step(step, rows)
     extras = executor.extras(rows)
     if not with_metrics:
         nan = float("nan")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["METHODS", "MethodSpec", "get_method", "load_model", "parse_options"]
 
@@ -33,6 +33,8 @@ class MethodSpec:
             {stage: mean loss}``; ``make_optimizer(model)`` gives the optimizer with the
             learning rates of the backbone and of the method's new parameters.
         notes: lines for ``--method-option help=1``.
+        resume_blocker: ``options -> None`` where ``train`` is one HF ``Trainer`` run that can
+            continue from a checkpoint (``eekernels train --resume``), else why it cannot.
     """
 
     name: str
@@ -42,6 +44,7 @@ class MethodSpec:
     build: Callable
     train: Callable
     notes: List[str] = field(default_factory=list)
+    resume_blocker: Callable[[Dict[str, Any]], Optional[str]] = lambda options: None
 
     @property
     def model_cls(self):
@@ -82,14 +85,15 @@ def parse_options(spec: MethodSpec, items: Sequence[str]) -> Dict[str, Any]:
 
 def _trainer(model, targs, dataset, collate, make_optimizer, callbacks=None, trainer_cls=None, log_history=None,
              **kwargs):
-    """One HF ``Trainer`` run; returns its mean training loss (and extends ``log_history``,
-    when given, with the run's logs)."""
+    """One HF ``Trainer`` run (continued from ``targs.resume_from_checkpoint`` when set);
+    returns its mean training loss (and extends ``log_history``, when given, with the run's
+    logs)."""
     import transformers
 
     cls = trainer_cls or transformers.Trainer
     trainer = cls(model=model, args=targs, train_dataset=dataset, data_collator=collate,
                   callbacks=list(callbacks or []), optimizers=(make_optimizer(model), None), **kwargs)
-    loss = float(trainer.train().training_loss)
+    loss = float(trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint).training_loss)
     if log_history is not None:
         log_history.extend(trainer.state.log_history)
     return loss
@@ -273,7 +277,8 @@ METHODS: Dict[str, MethodSpec] = {
         {"loss_weighting": ("weighted", "weighted (w_i = i / sum j) or sum (DeeBERT)"),
          "exit_pooling": EXIT_POOLING,
          "two_stage": (False, "DeeBERT: backbone + final head first, then the internal exits, backbone frozen")},
-        _ee_build, _ee_train),
+        _ee_build, _ee_train,
+        resume_blocker=lambda o: "two_stage trains in two Trainer runs" if o["two_stage"] else None),
     "past-future": MethodSpec(
         "past-future", "Past-Future: pooled past states + imitated future states, merging gate (past-future.txt)",
         "eekernels.methods.past_future:PastFutureModel",
@@ -283,7 +288,8 @@ METHODS: Dict[str, MethodSpec] = {
                                "this model's own forward) | hf: the HF head alone (the full model is the HF model)"),
          "freeze_layers": (0, "L: each step freeze layer l <= L with probability (L+1-l)/L (section 3.4; the paper "
                               "tunes L in 0,1,2,3; 0 = off, as the authors' default)")},
-        _pf_build, _pf_train),
+        _pf_build, _pf_train,
+        resume_blocker=lambda o: "freeze_layers draws are not checkpointed" if o["freeze_layers"] else None),
     "consistentee": MethodSpec(
         "consistentee", "ConsistentEE: policy network per exit trained by policy gradient (consistentee.txt)",
         "eekernels.methods.consistentee:ConsistentEEModel",
@@ -297,6 +303,7 @@ METHODS: Dict[str, MethodSpec] = {
          "tolerance": (0.02, "stop once the policy's exit distribution on the training rows moves less than this "
                              "(total variation) between rounds")},
         _cee_build, _cee_train,
+        resume_blocker=lambda o: "its rounds are several Trainer runs",
         notes=["criterion policy: exit when p(exit) > threshold; the paper's threshold is 0.5",
                "training: weighted-CE init, then rounds until the policy settles (tolerance) or max_rounds; "
                "each step runs --epochs / --max-steps; --head-lr trains the exit heads and policy nets"]),
@@ -321,6 +328,7 @@ METHODS: Dict[str, MethodSpec] = {
          "difficulty_seeds": (5, "seeds per fold for the difficulty labels (the paper: 5)"),
          "difficulty_steps": (0, "training steps of each fold model (0: as many as the members' own training)")},
         _cascade_build, _cascade_train,
+        resume_blocker=lambda o: "its members are trained one after another (several Trainer runs)",
         notes=["criterion max_prob: a member emits a sample once its max probability > threshold",
                "training: the complete model, then each smaller member distilled from it (KD) with DAR",
                "cost of DAR: difficulty_folds x difficulty_seeds trainings of the smallest member on (K-1)/K of "

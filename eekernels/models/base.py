@@ -42,6 +42,7 @@ from ..engine.graphed import GraphCache
 from ..engine.loop import EarlyExitOutput, RowCompaction, run_early_exit
 from .._atomic import recover, staged_dir, write_json
 from ..engine.rules import ExitRule
+from ..ops._checks import real_number
 
 __all__ = ["CONFIG_FILE", "ENGINES", "EarlyExitBase", "EarlyExitTrainOutput", "SingleModelBase", "WEIGHTS_FILE",
            "read_config"]
@@ -199,9 +200,7 @@ class EarlyExitBase(nn.Module):
                              f"{', '.join(self.criteria)}")
         if threshold is None:
             threshold = self.default_thresholds.get(criterion, 0.0)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"early_exit: threshold must be a number, got {type(threshold).__name__}")
-        threshold = float(threshold)
+        threshold = real_number("early_exit", "threshold", threshold)
         if math.isnan(threshold) or threshold < 0:
             raise ValueError(f"early_exit: threshold must be a number >= 0 (inf allowed), got {threshold}")
         if criterion == "policy" and threshold > 1:
@@ -248,6 +247,8 @@ class EarlyExitBase(nn.Module):
         """
         if engine not in ENGINES:
             raise ValueError(f"early_exit: engine must be one of {ENGINES}, got {engine!r}")
+        if isinstance(min_bucket, bool) or not isinstance(min_bucket, int):
+            raise TypeError(f"early_exit: min_bucket must be an int >= 1, got {type(min_bucket).__name__}")
         if engine not in self.engines:
             raise ValueError(f"early_exit: a {self.method} model runs the engines {', '.join(self.engines)}, "
                              f"not {engine!r}")

@@ -14,6 +14,7 @@ with exits disabled the result is the HF model's.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -56,6 +57,11 @@ class EarlyExitModel(SingleModelBase):
         adapter = adapter_for(hf_model)
         self._bind(hf_model, adapter)
         n = adapter.num_layers
+        if exit_layers is not None and (isinstance(exit_layers, (str, torch.Tensor))
+                                        or not isinstance(exit_layers, Sequence)
+                                        or not all(isinstance(l, numbers.Integral) and not isinstance(l, bool)
+                                                   for l in exit_layers)):
+            raise TypeError(f"exit_layers must be a list of 1-based layer numbers (ints), got {exit_layers!r}")
         layers = sorted(set(int(l) for l in exit_layers)) if exit_layers is not None else list(range(1, n + 1))
         if not layers or layers[0] < 1 or layers[-1] > n:
             raise ValueError(f"exit_layers must be non-empty and within [1, {n}], got {exit_layers}")
@@ -229,6 +235,11 @@ class EarlyExitModel(SingleModelBase):
 
 def _as_classifier(model: nn.Module, num_labels: Optional[int]) -> nn.Module:
     """An HF sequence classifier from a classifier (checked) or a base encoder (a head added)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a Hugging Face model (an nn.Module; load a checkpoint with "
+                        f"AutoModelForSequenceClassification.from_pretrained first), got {type(model).__name__}")
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise ValueError(f"convert: num_labels must be an int >= 1, got {num_labels!r}")
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if hasattr(model, "embeddings") and hasattr(model, "encoder"):  # a base model
         from transformers import AutoModelForSequenceClassification

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 #: Dtypes of hidden states the kernels take.
@@ -29,3 +31,14 @@ def needs_autograd(*args) -> bool:
     """Whether autograd records and a tensor among ``args`` requires grad: then an op runs
     its differentiable reference, whatever the backend."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+
+
+def real_number(who: str, name: str, value) -> float:
+    """``value`` as a float when it is a real number (Python, NumPy, or a one-element real
+    tensor), else a TypeError naming ``name`` (a string such as "0.3" is not a number)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex \
+            and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: {name} must be a real number, got {type(value).__name__}")
+    return float(value)

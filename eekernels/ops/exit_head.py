@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd
+from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd, real_number
 from ._registry import register_op
 from .contracts.exit_head import CRITERIA, DEFAULT_THRESHOLD, ExitHeadArgs, ExitHeadOutput, exit_head_fake
 
@@ -202,12 +202,12 @@ def validate_exit_head_args(a: ExitHeadArgs) -> None:
         _check("memory", a.memory, 2, (torch.float32,), dev)
         if tuple(a.memory.shape) != (n, c):
             raise ValueError(f"exit_head: memory must be [{n}, {c}] (rows, classes), got {tuple(a.memory.shape)}")
-    if not (0.0 <= float(a.memory_lambda) <= 1.0):
+    if not (0.0 <= real_number("exit_head", "memory_lambda", a.memory_lambda) <= 1.0):
         raise ValueError(f"exit_head: memory_lambda must be in [0, 1], got {a.memory_lambda}")
     if a.criterion not in CRITERIA:
         raise ValueError(f"exit_head: unknown criterion {a.criterion!r}; choose one of {sorted(CRITERIA)}")
     if a.threshold is not None:
-        thr = float(a.threshold)
+        thr = real_number("exit_head", "threshold", a.threshold)
         if math.isnan(thr) or thr < 0.0:
             raise ValueError(f"exit_head: threshold must be a number >= 0 (inf allowed), got {a.threshold}")
         if a.criterion == "policy" and thr > 1.0:

@@ -12,13 +12,22 @@ encoder; nothing is downloaded) or a directory a previous run saved (training co
 with its heads). The method comes from :mod:`eekernels.methods.registry`; its options are
 checked there. The output directory gets the model (``save_pretrained``), the tokenizer,
 ``label_names.json`` and ``train_results.json``.
+
+Checkpoints: every ``save_steps`` steps HF ``Trainer`` writes a checkpoint (model,
+optimizer, scheduler, RNG states, step) to the staging area beside the output,
+``.OUT.checkpoints/`` (:func:`checkpoints_dir`); the last two complete ones are kept, so a
+kill while one is written leaves the one before. ``resume=True`` continues from the last
+complete checkpoint: with the same seed and data the result is the model an uninterrupted
+run ends with. A successful run removes the staging area; a fresh run (no ``resume``)
+starts it over.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +35,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from .._atomic import staged_dir, write_json
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "LABEL_NAMES_FILE", "TRAIN_RESULTS_FILE", "finetune", "make_optimizer"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "LABEL_NAMES_FILE", "TRAIN_RESULTS_FILE", "checkpoints_dir", "finetune",
+           "last_checkpoint", "make_optimizer"]
 
 LABEL_NAMES_FILE = "label_names.json"
 TRAIN_RESULTS_FILE = "train_results.json"
@@ -48,6 +58,9 @@ class FinetuneConfig:
         epochs, max_steps (-1: use epochs), batch_size, max_length, seed, logging_steps.
         text_columns, label_column: as :func:`eekernels.data.read_examples` takes them.
         cpu: train on the CPU even when CUDA is available.
+        save_steps: write a resumable checkpoint every this many optimizer steps.
+        resume: continue from the last checkpoint of an interrupted run with the same ``out``
+            (see the module docstring); a ValueError when there is none.
     """
 
     model: str
@@ -68,6 +81,8 @@ class FinetuneConfig:
     text_columns: Optional[str] = None
     label_column: Optional[str] = None
     cpu: bool = False
+    save_steps: int = 500
+    resume: bool = False
 
 
 @dataclass
@@ -91,6 +106,49 @@ def make_optimizer(model, lr: float, head_lr: float):
         {"params": [p for p in trainable if id(p) in head_ids], "lr": head_lr},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
+def checkpoints_dir(out: str) -> str:
+    """The staging area of ``out``'s training checkpoints: a hidden directory beside it (the
+    output directory itself is replaced in one step at the end, see :mod:`eekernels._atomic`)."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.checkpoints")
+
+
+def _complete(checkpoint: str, step: int) -> bool:
+    # Trainer writes trainer_state.json last: a checkpoint is whole once it parses and
+    # names the checkpoint's own step.
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return json.load(f).get("global_step") == step
+    except (OSError, ValueError):
+        return False
+
+
+def _checkpoints(out: str):
+    """(step, path, complete) of every checkpoint folder in ``out``'s staging area."""
+    area = checkpoints_dir(out)
+    found = []
+    for name in os.listdir(area) if os.path.isdir(area) else []:
+        m = re.fullmatch(r"checkpoint-(\d+)", name)
+        if m:
+            path = os.path.join(area, name)
+            found.append((int(m.group(1)), path, _complete(path, int(m.group(1)))))
+    return sorted(found)
+
+
+def last_checkpoint(out: str) -> Optional[str]:
+    """The last complete checkpoint in ``out``'s staging area (None: none)."""
+    complete = [path for _, path, ok in _checkpoints(out) if ok]
+    return complete[-1] if complete else None
+
+
+def _drop_torn_checkpoints(out: str) -> None:
+    # What a kill inside a save left: Trainer's rotation keeps the highest-numbered
+    # checkpoints, so a torn one would outlive the good ones the resumed run writes.
+    for _, path, ok in _checkpoints(out):
+        if not ok:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def check_model_dir(path: str) -> None:
@@ -159,6 +217,31 @@ def _load_for_training(cfg: FinetuneConfig, spec, options, label_names: List[str
     return spec.build(hf, cfg.exit_layers, options, corpus)
 
 
+def _check_types(cfg) -> None:
+    """A TypeError naming the field of ``cfg`` whose value has the wrong type (the ranges are
+    checked where they are used, with the command line's option names)."""
+    from ..ops._checks import real_number
+
+    if not isinstance(cfg, FinetuneConfig):
+        raise TypeError(f"finetune: cfg must be a FinetuneConfig, got {type(cfg).__name__}")
+    for name in ("model", "train", "out", "dev", "text_columns", "label_column"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (str, os.PathLike)) or (value is None and name not in ("model", "train", "out"))):
+            raise TypeError(f"finetune: {name} must be a path (str), got {type(value).__name__}")
+    for name in ("lr", "epochs") + (("head_lr",) if cfg.head_lr is not None else ()):
+        real_number("finetune", name, getattr(cfg, name))
+    for name in ("batch_size", "max_steps", "max_length", "seed", "logging_steps", "save_steps"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"finetune: {name} must be an int, got {value!r}")
+    layers = cfg.exit_layers
+    if layers is not None and (isinstance(layers, str) or not isinstance(layers, (list, tuple))
+                               or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers)):
+        raise TypeError(f"finetune: exit_layers must be a list of 1-based layer numbers (ints), got {layers!r}")
+    if not isinstance(cfg.method_options, dict):
+        raise TypeError(f"finetune: method_options must be a dict, got {type(cfg.method_options).__name__}")
+
+
 def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
     """Fine-tune (see the module docstring); bad input raises ValueError/FileNotFoundError
     with a message that names the file, option or value."""
@@ -169,6 +252,7 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     from ..calibration import exit_accuracies
     from ..methods.registry import get_method, parse_options
 
+    _check_types(cfg)
     check_model_dir(cfg.model)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out} is a file; give a directory to save the model into")
@@ -185,6 +269,21 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
             raise ValueError(f"--{name} must be > 0, got {value}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ValueError(f"--max-steps must be > 0 (or -1: use --epochs), got {cfg.max_steps}")
+    if isinstance(cfg.save_steps, bool) or not isinstance(cfg.save_steps, int) or cfg.save_steps < 1:
+        raise ValueError(f"--save-steps must be an integer >= 1, got {cfg.save_steps!r}")
+    resume_from = None
+    if cfg.resume:
+        blocker = spec.resume_blocker(options)
+        if blocker:
+            raise ValueError(f"--resume: method {spec.name} cannot continue from a checkpoint ({blocker}); "
+                             f"train again without --resume")
+        _drop_torn_checkpoints(cfg.out)
+        resume_from = last_checkpoint(cfg.out)
+        if resume_from is None:
+            raise ValueError(f"--resume: no checkpoint of an interrupted run for --out {cfg.out} (looked in "
+                             f"{checkpoints_dir(cfg.out)}); train without --resume")
+    else:
+        shutil.rmtree(checkpoints_dir(cfg.out), ignore_errors=True)
     train = read_examples(cfg.train, cfg.text_columns, cfg.label_column)
     names = train.label_names
     if len(names) < 2:
@@ -207,14 +306,16 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         f"{model.exit_points}, options {options}")
 
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="eekernels-train-") as tmp:
-        targs = transformers.TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed, use_cpu=cfg.cpu,
-            logging_steps=max(1, cfg.logging_steps), save_strategy="no", report_to=[],
-            remove_unused_columns=False, disable_tqdm=False)
-        losses = spec.train(model, targs, EncodedDataset(train_enc), collate_trimmed, options,
-                            lambda m: make_optimizer(m, cfg.lr, head_lr))
+    if resume_from is not None:
+        log(f"resuming from {resume_from}")
+    targs = transformers.TrainingArguments(
+        output_dir=checkpoints_dir(cfg.out), per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed, use_cpu=cfg.cpu,
+        logging_steps=max(1, cfg.logging_steps), save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=2, resume_from_checkpoint=resume_from, report_to=[], remove_unused_columns=False,
+        disable_tqdm=False)
+    losses = spec.train(model, targs, EncodedDataset(train_enc), collate_trimmed, options,
+                        lambda m: make_optimizer(m, cfg.lr, head_lr))
     log("training loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     train_seconds = time.time() - t0
     model.eval()
@@ -242,5 +343,6 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         tokenizer.save_pretrained(d)
         write_json(os.path.join(d, LABEL_NAMES_FILE), names)
         write_json(os.path.join(d, TRAIN_RESULTS_FILE), summary)
+    shutil.rmtree(checkpoints_dir(cfg.out), ignore_errors=True)  # the run is done: nothing to resume
     log(f"saved the {spec.name} model, tokenizer and {LABEL_NAMES_FILE} to {cfg.out}")
     return FinetuneResult(model, summary)
