@@ -3,7 +3,8 @@ plugs into it: executors (what runs a layer), exit rules (what decides), placeme
 leaving means: row compaction, fixed capacity), the CUDA-graph capture, and the
 token-level executors of HashEE and MPEE."""
 
-from .executors import EXECUTORS, HFExecutor, LayerExecutor, PartsExecutor, register_executor
+from .executor_registry import EXECUTORS, register_executor
+from .executors import HFExecutor, LayerExecutor, PartsExecutor
 from .fixed import FixedCapacity, row_buckets
 from .loop import EarlyExitOutput, RowCompaction, run_early_exit
 from .rows import Rows

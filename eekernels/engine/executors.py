@@ -15,7 +15,7 @@ Executors here:
   ``torch.cond`` traces and token-level methods extend.
 
 Another executor may run the same layer through a faster engine; exit heads, compaction and
-bookkeeping stay eekernels ops. :mod:`eekernels.engine.ort` registers ``"ort"`` and
+bookkeeping stay eekernels ops. :mod:`eekernels.engine.ort` has ``"ort"`` and
 ``"ort-int8"`` (ONNX Runtime sessions, imported only when one is built).
 """
 
@@ -29,7 +29,7 @@ from ..hf.adapters import EncoderAdapter
 from ..hf.layer_parts import layer_parts
 from .rows import Rows
 
-__all__ = ["HFExecutor", "LayerExecutor", "PartsExecutor", "EXECUTORS", "register_executor", "valid_tokens"]
+__all__ = ["HFExecutor", "LayerExecutor", "PartsExecutor", "valid_tokens"]
 
 
 def valid_tokens(attention_mask: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
@@ -129,19 +129,3 @@ class PartsExecutor(LayerExecutor):
 
     def layer_fn(self, step):
         return self.parts[step - 1]
-
-
-#: executor name -> class, for ``early_exit(executor=NAME)``
-EXECUTORS: Dict[str, type] = {}
-
-
-def register_executor(cls: type) -> type:
-    """Make an executor class selectable by its ``name``."""
-    EXECUTORS[cls.name] = cls
-    return cls
-
-
-register_executor(HFExecutor)
-register_executor(PartsExecutor)
-
-from . import ort as _ort  # noqa: E402,F401  (registers "ort" and "ort-int8"; onnxruntime is imported lazily)

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..hf.adapters import EncoderAdapter
-from .executors import LayerExecutor, register_executor
+from .executors import LayerExecutor
 from .rows import Rows
 
 __all__ = ["FUSED_OPS", "OrtExecutor", "OrtInt8Executor", "eager_attention", "export_graph", "fused_op_counts",
@@ -307,5 +307,3 @@ class OrtInt8Executor(OrtExecutor):
     int8 = True
 
 
-register_executor(OrtExecutor)
-register_executor(OrtInt8Executor)

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..engine.executors import EXECUTORS, LayerExecutor
+from ..engine.executor_registry import EXECUTORS
+from ..engine.executors import LayerExecutor
 from ..engine.fixed import FixedCapacity
 from ..engine.graphed import GraphCache
 from ..engine.loop import EarlyExitOutput, RowCompaction, run_early_exit

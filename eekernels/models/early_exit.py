@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import metrics
-from ..engine.executors import EXECUTORS
+from ..engine.executor_registry import EXECUTORS
 from ..engine.rules import ExitHeadRule
 from ..hf.adapters import HeadLinears, adapter_for
 from ..nn.exit_head import POOLINGS, ExitHead, layer_summary
