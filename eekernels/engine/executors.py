@@ -14,8 +14,9 @@ Executors here:
   :class:`~eekernels.hf.layer_parts.LayerParts` (plain torch with a bool key mask), which
   ``torch.cond`` traces and token-level methods extend.
 
-Another executor may run the same layer through a faster engine (ONNX Runtime, a compiled
-layer); exit heads, compaction and bookkeeping stay eekernels ops.
+Another executor may run the same layer through a faster engine; exit heads, compaction and
+bookkeeping stay eekernels ops. :mod:`eekernels.engine.ort` registers ``"ort"`` and
+``"ort-int8"`` (ONNX Runtime sessions, imported only when one is built).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class LayerExecutor:
 
     #: the name ``early_exit(executor=...)`` selects it by
     name = ""
+    #: True when the layers run outside torch (no ``torch.cond`` tracing): engine="rows" only
+    rows_only = False
 
     def __init__(self, adapter: EncoderAdapter):
         self.adapter = adapter
@@ -140,3 +143,5 @@ def register_executor(cls: type) -> type:
 
 register_executor(HFExecutor)
 register_executor(PartsExecutor)
+
+from . import ort as _ort  # noqa: E402,F401  (registers "ort" and "ort-int8"; onnxruntime is imported lazily)

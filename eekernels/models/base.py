@@ -212,6 +212,9 @@ class EarlyExitBase(nn.Module):
         key = f"{engine}:{name}"
         ex = self._executors.get(key)
         if ex is None:
+            if engine != "rows" and getattr(EXECUTORS.get(name), "rows_only", False):
+                raise ValueError(f"early_exit: executor {name!r} runs with engine='rows' only (engine={engine!r} "
+                                 f"traces its layers under torch.cond; use executor='parts' there)")
             ex = self._executors[key] = self.layer_executor(name, engine)
         return ex
 
@@ -238,7 +241,9 @@ class EarlyExitBase(nn.Module):
                 as one CUDA graph per input shape; CUDA only).
             executor: what runs the layers: "hf" (the HF modules; default for "rows"),
                 "parts" (the same weights as split plain-torch layers; default for "fixed" and
-                "graphed"), or another registered executor.
+                "graphed"), "ort" / "ort-int8" (each layer an ONNX Runtime session, fp32 or
+                dynamic INT8; engine="rows" only; needs ``pip install eekernels[ort]``), or
+                another registered executor.
             min_bucket: the smallest row bucket of the fixed engines.
         """
         if engine not in ENGINES:

@@ -1,0 +1,288 @@
+"""ONNX Runtime layer executors: each encoder layer as its own transformer-optimized ONNX graph.
+
+``early_exit(executor="ort")`` runs every encoder layer in an ONNX Runtime session (fp32);
+``executor="ort-int8"`` runs the same graphs with their weights dynamically quantized to
+INT8. The embedding stays in torch (the adapter's ``embed``), and the exit heads,
+compaction and bookkeeping stay eekernels ops: only the layers change engine.
+
+How a layer becomes a session (once per distinct layer module, cached in the executor, which
+the model caches; ALBERT's shared layer is one session):
+
+1. the layer and HF's own bidirectional mask (built inside the graph from an int64 [N, S]
+   mask, with HF's eager attention) are exported with the TorchScript exporter, dynamic in
+   rows and length. HF's eager mask is what ONNX Runtime's BERT attention fusion
+   recognises; a mask given as an additive float input is not fused, because the fusion
+   takes the attention's scaling ``Mul`` for the mask's;
+2. ``onnxruntime.transformers.optimizer`` fuses it (Attention, SkipLayerNormalization,
+   BiasGelu / FastGelu), keeping the raw [N, S] mask so any padding side is right;
+3. for INT8, ``onnxruntime.quantization.quantize_dynamic`` quantizes the optimized graph.
+
+Tensors go in and out through an IOBinding on the torch tensors' memory (no copies).
+
+The pieces the full-model baseline (``benchmarks/ort_full.py``) shares live here too:
+:func:`export_graph`, :func:`optimize_graph`, :func:`quantize_graph`, :func:`make_session`,
+:func:`run_bound`.
+
+ONNX Runtime is optional (``pip install eekernels[ort]``): this module imports it only
+when a session is built, so importing eekernels never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections import Counter
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..hf.adapters import EncoderAdapter
+from .executors import LayerExecutor, register_executor
+from .rows import Rows
+
+__all__ = ["FUSED_OPS", "OrtExecutor", "OrtInt8Executor", "eager_attention", "export_graph", "fused_op_counts",
+           "make_session", "optimize_graph", "quantize_graph", "require_onnxruntime", "run_bound"]
+
+#: the fused operators the transformer optimizer puts in a BERT-style layer
+FUSED_OPS = ("Attention", "QAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
+             "EmbedLayerNormalization")
+_OPSET = 17
+
+
+def require_onnxruntime():
+    """The ``onnxruntime`` module (with ``onnx``), or an ImportError saying how to install them."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"the ONNX Runtime executors need the package {e.name or 'onnxruntime'!r}, which is not "
+                          f"installed: pip install eekernels[ort]  (onnxruntime and onnx)") from None
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def eager_attention(config) -> Iterator[None]:
+    """HF's eager attention (and its mask) for the duration: the graph the fusion recognises."""
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's, the optimizer's and the quantizer's warnings and progress logs
+    (the quantizer logs to the root logger)."""
+    loggers = [logging.getLogger(n) for n in ("", "onnxruntime", "onnx_model", "fusion_base", "shape_infer_helper",
+                                              "onnxruntime.transformers", "onnx_model_bert", "fusion_utils")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def export_graph(module: nn.Module, args: Tuple[torch.Tensor, ...], input_names: Sequence[str],
+                 output_name: str, dynamic_axes: Dict[str, Dict[int, str]]):
+    """``module(*args)`` as an ``onnx.ModelProto`` (TorchScript exporter, in memory, no file)."""
+    require_onnxruntime()
+    import onnx
+
+    buf = io.BytesIO()
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(module, args, buf, dynamo=False, input_names=list(input_names), output_names=[output_name],
+                          dynamic_axes=dynamic_axes, opset_version=_OPSET, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def optimize_graph(model, config, raw_mask: bool = True):
+    """The transformer optimizer's fused graph of ``model`` (an ``onnx.ModelProto`` of a BERT-style
+    encoder with ``config``'s heads and width).
+
+    ``raw_mask`` keeps the attention mask as the [N, S] 0/1 tensor (right for any padding);
+    False lets the optimizer reduce it to per-row lengths (ONNX Runtime's BERT default,
+    right only for right padding).
+    """
+    require_onnxruntime()
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.use_raw_attention_mask(raw_mask)
+    with _quiet():
+        opt = optimize_model(model, model_type="bert", num_heads=config.num_attention_heads,
+                             hidden_size=config.hidden_size, optimization_options=options)
+    return opt.model
+
+
+def quantize_graph(model):
+    """``model`` with its weights dynamically quantized to INT8 (``quantize_dynamic``; a
+    temporary directory, since the quantizer writes files)."""
+    require_onnxruntime()
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="eekernels-ort-") as d, _quiet():
+        src, dst = os.path.join(d, "model.onnx"), os.path.join(d, "model.int8.onnx")
+        onnx.save_model(model, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops defeat inference
+        return onnx.load_model(dst)
+
+
+def fused_op_counts(model) -> Dict[str, int]:
+    """How many of each fused operator (:data:`FUSED_OPS`) ``model`` holds."""
+    counts = Counter(n.op_type for n in model.graph.node)
+    return {op: counts[op] for op in FUSED_OPS if counts[op]}
+
+
+def make_session(model, threads: Optional[int] = None):
+    """A CPU ``InferenceSession`` of ``model`` with ``threads`` intra-op threads (default
+    ``torch.get_num_threads()``), sequential execution and every graph optimization."""
+    ort = require_onnxruntime()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+_NP_TYPES: Dict[torch.dtype, str] = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32"}
+
+
+def run_bound(session, inputs: Dict[str, torch.Tensor], output: str, out: torch.Tensor) -> torch.Tensor:
+    """Run ``session`` on contiguous CPU tensors ``inputs`` (by graph input name), writing its
+    ``output`` into the preallocated ``out``: both ends bound to the tensors' memory."""
+    import numpy as np
+
+    binding = session.io_binding()
+    for name, t in inputs.items():
+        binding.bind_input(name, "cpu", 0, np.dtype(_NP_TYPES[t.dtype]), tuple(t.shape), t.data_ptr())
+    binding.bind_output(output, "cpu", 0, np.dtype(_NP_TYPES[out.dtype]), tuple(out.shape), out.data_ptr())
+    session.run_with_iobinding(binding)
+    return out
+
+
+class _LayerGraph(nn.Module):
+    """What one layer's graph computes: HF's mask from an int64 [N, S] mask, then the layer."""
+
+    def __init__(self, adapter: EncoderAdapter, index: int):
+        super().__init__()
+        self.adapter = adapter
+        self.layer = adapter.layer_module(index)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.layer(hidden, self.adapter.attention_mask(mask, hidden))
+        return out[0] if isinstance(out, tuple) else out
+
+
+class OrtExecutor(LayerExecutor):
+    """Each encoder layer in its own ONNX Runtime session (fp32, transformer-optimized); see the
+    module docstring. Sessions are built on first use with ``torch.get_num_threads()``
+    threads, and rebuilt when a layer's weights change (in place or replaced).
+
+    Runs with ``engine="rows"`` (the fixed engines trace ``layer_fn`` under ``torch.cond``),
+    on CPU float32 models.
+    """
+
+    name = "ort"
+    rows_only = True
+    #: whether the layer graphs are quantized to INT8
+    int8 = False
+
+    def __init__(self, adapter: EncoderAdapter):
+        require_onnxruntime()
+        super().__init__(adapter)
+        self._sessions: Dict[int, object] = {}  # id of the layer module -> its session
+        self._graphs: Dict[int, object] = {}  # id of the layer module -> its optimized ModelProto
+        self._weights: Dict[int, tuple] = {}  # id of the layer module -> its weights' identity when built
+
+    def _check_model(self, hidden: torch.Tensor) -> None:
+        if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+            raise ValueError(f"early_exit(executor={self.name!r}) runs float32 models on the CPU; this one computes "
+                             f"{hidden.dtype} on {hidden.device} (use executor='hf' there)")
+
+    def prepare(self, rows: Rows, attention_mask: Optional[torch.Tensor]) -> None:
+        self._check_model(rows.hidden)
+        valid = rows.valid
+        n, s = rows.hidden.shape[:2]
+        rows.tensors["mask"] = valid.long() if valid is not None else torch.ones(n, s, dtype=torch.long)
+
+    def mask(self, rows: Rows) -> torch.Tensor:
+        return rows.tensors["mask"]
+
+    @staticmethod
+    def _identity(module: nn.Module) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+    def graph(self, step: int):
+        """The optimized (and for INT8 quantized) ``onnx.ModelProto`` of layer ``step`` (1-based)."""
+        self.session(step)
+        return self._graphs[id(self.adapter.layer_module(step - 1))]
+
+    def session(self, step: int):
+        """The session of layer ``step`` (1-based), built on first use."""
+        module = self.adapter.layer_module(step - 1)
+        key, ident = id(module), self._identity(module)
+        if self._weights.get(key) != ident:
+            self._build(step - 1, key)
+            self._weights[key] = ident
+        return self._sessions[key]
+
+    def _build(self, index: int, key: int) -> None:
+        cfg = self.adapter.config
+        hidden = torch.zeros(2, 3, cfg.hidden_size)
+        mask = torch.ones(2, 3, dtype=torch.long)
+        graph = _LayerGraph(self.adapter, index)
+        was_training = graph.layer.training
+        graph.layer.eval()
+        try:
+            with eager_attention(cfg):
+                proto = export_graph(graph, (hidden, mask), ("hidden", "mask"), "out",
+                                     {"hidden": {0: "rows", 1: "length"}, "mask": {0: "rows", 1: "length"},
+                                      "out": {0: "rows", 1: "length"}})
+        finally:
+            graph.layer.train(was_training)
+        proto = optimize_graph(proto, cfg, raw_mask=True)
+        if self.int8:
+            proto = quantize_graph(proto)
+        self._graphs[key] = proto
+        self._sessions[key] = make_session(proto)
+
+    def layer_fn(self, step: int):
+        session = self.session(step)
+
+        def run(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            hidden = hidden.contiguous()  # a trimmed batch is a strided view
+            return run_bound(session, {"hidden": hidden, "mask": mask.contiguous()}, "out", torch.empty_like(hidden))
+
+        return run
+
+
+class OrtInt8Executor(OrtExecutor):
+    """:class:`OrtExecutor` with each layer graph's weights dynamically quantized to INT8
+    (activations quantized per call): faster, and its logits differ from fp32 by the
+    quantization error."""
+
+    name = "ort-int8"
+    int8 = True
+
+
+register_executor(OrtExecutor)
+register_executor(OrtInt8Executor)
