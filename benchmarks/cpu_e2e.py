@@ -389,16 +389,18 @@ def plot(doc: dict, path: str) -> None:
     for row_axes, task in zip(axes, tasks):
         rs = [r for r in res if r["task"] == task]
         keys = list(dict.fromkeys((r["path"], r["profile"]) for r in rs))
-        for k, (name, prof) in enumerate(keys):
+        # one colour per path, one line style per profile
+        colour = {n: f"C{k % 10}" for k, n in enumerate(dict.fromkeys(n for n, _ in keys))}
+        styles = {"full model": "-", CONTROLLED_2X[0]: "--", NO_EXIT: "-."}
+        for name, prof in keys:
             pts = [r for r in rs if (r["path"], r["profile"]) == (name, prof)]
             bs = [r["batch"] for r in pts]
             label = name if prof == "full model" else f"{name}, {prof}"
-            style = "-" if prof == "full model" else "--"
+            kw = dict(linestyle=styles.get(prof, ":"), marker="o", label=label, color=colour[name])
             if prof in ("full model", CONTROLLED_2X[0], NO_EXIT):
-                row_axes[0].plot(bs, [r["ms_per_sentence"] for r in pts], style, marker="o", label=label,
-                                 color=f"C{k % 10}")
+                row_axes[0].plot(bs, [r["ms_per_sentence"] for r in pts], **kw)
             if prof != "full model" and pts[0]["speedup"] is not None:
-                row_axes[1].plot(bs, [r["speedup"] for r in pts], style, marker="o", label=label, color=f"C{k % 10}")
+                row_axes[1].plot(bs, [r["speedup"] for r in pts], **kw)
         row_axes[0].set_ylabel("ms per sentence (median)")
         row_axes[1].set_ylabel("speed-up vs fastest full model (INT8: vs ORT INT8)")
         row_axes[1].axhline(1.0, color="gray", linewidth=0.8)
