@@ -110,12 +110,14 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
              target_speedup: Optional[float] = None, batch_size: int = 32, max_length: int = 128,
              text_columns: Optional[str] = None, label_column: Optional[str] = None, backend: Optional[str] = None,
              cpu: bool = False, progress: bool = True, predictions: Optional[str] = None,
-             log: Callable[[str], None] = print) -> dict:
+             executor: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
     """Evaluate a saved model on a labelled file (see the module docstring); returns the report.
 
     Exactly one of ``threshold`` and ``target_speedup`` (calibrated on this data, in-sample)
     for methods with an exit rule; neither for methods without one (HashEE). Bad input
-    raises ValueError/FileNotFoundError naming the file, option or value.
+    raises ValueError/FileNotFoundError naming the file, option or value. ``executor`` is
+    what runs the layers of early exit (``early_exit(executor=...)``: "hf", "ort",
+    "ort-int8", ...; default the method's own).
     """
     from tqdm import tqdm
 
@@ -206,7 +208,7 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
         return full_model(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2]).logits
 
     def early(b):
-        return model.early_exit(b[0], b[1], b[2], backend=backend, **rule)
+        return model.early_exit(b[0], b[1], b[2], backend=backend, executor=executor, **rule)
 
     try:
         with torch.no_grad():
@@ -232,6 +234,8 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
                 flops.append((float(b[1].sum()), out.flops_speedup))
     except backends.BackendUnavailableError as e:
         raise ValueError(f"--backend {backend}: {e}") from None
+    except ImportError as e:  # an executor's optional engine (ONNX Runtime) is not installed
+        raise ValueError(f"--executor {executor}: {e}") from None
     full_pred, pred, el = torch.cat(full_preds), torch.cat(preds), torch.cat(exit_layer)
     if predictions:
         write_predictions(predictions, pred, el, torch.cat(scores), names or examples.label_names)
@@ -258,6 +262,6 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
         "mean_exit_layer": float(el.double().mean()), "layer_speedup": layer_speedup, "flops_speedup": flops_speedup,
         "time_early_exit_s": t_early, "time_full_s": t_full, "wallclock_speedup": wall, "batch_size": batch_size,
         "num_batches": len(batch_list), "max_length": max_length, "num_truncated": enc.num_truncated,
-        "device": str(device), "backend": backend, "predictions": predictions,
+        "device": str(device), "backend": backend, "executor": executor, "predictions": predictions,
         "notes": [] if not rules else threshold_notes(hist, points, criterion),
     }

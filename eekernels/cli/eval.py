@@ -27,6 +27,9 @@ def add_arguments(p) -> None:
     g.add_argument("--target-speedup", type=float, default=None,
                    help="calibrate the threshold on this data for this layer speed-up, then report")
     p.add_argument("--backend", default=None, help="ops backend: torch, cpu, triton, cuda (default: automatic)")
+    p.add_argument("--executor", default=None,
+                   help="what runs the layers of early exit: hf (the HF modules), ort / ort-int8 (ONNX Runtime, "
+                        "fp32 / dynamic INT8, CPU; pip install eekernels[ort]); default: the method's own")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--plot", default=None, help="write a PNG exit histogram here")
     p.add_argument("--predictions", default=None, metavar="FILE",
@@ -65,7 +68,8 @@ def _eval(args) -> int:
     r = evaluate(args.model, args.data, criterion=args.criterion, threshold=args.threshold,
                  target_speedup=args.target_speedup, batch_size=args.batch_size, max_length=args.max_length,
                  text_columns=args.text_columns, label_column=args.label_column, backend=args.backend,
-                 cpu=args.cpu, progress=not args.no_progress, predictions=args.predictions)
+                 cpu=args.cpu, progress=not args.no_progress, predictions=args.predictions,
+                 executor=args.executor)
     print_report(r)
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

@@ -167,7 +167,10 @@ def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     points = model.exit_points
     exit_set, last_step = set(points), points[-1]
     was_training = model.training
-    model.eval()
+    # train(False) walks every module (milliseconds on a real model): only when one trains
+    switch = any(m.training for m in model.modules())
+    if switch:
+        model.eval()
     try:
         with torch.no_grad():
             rows = executor.start(input_ids, attention_mask, token_type_ids)
@@ -192,7 +195,8 @@ def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torc
                     rows.state = rule.observe(step, rows)
                 executor.after_step(step, rows)
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
     extras = executor.extras(rows)
     if not with_metrics:
         nan = float("nan")

@@ -148,9 +148,13 @@ def fused_op_counts(model) -> Dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
-def make_session(model, threads: Optional[int] = None):
+def make_session(model, threads: Optional[int] = None, spin: bool = False):
     """A CPU ``InferenceSession`` of ``model`` with ``threads`` intra-op threads (default
-    ``torch.get_num_threads()``), sequential execution and every graph optimization."""
+    ``torch.get_num_threads()``), sequential execution and every graph optimization.
+
+    ``spin``: let idle ONNX Runtime threads busy-wait for the next run (its default). Off
+    here: between two layers torch runs the exit heads and compaction on the same cores, and
+    spinning threads would take them from it."""
     ort = require_onnxruntime()
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
@@ -160,6 +164,7 @@ def make_session(model, threads: Optional[int] = None):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -211,6 +216,7 @@ class OrtExecutor(LayerExecutor):
         super().__init__(adapter)
         self._sessions: Dict[int, object] = {}  # id of the layer module -> its session
         self._graphs: Dict[int, object] = {}  # id of the layer module -> its optimized ModelProto
+        self._params: Dict[int, list] = {}  # id of the layer module -> (submodule, parameter name) pairs
         self._weights: Dict[int, tuple] = {}  # id of the layer module -> its weights' identity when built
 
     def _check_model(self, hidden: torch.Tensor) -> None:
@@ -220,6 +226,7 @@ class OrtExecutor(LayerExecutor):
 
     def prepare(self, rows: Rows, attention_mask: Optional[torch.Tensor]) -> None:
         self._check_model(rows.hidden)
+        self._drop_stale()
         valid = rows.valid
         n, s = rows.hidden.shape[:2]
         rows.tensors["mask"] = valid.long() if valid is not None else torch.ones(n, s, dtype=torch.long)
@@ -228,8 +235,18 @@ class OrtExecutor(LayerExecutor):
         return rows.tensors["mask"]
 
     @staticmethod
-    def _identity(module: nn.Module) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in module.parameters())
+    def _identity(slots) -> tuple:
+        """Where each weight lives and its version counter (read through the owning module, so
+        a replaced parameter counts as changed): cheaper than ``parameters()`` per call."""
+        params = (m._parameters[n] for m, n in slots)
+        return tuple((p.data_ptr(), p._version) for p in params if p is not None)
+
+    def _drop_stale(self) -> None:
+        """Forget the sessions whose layer weights changed since they were built (a training
+        step updates them in place, ``load_state_dict`` too): checked once per call."""
+        for key, params in self._params.items():
+            if key in self._sessions and self._identity(params) != self._weights[key]:
+                del self._sessions[key]
 
     def graph(self, step: int):
         """The optimized (and for INT8 quantized) ``onnx.ModelProto`` of layer ``step`` (1-based)."""
@@ -237,13 +254,17 @@ class OrtExecutor(LayerExecutor):
         return self._graphs[id(self.adapter.layer_module(step - 1))]
 
     def session(self, step: int):
-        """The session of layer ``step`` (1-based), built on first use."""
+        """The session of layer ``step`` (1-based), built on first use (and after its weights
+        changed: see :meth:`_drop_stale`)."""
         module = self.adapter.layer_module(step - 1)
-        key, ident = id(module), self._identity(module)
-        if self._weights.get(key) != ident:
+        key = id(module)
+        session = self._sessions.get(key)
+        if session is None:
+            slots = [(m, n) for m in module.modules() for n in m._parameters]
             self._build(step - 1, key)
-            self._weights[key] = ident
-        return self._sessions[key]
+            self._params[key], self._weights[key] = slots, self._identity(slots)
+            session = self._sessions[key]
+        return session
 
     def _build(self, index: int, key: int) -> None:
         cfg = self.adapter.config
@@ -278,7 +299,9 @@ class OrtExecutor(LayerExecutor):
 class OrtInt8Executor(OrtExecutor):
     """:class:`OrtExecutor` with each layer graph's weights dynamically quantized to INT8
     (activations quantized per call): faster, and its logits differ from fp32 by the
-    quantization error."""
+    quantization error. The activations' scale is one per tensor, taken over the rows in the
+    call, so a row's result depends a little on its batch-mates: batched equals alone only
+    up to that error (fp32 ``"ort"`` matches to float tolerance)."""
 
     name = "ort-int8"
     int8 = True

@@ -12,6 +12,7 @@ own score). CI runs a bounded number of examples; ``EEKERNELS_FUZZ_EXAMPLES`` ra
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -40,6 +41,10 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="EEKERNELS_FUZ
 VARIANTS = [("early-exit", "rows", "hf"), ("early-exit", "rows", "parts"), ("early-exit", "fixed", "parts"),
             ("early-exit-mean", "rows", "hf"), ("past-future", "rows", None), ("mpee", "rows", None),
             ("cascade", "rows", None), ("hashee", "rows", "sorted"), ("hashee", "rows", "pack")]
+if importlib.util.find_spec("onnxruntime") is not None:
+    # fp32 only: dynamic INT8 quantizes activations per tensor, so a row's result depends
+    # on its batch-mates and neither property holds exactly (tests/engine/test_ort_executor.py)
+    VARIANTS.append(("early-exit", "rows", "ort"))
 
 
 @st.composite
