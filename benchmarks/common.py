@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import statistics
 import time
 from typing import Callable, List
@@ -62,3 +65,26 @@ def print_rows(rows: List[dict]) -> None:
             v = r[k]
             cells.append(f"{v:12.3f}" if isinstance(v, float) else f"{str(v)[:12]:>12s}")
         print("  ".join(cells))
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    """Flat dict rows as CSV (columns: the union of keys, first-seen order), atomically."""
+    from eekernels._atomic import write_text
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Save a matplotlib figure to ``path`` atomically (beside it, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["cascade_exit_profile", "histogram_exit_layers", "load_measured_profile", "profile_exit_layers"]
+__all__ = ["cascade_exit_profile", "histogram_exit_layers", "load_measured_profile", "profile_exit_layers",
+           "stratified_exit_layers"]
 
 
 def _quantiles(batch: int) -> torch.Tensor:
@@ -35,6 +36,11 @@ def histogram_exit_layers(batch: int, num_layers: int, histogram: Dict[int, int]
     """Exit layers [B] drawn from a measured exit histogram (layer -> count) of a model with
     ``source_layers`` layers, rescaled to ``num_layers`` by relative depth (layer l of n
     becomes max(1, round(l * num_layers / n)))."""
+    return _histogram_at(_quantiles(batch), num_layers, histogram, source_layers)
+
+
+def _histogram_at(q: torch.Tensor, num_layers: int, histogram: Dict[int, int], source_layers: int) -> torch.Tensor:
+    """The exit layer at each quantile ``q`` of a measured histogram, rescaled by depth."""
     if not histogram or sum(histogram.values()) <= 0:
         raise ValueError("histogram_exit_layers: the exit histogram is empty")
     if any(l < 1 or l > source_layers for l in histogram):
@@ -42,9 +48,33 @@ def histogram_exit_layers(batch: int, num_layers: int, histogram: Dict[int, int]
     layers = sorted(histogram)
     counts = torch.tensor([histogram[l] for l in layers], dtype=torch.float64)
     cdf = counts.cumsum(0) / counts.sum()
-    pick = torch.searchsorted(cdf, _quantiles(batch)).clamp(max=len(layers) - 1)
+    pick = torch.searchsorted(cdf, q).clamp(max=len(layers) - 1)
     src = torch.tensor(layers, dtype=torch.float64)[pick]
     return (src * num_layers / source_layers).round().clamp(1, num_layers).long()
+
+
+def stratified_exit_layers(num_rows: int, batch: int, num_layers: int, histogram: Dict[int, int],
+                           source_layers: int) -> List[torch.Tensor]:
+    """Exit layers for ``num_rows`` rows taken in batches of ``batch`` in order: one [b]
+    tensor per batch, the measured histogram over the whole run at every batch size.
+
+    Rows are ranked position-major (position j of every batch before position j + 1; within
+    a position, batches in golden-ratio order so neighbouring batches get distant
+    quantiles), and the rank's quantile picks the layer: each batch still spans the
+    distribution as in :func:`histogram_exit_layers`, and B = 1 mixes the layers over the
+    run instead of sending every row to the median layer (so the ideal speed-up does not
+    depend on B, nor on the order of the rows' lengths).
+    """
+    if num_rows < 1 or batch < 1:
+        raise ValueError(f"stratified_exit_layers: num_rows and batch must be >= 1, got {num_rows}, {batch}")
+    r = torch.arange(num_rows)
+    k = (r // batch).double()
+    spread = torch.frac(k * 0.6180339887498949)
+    order = torch.argsort((r % batch).double() * 2 + spread, stable=True)
+    rank = torch.empty(num_rows, dtype=torch.long)
+    rank[order] = r
+    layers = _histogram_at((rank.double() + 0.5) / num_rows, num_layers, histogram, source_layers)
+    return list(layers.split(batch))
 
 
 def load_measured_profile(path: str) -> Tuple[str, Dict[int, int], int]:
