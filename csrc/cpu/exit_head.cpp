@@ -18,6 +18,11 @@
 #include "../common/exit_head_checks.h"
 #include "../common/exit_head_epilogue.h"
 
+// Let the row loops below vectorize: GCC does not if-convert float selects (the clamps,
+// max) when it must preserve floating-point traps, which nothing here observes. NaN and
+// inf arithmetic stays IEEE (this is not -ffast-math), and the NaN contract relies on it.
+#pragma GCC optimize("no-trapping-math")
+
 namespace eekernels {
 namespace {
 
@@ -56,42 +61,64 @@ inline float lane_sum(const float* v, int64_t n) {
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes)
     for (int64_t j = 0; j < kLanes; ++j) acc[j] += v[k + j];
-  for (; k < n; ++k) acc[k % kLanes] += v[k];
+  for (int64_t j = 0; k + j < n; ++j) acc[j] += v[k + j];
   float s = 0.f;
   for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
   return s;
 }
 
 // Softmax statistics (exit_head_epilogue.h's SoftmaxStats) of one row of final logits:
-// max and first argmax, then s = sum exp(z - m) and t = sum exp(z - m) * (z - m), with
-// `scratch` (2C floats) holding the terms. A row with a NaN or +-inf is marked non-finite
-// and not summed (decide() rejects it).
+// max, its first index, then s = sum exp(z - m) and t = sum exp(z - m) * (z - m), with
+// `scratch` (2C floats) holding the terms; without scratch only max and argmax (s = 1, t = 0). Every pass is a loop without branches, in
+// kLanes interleaved lanes where it reduces, so that it vectorizes; an AVX2 + FMA (x86-64-v3) clone
+// is picked at load time where the CPU has them. A row with a NaN or +-inf is marked
+// non-finite and not summed (decide() rejects it).
+__attribute__((target_clones("arch=x86-64-v3", "default")))
 SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
-  SoftmaxStats st = stats_init();
-  float m = z[0];
-  int64_t arg = 0;
-  bool finite = true;
-  for (int64_t k = 0; k < c; ++k) {
-    finite &= is_finite(z[k]);
-    if (z[k] > m) {  // strict: the first index wins a tie
-      m = z[k];
-      arg = k;
-    }
+  float mx[kLanes], chk[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) {
+    mx[j] = -INFINITY;
+    chk[j] = 0.f;
   }
-  if (!finite) {
+  int64_t k = 0;
+  for (; k + kLanes <= c; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = z[k + j];
+      mx[j] = v > mx[j] ? v : mx[j];
+      chk[j] += v - v;  // 0 for a finite v, NaN for NaN or +-inf
+    }
+  for (int64_t j = 0; k + j < c; ++j) {
+    const float v = z[k + j];
+    mx[j] = v > mx[j] ? v : mx[j];
+    chk[j] += v - v;
+  }
+  float m = mx[0], bad = chk[0];
+  for (int64_t j = 1; j < kLanes; ++j) {
+    m = mx[j] > m ? mx[j] : m;
+    bad += chk[j];
+  }
+  SoftmaxStats st = stats_init();
+  if (bad != 0.f) {  // NaN != 0 too
     st.finite = false;
     return st;
   }
+  int64_t arg = 0;
+  while (z[arg] != m) ++arg;  // the first index holding the max: ties go to the lowest
+  if (scratch == nullptr) return SoftmaxStats{m, 1.f, 0.f, arg, true};
   float* e = scratch;
   float* ed = scratch + c;
-  for (int64_t k = 0; k < c; ++k) {
-    const float d = z[k] - m;
-    e[k] = exp_nonpositive(d);
-    ed[k] = e[k] * d;
+  for (int64_t q = 0; q < c; ++q) {
+    const float d = z[q] - m;
+    e[q] = exp_nonpositive(d);
+    ed[q] = e[q] * d;
   }
   return SoftmaxStats{m, lane_sum(e, c), lane_sum(ed, c), arg, true};
 }
 
+}  // namespace
+
+// Also bound in csrc/register.cpp as eekernels._C.exit_head_cpu, which the Python wrapper
+// calls without the dispatcher's boxing (a few microseconds a call at small batches).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& pooler_weight, const std::optional<at::Tensor>& pooler_bias,
@@ -119,23 +146,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
     x.tanh_();
   }
   at::addmm_out(logits, as_float(bias), x, as_float(weight).t());
+  // ConsistentEE policy network, p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo)
+  // (consistentee.txt): the hidden layer is one more SGEMM, ATen's vectorized exact GELU,
+  // and the output unit a GEMV; only the sigmoid is left for the row pass.
   const bool has_policy = criterion == kPolicy;
-  at::Tensor u;  // policy pre-activations [N, P]
-  at::Tensor qo;
-  float qob = 0.f;
+  at::Tensor policy_logit;  // [N]
   if (has_policy) {
-    u = at::addmm(as_float(*policy_bias), x, as_float(*policy_weight).t());
-    qo = as_float(*policy_out_weight).contiguous();
-    qob = as_float(*policy_out_bias).item<float>();
+    at::Tensor u = at::addmm(as_float(*policy_bias), x, as_float(*policy_weight).t());
+    u = at::gelu(u);
+    policy_logit = at::addmv(as_float(*policy_out_bias), u, as_float(*policy_out_weight));
   }
-  const int64_t np = has_policy ? u.size(1) : 0;
 
   const float lam = static_cast<float>(memory_lambda);
   const float* mem = memory.has_value() ? memory->data_ptr<float>() : nullptr;
   const int64_t* prev = prev_pred.has_value() ? prev_pred->data_ptr<int64_t>() : nullptr;
   const int32_t* cnt = counter.has_value() ? counter->data_ptr<int32_t>() : nullptr;
-  const float* pu = has_policy ? u.data_ptr<float>() : nullptr;
-  const float* pqo = has_policy ? qo.data_ptr<float>() : nullptr;
+  const float* pa = has_policy ? policy_logit.data_ptr<float>() : nullptr;
   float* out_logits = logits.data_ptr<float>();
   float* out_score = score.data_ptr<float>();
   bool* out_exit = exit_mask.data_ptr<bool>();
@@ -143,25 +169,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   int32_t* out_cnt = criterion == kPatience ? counter_out.data_ptr<int32_t>() : nullptr;
   const bool transform = tanh_logits || mem != nullptr;
 
-  // Per row: C logits (+ P GELUs); a thread's share is worth waking it only past a few
-  // microseconds of work, so small batches run on the calling thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / (c + 8 * np + 16));
+  // Only entropy and max_prob read the sums of exponentials; patience and policy need the
+  // row's finiteness and argmax alone.
+  const bool sums = criterion == kEntropy || criterion == kMaxProb;
+  // A thread's share is worth waking it only past a few microseconds of work, so small
+  // batches run on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (c + 16));
   at::parallel_for(0, n, grain, [&](int64_t rb, int64_t re) {
-    std::vector<float> scratch(2 * c);
+    std::vector<float> scratch(sums ? 2 * c : 0);
     for (int64_t row = rb; row < re; ++row) {
       float* z = out_logits + row * c;
       if (transform)
         for (int64_t k = 0; k < c; ++k)
           z[k] = transform_logit(z[k], tanh_logits, mem != nullptr, mem ? mem[row * c + k] : 0.f, lam);
-      float policy_score = 0.f;
-      if (has_policy) {
-        // p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo)   (consistentee.txt, policy network)
-        float a = 0.f;
-        for (int64_t j = 0; j < np; ++j) a += gelu_erf(pu[row * np + j]) * pqo[j];
-        policy_score = stable_sigmoid(a + qob);
-      }
-      const Decision d =
-          decide(row_stats(z, c, scratch.data()), criterion, threshold, prev ? prev[row] : -1, cnt ? cnt[row] : 0, policy_score);
+      const float policy_score = has_policy ? stable_sigmoid(pa[row]) : 0.f;
+      const Decision d = decide(row_stats(z, c, sums ? scratch.data() : nullptr), criterion, threshold,
+                                prev ? prev[row] : -1, cnt ? cnt[row] : 0, policy_score);
       out_score[row] = d.score;
       out_exit[row] = d.exit;
       out_pred[row] = d.pred;
@@ -171,7 +194,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   return {logits, score, exit_mask, pred, counter_out};
 }
 
-}  // namespace
 }  // namespace eekernels
 
 TORCH_LIBRARY_IMPL(eekernels, CPU, m) { m.impl("exit_head", &eekernels::exit_head_cpu); }
