@@ -147,21 +147,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   }
   at::addmm_out(logits, as_float(bias), x, as_float(weight).t());
   // ConsistentEE policy network, p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo)
-  // (consistentee.txt): the hidden layer is one more SGEMM, ATen's vectorized exact GELU,
-  // and the output unit a GEMV; only the sigmoid is left for the row pass.
+  // (consistentee.txt): the hidden layer is one more SGEMM. At a few rows its GELU and
+  // output unit run in the row pass (scalar erf); past kRowGelu values, ATen's vectorized
+  // exact GELU and a GEMV, whose fixed cost (~7 us for at::gelu here) no longer dominates.
+  constexpr int64_t kRowGelu = 1024;
   const bool has_policy = criterion == kPolicy;
-  at::Tensor policy_logit;  // [N]
+  at::Tensor u, qo, policy_logit;
+  float qob = 0.f;
   if (has_policy) {
-    at::Tensor u = at::addmm(as_float(*policy_bias), x, as_float(*policy_weight).t());
-    u = at::gelu(u);
-    policy_logit = at::addmv(as_float(*policy_out_bias), u, as_float(*policy_out_weight));
+    u = at::addmm(as_float(*policy_bias), x, as_float(*policy_weight).t());
+    qo = as_float(*policy_out_weight);
+    if (u.numel() > kRowGelu) {
+      policy_logit = at::addmv(as_float(*policy_out_bias), at::gelu(u), qo);
+    } else {
+      qob = as_float(*policy_out_bias).item<float>();
+    }
   }
+  const int64_t np = has_policy ? u.size(1) : 0;
+  const float* pu = policy_logit.defined() || !has_policy ? nullptr : u.data_ptr<float>();
+  const float* pqo = pu != nullptr ? qo.data_ptr<float>() : nullptr;
 
   const float lam = static_cast<float>(memory_lambda);
   const float* mem = memory.has_value() ? memory->data_ptr<float>() : nullptr;
   const int64_t* prev = prev_pred.has_value() ? prev_pred->data_ptr<int64_t>() : nullptr;
   const int32_t* cnt = counter.has_value() ? counter->data_ptr<int32_t>() : nullptr;
-  const float* pa = has_policy ? policy_logit.data_ptr<float>() : nullptr;
+  const float* pa = policy_logit.defined() ? policy_logit.data_ptr<float>() : nullptr;
   float* out_logits = logits.data_ptr<float>();
   float* out_score = score.data_ptr<float>();
   bool* out_exit = exit_mask.data_ptr<bool>();
@@ -182,7 +192,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
       if (transform)
         for (int64_t k = 0; k < c; ++k)
           z[k] = transform_logit(z[k], tanh_logits, mem != nullptr, mem ? mem[row * c + k] : 0.f, lam);
-      const float policy_score = has_policy ? stable_sigmoid(pa[row]) : 0.f;
+      float policy_score = 0.f;
+      if (pa != nullptr) {
+        policy_score = stable_sigmoid(pa[row]);
+      } else if (pu != nullptr) {
+        float a = qob;
+        for (int64_t j = 0; j < np; ++j) a += gelu_erf(pu[row * np + j]) * pqo[j];
+        policy_score = stable_sigmoid(a);
+      }
       const Decision d = decide(row_stats(z, c, sums ? scratch.data() : nullptr), criterion, threshold,
                                 prev ? prev[row] : -1, cnt ? cnt[row] : 0, policy_score);
       out_score[row] = d.score;
