@@ -39,6 +39,18 @@ TORCH_LIBRARY(eekernels, m) {
       "(Tensor hidden, Tensor valid, Tensor memory, Tensor source)");
 }
 
+namespace eekernels {
+// The CPU exit head (csrc/cpu/exit_head.cpp), bound below for direct calls.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& pooler_weight, const std::optional<at::Tensor>& pooler_bias,
+    const std::optional<at::Tensor>& memory, double memory_lambda, bool tanh_logits,
+    int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
+    const std::optional<at::Tensor>& counter, const std::optional<at::Tensor>& policy_weight,
+    const std::optional<at::Tensor>& policy_bias, const std::optional<at::Tensor>& policy_out_weight,
+    const std::optional<at::Tensor>& policy_out_bias);
+}  // namespace eekernels
+
 static bool with_cuda() {
 #ifdef EEKERNELS_WITH_CUDA
   return true;
@@ -50,4 +62,7 @@ static bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "eekernels compiled ops (registered under torch.ops.eekernels)";
   m.def("with_cuda", &with_cuda, "True if the CUDA kernels were compiled in");
+  // torch.ops.eekernels.exit_head's CPU kernel without the dispatcher: same arguments and
+  // checks, for eager calls from eekernels.ops.exit_head (traced calls use the op).
+  m.def("exit_head_cpu", &eekernels::exit_head_cpu, "CPU exit head (see eekernels.ops.exit_head)");
 }

@@ -11,7 +11,7 @@ import torch
 
 import eekernels
 from eekernels.ops import exit_head, exit_head_reference
-from eekernels.ops.exit_head import ExitHeadOutput
+from eekernels.ops.exit_head import ExitHeadArgs, ExitHeadOutput
 
 from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err, threshold_between
 
@@ -421,3 +421,34 @@ def test_set_backend_is_used():
     eekernels.set_backend("torch")
     assert eekernels.get_backend() == "torch"
     assert eekernels.backends.resolve(None, torch.device("cpu")) == "torch"
+
+
+def test_cpu_direct_call_matches_the_op_and_tracing_sees_the_op():
+    """Eager CPU calls skip the dispatcher (a pybind binding of the same kernel): same
+    outputs bit for bit as the registered op; under a dispatch mode the op is called."""
+    if "cpu" not in eekernels.available_backends():
+        pytest.skip("C++ extension unavailable")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    args = make_inputs(9, 20, 3, torch.float32, "cpu", pooler=True, memory=True, patience=True, seed=11,
+                       strided=True)
+    via_wrapper = exit_head(**args, criterion="patience", threshold=1, backend="cpu")
+    a = ExitHeadArgs(args["hidden"], args["weight"], args["bias"], args["pooler_weight"], args["pooler_bias"],
+                     args["memory"], 0.9, False, "patience", 1.0, args["prev_pred"], args["counter"]).for_kernels()
+    via_op = ExitHeadOutput.from_op(torch.ops.eekernels.exit_head.default(*a.op_args()), "patience")
+    for x, y in zip(via_wrapper, via_op):
+        assert torch.equal(x, y)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        traced = exit_head(**args, criterion="patience", threshold=1, backend="cpu")
+    assert "eekernels.exit_head.default" in seen.ops
+    assert torch.equal(traced.logits, via_op.logits)

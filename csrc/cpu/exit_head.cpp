@@ -1,156 +1,124 @@
-// Fused exit head, CPU: pooler -> classifier (and, for criterion "policy", ConsistentEE's
-// policy MLP on the same input) -> tanh/memory -> softmax statistics -> criterion in one
-// pass over tiles of 4 rows, tiles in parallel (at::parallel_for).
-// Arithmetic in float32; weights are transposed (and widened from half types) once per
-// call into float32 scratch for a register-blocked micro-kernel. The per-row epilogue is shared with the CUDA kernel (exit_head_epilogue.h).
+// Fused exit head, CPU: the GEMMs (pooler, classifier and, for criterion "policy",
+// ConsistentEE's policy layer) go through ATen's BLAS (at::addmm: MKL / oneDNN SGEMM) in
+// float32, the classifier's straight into the logits output; then one pass per row does the
+// rest (logit transform, softmax statistics, criterion) in place, rows in parallel.
+// Half-type inputs are widened to float32 first, so every dtype runs the same SGEMMs.
+// The decision and the logit transform are the shared epilogue of the CUDA kernel
+// (exit_head_epilogue.h); the softmax statistics are computed here in two passes over the
+// row (max, then sums of exponentials), which vectorize where the online merge cannot.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../common/exit_head_checks.h"
 #include "../common/exit_head_epilogue.h"
 
+// Let the row loops below vectorize: GCC does not if-convert float selects (the clamps,
+// max) when it must preserve floating-point traps, which nothing here observes. NaN and
+// inf arithmetic stays IEEE (this is not -ffast-math), and the NaN contract relies on it.
+#pragma GCC optimize("no-trapping-math")
+
 namespace eekernels {
 namespace {
 
-constexpr int64_t kRows = 4;   // rows per micro-tile
-constexpr int64_t kCols = 8;   // output columns per micro-tile
+// float32 view of a parameter: itself when float32 (no copy), else widened.
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// B^T of a [M, K] parameter as float32 [K, round_up(M, kCols)], zero-padded columns, so the
-// micro-kernel below streams contiguous rows of it. Widens half types on the way.
-template <typename scalar_t>
-std::vector<float> transpose_padded(const at::Tensor& t) {
-  const int64_t m = t.size(0), k = t.size(1), mp = round_up(m, kCols);
-  const scalar_t* src = t.data_ptr<scalar_t>();
-  std::vector<float> out(static_cast<size_t>(k * mp), 0.f);
-  at::parallel_for(0, k, 64, [&](int64_t b, int64_t e) {
-    for (int64_t kk = b; kk < e; ++kk)
-      for (int64_t i = 0; i < m; ++i) out[kk * mp + i] = static_cast<float>(src[i * k + kk]);
-  });
-  return out;
+// exp(x) for x <= 0, branch-free so that a loop of it vectorizes (glibc's expf does not
+// without -ffast-math): x = n ln2 + r, |r| <= ln2/2, exp(r) by its degree-6 Taylor
+// polynomial (relative error < 2e-7 before rounding), times 2^n built in the exponent bits.
+// Below -87 (2^n would be subnormal) the result is flushed to 0; against the row's sum,
+// which is >= 1, such a term is below float32 resolution anyway.
+inline float exp_nonpositive(float x) {
+  const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
+  const float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float xc = x < -87.f ? -87.f : x;
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.f ? 0.f : p * scale;
 }
 
-// out[r][j] = sum_k x[r][k] * bt[k][j] for r < kRows, j < mp, as kRows interleaved axpy
-// passes over the rows of bt: each bt row is read once per tile of kRows rows and the inner
-// loop (contiguous, no reduction) vectorizes without -ffast-math.
-inline void gemm_rows(const float* x, int64_t k, const float* bt, int64_t mp, float* out) {
-  std::fill(out, out + kRows * mp, 0.f);
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const float* __restrict__ w = bt + kk * mp;
-    for (int64_t r = 0; r < kRows; ++r) {
-      const float xr = x[r * k + kk];
-      float* __restrict__ o = out + r * mp;
-      for (int64_t j = 0; j < mp; ++j) o[j] += xr * w[j];
-    }
+// Sum of v[0..n) in kLanes interleaved partial sums: an order the compiler may vectorize
+// (a single running sum it may not reorder without -ffast-math).
+constexpr int64_t kLanes = 8;
+inline float lane_sum(const float* v, int64_t n) {
+  float acc[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += v[k + j];
+  for (int64_t j = 0; k + j < n; ++j) acc[j] += v[k + j];
+  float s = 0.f;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// Softmax statistics (exit_head_epilogue.h's SoftmaxStats) of one row of final logits:
+// max, its first index, then s = sum exp(z - m) and t = sum exp(z - m) * (z - m), with
+// `scratch` (2C floats) holding the terms; without scratch only max and argmax (s = 1, t = 0). Every pass is a loop without branches, in
+// kLanes interleaved lanes where it reduces, so that it vectorizes; an AVX2 + FMA (x86-64-v3) clone
+// is picked at load time where the CPU has them. A row with a NaN or +-inf is marked
+// non-finite and not summed (decide() rejects it).
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
+  float mx[kLanes], chk[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) {
+    mx[j] = -INFINITY;
+    chk[j] = 0.f;
   }
-}
-
-template <typename scalar_t>
-std::vector<float> widen(const at::Tensor& t) {
-  const scalar_t* src = t.data_ptr<scalar_t>();
-  std::vector<float> out(t.numel());
-  for (int64_t i = 0; i < t.numel(); ++i) out[i] = static_cast<float>(src[i]);
-  return out;
-}
-
-template <typename scalar_t>
-void exit_head_rows(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
-                    const std::optional<at::Tensor>& pooler_weight,
-                    const std::optional<at::Tensor>& pooler_bias,
-                    const std::optional<at::Tensor>& memory, float lam, bool tanh_logits,
-                    int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
-                    const std::optional<at::Tensor>& counter,
-                    const std::optional<at::Tensor>& policy_weight,
-                    const std::optional<at::Tensor>& policy_bias,
-                    const std::optional<at::Tensor>& policy_out_weight,
-                    const std::optional<at::Tensor>& policy_out_bias, at::Tensor& logits,
-                    at::Tensor& score, at::Tensor& exit_mask, at::Tensor& pred,
-                    at::Tensor& counter_out) {
-  const int64_t n = hidden.size(0), h = hidden.size(1), c = weight.size(0);
-  const int64_t row_stride = hidden.stride(0);
-  const int64_t hp = round_up(h, kCols), cp = round_up(c, kCols);
-  const bool has_pooler = pooler_weight.has_value();
-  const std::vector<float> wt = transpose_padded<scalar_t>(weight);
-  const std::vector<float> b = widen<scalar_t>(bias);
-  const std::vector<float> pwt = has_pooler ? transpose_padded<scalar_t>(*pooler_weight) : std::vector<float>();
-  const std::vector<float> pb = has_pooler ? widen<scalar_t>(*pooler_bias) : std::vector<float>();
-  // ConsistentEE policy network H -> P -> 1 (criterion "policy"): its hidden layer is one
-  // more GEMM on the classifier's input, same micro-kernel, same tile of rows.
-  const bool has_policy = criterion == kPolicy;
-  const int64_t np = has_policy ? policy_weight->size(0) : 0, npp = round_up(np, kCols);
-  const std::vector<float> qwt = has_policy ? transpose_padded<scalar_t>(*policy_weight) : std::vector<float>();
-  const std::vector<float> qb = has_policy ? widen<scalar_t>(*policy_bias) : std::vector<float>();
-  const std::vector<float> qo = has_policy ? widen<scalar_t>(*policy_out_weight) : std::vector<float>();
-  const float qob = has_policy ? widen<scalar_t>(*policy_out_bias)[0] : 0.f;
-  const scalar_t* hid = hidden.data_ptr<scalar_t>();
-  const float* mem = memory.has_value() ? memory->data_ptr<float>() : nullptr;
-  const int64_t* prev = prev_pred.has_value() ? prev_pred->data_ptr<int64_t>() : nullptr;
-  const int32_t* cnt = counter.has_value() ? counter->data_ptr<int32_t>() : nullptr;
-  float* out_logits = logits.data_ptr<float>();
-  float* out_score = score.data_ptr<float>();
-  bool* out_exit = exit_mask.data_ptr<bool>();
-  int64_t* out_pred = pred.data_ptr<int64_t>();
-  int32_t* out_cnt = criterion == kPatience ? counter_out.data_ptr<int32_t>() : nullptr;
-
-  // Parallel over tiles of kRows rows; each tile runs pooler -> classifier -> epilogue.
-  const int64_t tiles = (n + kRows - 1) / kRows;
-  const int64_t work_per_tile = kRows * (cp * h + (has_pooler ? hp * h : 0) + npp * h) + 1;
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / work_per_tile);
-  at::parallel_for(0, tiles, grain, [&](int64_t tb, int64_t te) {
-    std::vector<float> x(kRows * h), pooled(has_pooler ? kRows * hp : 0), z(kRows * cp);
-    std::vector<float> u(kRows * npp);  // policy pre-activations
-    for (int64_t t = tb; t < te; ++t) {
-      const int64_t r0 = t * kRows, rows = std::min(kRows, n - r0);
-      for (int64_t r = 0; r < kRows; ++r)  // rows past N are zeros, computed and dropped
-        for (int64_t k = 0; k < h; ++k)
-          x[r * h + k] = r < rows ? static_cast<float>(hid[(r0 + r) * row_stride + k]) : 0.f;
-      const float* feat = x.data();
-      int64_t feat_stride = h;
-      if (has_pooler) {
-        gemm_rows(x.data(), h, pwt.data(), hp, pooled.data());
-        for (int64_t r = 0; r < kRows; ++r)
-          for (int64_t j = 0; j < h; ++j) pooled[r * hp + j] = std::tanh(pooled[r * hp + j] + pb[j]);
-        // The classifier reads pooled rows of stride hp; compact them to stride h.
-        for (int64_t r = 1; r < kRows; ++r)
-          std::copy(pooled.begin() + r * hp, pooled.begin() + r * hp + h, pooled.begin() + r * h);
-        feat = pooled.data();
-        feat_stride = h;
-      }
-      gemm_rows(feat, feat_stride, wt.data(), cp, z.data());
-      if (has_policy) gemm_rows(feat, feat_stride, qwt.data(), npp, u.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = r0 + r;
-        float policy_score = 0.f;
-        if (has_policy) {
-          // p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo)   (consistentee.txt, policy network)
-          float a = 0.f;
-          for (int64_t j = 0; j < np; ++j) a += gelu_erf(u[r * npp + j] + qb[j]) * qo[j];
-          policy_score = stable_sigmoid(a + qob);
-        }
-        SoftmaxStats st = stats_init();
-        float* zrow = out_logits + row * c;
-        for (int64_t k = 0; k < c; ++k) {
-          const float v = transform_logit(z[r * cp + k] + b[k], tanh_logits, mem != nullptr,
-                                          mem ? mem[row * c + k] : 0.f, lam);
-          zrow[k] = v;
-          stats_push(st, v, k);
-        }
-        const Decision d =
-            decide(st, criterion, threshold, prev ? prev[row] : -1, cnt ? cnt[row] : 0, policy_score);
-        out_score[row] = d.score;
-        out_exit[row] = d.exit;
-        out_pred[row] = d.pred;
-        if (out_cnt) out_cnt[row] = d.counter;
-      }
+  int64_t k = 0;
+  for (; k + kLanes <= c; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = z[k + j];
+      mx[j] = v > mx[j] ? v : mx[j];
+      chk[j] += v - v;  // 0 for a finite v, NaN for NaN or +-inf
     }
-  });
+  for (int64_t j = 0; k + j < c; ++j) {
+    const float v = z[k + j];
+    mx[j] = v > mx[j] ? v : mx[j];
+    chk[j] += v - v;
+  }
+  float m = mx[0], bad = chk[0];
+  for (int64_t j = 1; j < kLanes; ++j) {
+    m = mx[j] > m ? mx[j] : m;
+    bad += chk[j];
+  }
+  SoftmaxStats st = stats_init();
+  if (bad != 0.f) {  // NaN != 0 too
+    st.finite = false;
+    return st;
+  }
+  int64_t arg = 0;
+  while (z[arg] != m) ++arg;  // the first index holding the max: ties go to the lowest
+  if (scratch == nullptr) return SoftmaxStats{m, 1.f, 0.f, arg, true};
+  float* e = scratch;
+  float* ed = scratch + c;
+  for (int64_t q = 0; q < c; ++q) {
+    const float d = z[q] - m;
+    e[q] = exp_nonpositive(d);
+    ed[q] = e[q] * d;
+  }
+  return SoftmaxStats{m, lane_sum(e, c), lane_sum(ed, c), arg, true};
 }
 
+}  // namespace
+
+// Also bound in csrc/register.cpp as eekernels._C.exit_head_cpu, which the Python wrapper
+// calls without the dispatcher's boxing (a few microseconds a call at small batches).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& pooler_weight, const std::optional<at::Tensor>& pooler_bias,
@@ -170,33 +138,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   at::Tensor pred = at::empty({n}, opts.dtype(at::kLong));
   at::Tensor counter_out = at::empty({criterion == kPatience ? n : 0}, opts.dtype(at::kInt));
   if (n == 0) return {logits, score, exit_mask, pred, counter_out};
-  switch (hidden.scalar_type()) {
-    case at::kFloat:
-      exit_head_rows<float>(hidden, weight, bias, pooler_weight, pooler_bias, memory,
-                            static_cast<float>(memory_lambda), tanh_logits, criterion, threshold,
-                            prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
-                            policy_out_bias, logits, score, exit_mask, pred, counter_out);
-      break;
-    case at::kHalf:
-      exit_head_rows<at::Half>(hidden, weight, bias, pooler_weight, pooler_bias, memory,
-                               static_cast<float>(memory_lambda), tanh_logits, criterion, threshold,
-                               prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
-                            policy_out_bias, logits, score, exit_mask, pred, counter_out);
-      break;
-    case at::kBFloat16:
-      exit_head_rows<at::BFloat16>(hidden, weight, bias, pooler_weight, pooler_bias, memory,
-                                   static_cast<float>(memory_lambda), tanh_logits, criterion,
-                                   threshold, prev_pred, counter, policy_weight, policy_bias,
-                                   policy_out_weight, policy_out_bias, logits, score, exit_mask,
-                                   pred, counter_out);
-      break;
-    default:
-      TORCH_CHECK(false, "exit_head: unsupported dtype ", hidden.scalar_type());
+
+  // GEMMs. hidden's rows may be strided (states[:, 0]): BLAS takes the row stride as lda.
+  at::Tensor x = as_float(hidden);
+  if (pooler_weight.has_value()) {
+    x = at::addmm(as_float(*pooler_bias), x, as_float(*pooler_weight).t());
+    x.tanh_();
   }
+  at::addmm_out(logits, as_float(bias), x, as_float(weight).t());
+  // ConsistentEE policy network, p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo)
+  // (consistentee.txt): the hidden layer is one more SGEMM. At a few rows its GELU and
+  // output unit run in the row pass (scalar erf); past kRowGelu values, ATen's vectorized
+  // exact GELU and a GEMV, whose fixed cost (~7 us for at::gelu here) no longer dominates.
+  constexpr int64_t kRowGelu = 1024;
+  const bool has_policy = criterion == kPolicy;
+  at::Tensor u, qo, policy_logit;
+  float qob = 0.f;
+  if (has_policy) {
+    u = at::addmm(as_float(*policy_bias), x, as_float(*policy_weight).t());
+    qo = as_float(*policy_out_weight);
+    if (u.numel() > kRowGelu) {
+      policy_logit = at::addmv(as_float(*policy_out_bias), at::gelu(u), qo);
+    } else {
+      qob = as_float(*policy_out_bias).item<float>();
+    }
+  }
+  const int64_t np = has_policy ? u.size(1) : 0;
+  const float* pu = policy_logit.defined() || !has_policy ? nullptr : u.data_ptr<float>();
+  const float* pqo = pu != nullptr ? qo.data_ptr<float>() : nullptr;
+
+  const float lam = static_cast<float>(memory_lambda);
+  const float* mem = memory.has_value() ? memory->data_ptr<float>() : nullptr;
+  const int64_t* prev = prev_pred.has_value() ? prev_pred->data_ptr<int64_t>() : nullptr;
+  const int32_t* cnt = counter.has_value() ? counter->data_ptr<int32_t>() : nullptr;
+  const float* pa = policy_logit.defined() ? policy_logit.data_ptr<float>() : nullptr;
+  float* out_logits = logits.data_ptr<float>();
+  float* out_score = score.data_ptr<float>();
+  bool* out_exit = exit_mask.data_ptr<bool>();
+  int64_t* out_pred = pred.data_ptr<int64_t>();
+  int32_t* out_cnt = criterion == kPatience ? counter_out.data_ptr<int32_t>() : nullptr;
+  const bool transform = tanh_logits || mem != nullptr;
+
+  // Only entropy and max_prob read the sums of exponentials; patience and policy need the
+  // row's finiteness and argmax alone.
+  const bool sums = criterion == kEntropy || criterion == kMaxProb;
+  // A thread's share is worth waking it only past a few microseconds of work, so small
+  // batches run on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (c + 16));
+  at::parallel_for(0, n, grain, [&](int64_t rb, int64_t re) {
+    std::vector<float> scratch(sums ? 2 * c : 0);
+    for (int64_t row = rb; row < re; ++row) {
+      float* z = out_logits + row * c;
+      if (transform)
+        for (int64_t k = 0; k < c; ++k)
+          z[k] = transform_logit(z[k], tanh_logits, mem != nullptr, mem ? mem[row * c + k] : 0.f, lam);
+      float policy_score = 0.f;
+      if (pa != nullptr) {
+        policy_score = stable_sigmoid(pa[row]);
+      } else if (pu != nullptr) {
+        float a = qob;
+        for (int64_t j = 0; j < np; ++j) a += gelu_erf(pu[row * np + j]) * pqo[j];
+        policy_score = stable_sigmoid(a);
+      }
+      const Decision d = decide(row_stats(z, c, sums ? scratch.data() : nullptr), criterion, threshold,
+                                prev ? prev[row] : -1, cnt ? cnt[row] : 0, policy_score);
+      out_score[row] = d.score;
+      out_exit[row] = d.exit;
+      out_pred[row] = d.pred;
+      if (out_cnt) out_cnt[row] = d.counter;
+    }
+  });
   return {logits, score, exit_mask, pred, counter_out};
 }
 
-}  // namespace
 }  // namespace eekernels
 
 TORCH_LIBRARY_IMPL(eekernels, CPU, m) { m.impl("exit_head", &eekernels::exit_head_cpu); }

@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from .. import backends
+from .. import _extension, backends
 from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd, real_number
 from ._registry import register_op
 from .contracts.exit_head import CRITERIA, DEFAULT_THRESHOLD, ExitHeadArgs, ExitHeadOutput, exit_head_fake
@@ -145,6 +145,9 @@ def _validate_policy(a: ExitHeadArgs) -> None:
     Shapes: policy_weight [P, H] (P >= 1), policy_bias [P], policy_out_weight [P] (the
     output unit's weight row, 1-D), policy_out_bias [1]; dtype and device of ``hidden``.
     """
+    if a.criterion != "policy" and a.policy_weight is None and a.policy_bias is None \
+            and a.policy_out_weight is None and a.policy_out_bias is None:
+        return  # the common case, checked without building lists (this runs every call)
     given = [name for name in _POLICY_NAMES if getattr(a, name) is not None]
     if a.criterion != "policy":
         if given:
@@ -290,18 +293,36 @@ def exit_head(
                      criterion, threshold, prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
                      policy_out_bias)
     validate_exit_head_args(a)
-    a = a._replace(memory_lambda=float(memory_lambda), tanh_logits=bool(tanh_logits),
-                   threshold=float(DEFAULT_THRESHOLD[criterion] if threshold is None else threshold))
+    # One tuple per call, built after validation: at a few rows the host-side work of this
+    # wrapper is a good part of the call (benchmarks/NOTES.md, "CPU exit head through BLAS").
+    a = ExitHeadArgs(hidden, weight, bias, pooler_weight, pooler_bias, memory, float(memory_lambda),
+                     bool(tanh_logits), criterion,
+                     float(DEFAULT_THRESHOLD[criterion] if threshold is None else threshold), prev_pred, counter,
+                     policy_weight, policy_bias, policy_out_weight, policy_out_bias)
     if needs_autograd(*a):
         return _reference(a)
     name = backends.resolve(backend, hidden.device)
     if name == "torch":
         return _reference(a)
-    return backends.implementation("exit_head", name)(a.for_kernels())
+    return backends.implementation("exit_head", name)(a)
 
 
 def _exit_head_compiled(a: ExitHeadArgs) -> ExitHeadOutput:
-    return ExitHeadOutput.from_op(torch.ops.eekernels.exit_head(*a.op_args()), a.criterion)
+    a = a.for_kernels()
+    args = a.op_args()
+    if _eager_cpu_call(a.hidden):
+        # The same C++ kernel, bound without the dispatcher: boxing 16 arguments costs more
+        # than the whole head at a few rows (benchmarks/NOTES.md, "CPU exit head through BLAS").
+        return ExitHeadOutput.from_op(_extension.load().exit_head_cpu(*args), a.criterion)
+    # The overload itself, not the packet: the packet resolves the overload on every call.
+    return ExitHeadOutput.from_op(torch.ops.eekernels.exit_head.default(*args), a.criterion)
+
+
+def _eager_cpu_call(hidden: torch.Tensor) -> bool:
+    """Whether a CPU call may skip the dispatcher: a plain CPU tensor, with nothing tracing
+    (torch.compile, a dispatch mode such as make_fx or FakeTensorMode) that must see the op."""
+    return (type(hidden) is torch.Tensor and hidden.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
 
 
 register_op("exit_head", _exit_head_compiled, "eekernels.triton.exit_head:exit_head_triton", exit_head_fake)

@@ -507,6 +507,6 @@ _call = opaque_launcher("exit_head_triton", _launch, EXIT_HEAD_SCHEMA, exit_head
 
 
 def exit_head_triton(a: ExitHeadArgs) -> ExitHeadOutput:
-    """Fused exit head in one Triton launch; ``a`` validated and prepared by
-    ``eekernels.ops.exit_head`` (:meth:`ExitHeadArgs.for_kernels`)."""
-    return ExitHeadOutput.from_op(_call(*a.op_args()), a.criterion)
+    """Fused exit head in one Triton launch; ``a`` validated by ``eekernels.ops.exit_head``
+    and made contiguous here (:meth:`ExitHeadArgs.for_kernels`)."""
+    return ExitHeadOutput.from_op(_call(*a.for_kernels().op_args()), a.criterion)

@@ -67,8 +67,21 @@ class ExitHeadArgs(NamedTuple):
     def for_kernels(self) -> "ExitHeadArgs":
         """What the kernels take: every tensor contiguous, except that ``hidden`` keeps its
         row stride (e.g. ``states[:, 0]``) when its last dim is contiguous."""
-        a = ExitHeadArgs(*(t.contiguous() if isinstance(t, torch.Tensor) else t for t in self))
-        return a._replace(hidden=self.hidden if self.hidden.stride(-1) == 1 else a.hidden)
+        # Copies only what needs it: this runs on every call, where at a few rows the
+        # host-side work is a good part of the call.
+        fixed = {}
+        for i in _TENSOR_FIELDS:
+            t = self[i]
+            if t is not None and not t.is_contiguous():
+                fixed[self._fields[i]] = t.contiguous()
+        if self.hidden.stride(-1) != 1:
+            fixed["hidden"] = self.hidden.contiguous()
+        return self._replace(**fixed) if fixed else self
+
+
+#: Positions of the optional-or-not tensor arguments of :class:`ExitHeadArgs` after ``hidden``.
+_TENSOR_FIELDS = tuple(i for i, name in enumerate(ExitHeadArgs._fields)
+                       if name not in ("hidden", "memory_lambda", "tanh_logits", "criterion", "threshold"))
 
 
 class ExitHeadOutput(NamedTuple):
