@@ -405,7 +405,8 @@ def run_property(op: str, backend: str, examples: int, *, seed: Optional[int] = 
     ``seed`` None: derandomized (the same examples every run, as CI wants); otherwise that
     seed. Without ``tally`` the first mismatch raises (shrunk, as hypothesis reports it);
     with one, every mismatch is counted and described in ``tally.failures`` instead, and
-    the run goes on (no shrinking: rerun that seed without a tally to shrink)."""
+    the run goes on (no shrinking: rerun that seed without a tally to shrink); the first
+    case of each kind of failure (up to five kinds) is kept in ``tally.failures``."""
     prop = PROPERTIES[op]
     t = tally if tally is not None else Tally(op, backend)
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink and tally is None else [])
@@ -419,8 +420,9 @@ def run_property(op: str, backend: str, examples: int, *, seed: Optional[int] = 
                 outcome = prop.check(backend, case)
             except Exception as exc:  # a crash is a mismatch too
                 t.mismatches += 1
-                if len(t.failures) < 5:
-                    t.failures.append(f"{type(exc).__name__}: {str(exc)[:300]} | case={case!r}")
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                if len(t.failures) < 5 and not any(f.startswith(message) for f in t.failures):
+                    t.failures.append(f"{message} | case={case!r}")  # the first case of each kind
                 return
         t.near_ties += outcome.near_ties
         t.near_tie_flips += outcome.near_tie_flips
@@ -477,13 +479,17 @@ def test_a_wrong_kernel_is_caught(monkeypatch):
 @pytest.mark.parametrize("backend", kernel_backends("cpu"))
 def test_empty_inputs_with_any_strides(backend):
     """Found by the fuzz: an empty input whose last dim is not contiguous (an empty slice
-    ``x[:, ::2]``) reached the C++ checks unchanged, since ``.contiguous()`` keeps an empty
-    tensor's strides, and was rejected. Every op takes it and returns empty outputs."""
+    ``x[:, ::2]``), or an exit-head input with H = 1 and a last-dim stride other than 1,
+    reached the C++ checks unchanged (``.contiguous()`` keeps the strides of a tensor that
+    is already contiguous in torch's sense) and was rejected. Every op takes them."""
     h3 = torch.zeros(0, 3, 8)[:, :, ::2]
     assert h3.stride(-1) == 2
     active = torch.zeros(0, 3, dtype=torch.bool)
     out = exit_head(torch.zeros(0, 8)[:, ::2], torch.randn(2, 4), torch.randn(2), backend=backend)
     assert out.logits.shape == (0, 2)
+    column = torch.randn(1, 3).t()  # H = 1 read down a column: [3, 1] with strides (1, 3)
+    out = exit_head(column, torch.ones(2, 1), torch.zeros(2), backend=backend)
+    assert torch.equal(out.logits, column.expand(3, 2))
     assert compact_rows(torch.zeros(0, dtype=torch.bool), [h3], backend=backend).tensors[0].shape == (0, 3, 4)
     check_pack(backend, h3, active)
     check_pack_padded(backend, h3, active)
