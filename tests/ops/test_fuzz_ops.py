@@ -198,9 +198,10 @@ def check_exit_head(backend: str, case: dict) -> Outcome:
     else:
         ref = exit_head_spec(args, **kw)
         borderline = check_against_spec(out, ref, dtype, crit, thr)
-    # The non-finite contract, row by row (the checkers compare finite entries only).
-    assert torch.equal(out.logits.isnan(), ref.logits.isnan()), "NaN logits differ"
-    assert torch.equal(out.logits.isinf(), ref.logits.isinf()), "inf logits differ"
+    # The non-finite contract, row by row (the checkers compare finite entries only). Which
+    # non-finite value is not part of it: a subnormal memory_lambda is 0 in float32, so an
+    # inf logit of the float64 spec is NaN (0 * inf) in the kernels.
+    assert torch.equal(out.logits.isfinite(), ref.logits.isfinite()), "non-finite logits differ"
     bad = ~torch.isfinite(ref.logits).all(dim=1)
     assert not out.exit[bad].any(), "a row with non-finite logits exited"
     assert (out.pred[bad] == -1).all(), "a row with non-finite logits has a prediction"
