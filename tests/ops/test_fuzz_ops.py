@@ -209,8 +209,9 @@ def check_exit_head(backend: str, case: dict) -> Outcome:
         assert (out.counter[bad] == 0).all() and (out.score[bad] == 0).all(), "patience not reset"
     else:
         assert out.score[bad].isnan().all(), "a row with non-finite logits has a score"
-    # Edges no tolerance may blur: entropy < 0 and p(exit) > 1 never hold.
-    if (crit == "entropy" and thr == 0.0) or (crit == "policy" and thr == 1.0) or (thr == math.inf and crit != "entropy"):
+    # Edges no tolerance may blur: entropy < 0, p(exit) > 1 and a finite score >= inf never hold.
+    never = {"entropy": thr == 0.0, "policy": thr == 1.0}.get(crit, thr == math.inf)
+    if never:
         assert not out.exit.any(), f"{crit} exits at threshold {thr}"
     return Outcome(int(borderline.sum()), int(((out.exit != ref.exit) & borderline).sum()))
 
@@ -274,7 +275,8 @@ TOK_B, TOK_S, TOK_H = _sizes((0, 1, 3), 5), _sizes((1, 2, 7), 40), _sizes((1, 3,
 @st.composite
 def token_cases(draw):
     return dict(
-        b=draw(TOK_B), s=draw(TOK_S), h=draw(TOK_H), dtype=draw(FLOAT_DTYPE), active=draw(st.sampled_from(ACTIVE_MASKS)),
+        b=draw(TOK_B), s=draw(TOK_S), h=draw(TOK_H), dtype=draw(FLOAT_DTYPE),
+        active=draw(st.sampled_from(ACTIVE_MASKS)),
         hidden_layout=draw(LAYOUT), active_layout=draw(LAYOUT), padded=draw(BOOLS), permute=draw(BOOLS),
         values_layout=draw(LAYOUT), seed=draw(SEEDS),
     )
