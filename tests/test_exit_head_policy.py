@@ -67,6 +67,7 @@ def check_policy(out: ExitHeadOutput, ref: ExitHeadOutput, dtype, threshold):
     agree = (out.exit.cpu() == ref.exit.cpu()) | borderline
     assert agree.all(), f"{int((~agree).sum())} exit decisions differ away from the threshold"
     assert not (out.exit.cpu() & ~fin).any(), "a row with a non-finite score exited"
+    return borderline
 
 
 THRESHOLDS = (0.0, 0.5, 1.0)

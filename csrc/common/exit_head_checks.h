@@ -25,7 +25,8 @@ inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& wei
   const auto dt = hidden.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "exit_head: hidden must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(hidden.size(1) == 0 || hidden.stride(1) == 1,
+  // No row to read (N = 0) or one element per row (H = 1): any strides.
+  TORCH_CHECK(hidden.numel() == 0 || hidden.size(1) == 1 || hidden.stride(1) == 1,
               "exit_head: hidden's last dim must be contiguous");
   const int64_t n = hidden.size(0), h = hidden.size(1);
   const auto dev = hidden.device();

@@ -54,7 +54,8 @@ inline void check_tokens_hidden(const char* op, const at::Tensor& hidden) {
   TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [B, S, H], got ", hidden.sizes());
   TORCH_CHECK(tokens_float_dtype(hidden.scalar_type()), op,
               ": hidden must be float32, float16 or bfloat16, got ", hidden.scalar_type());
-  TORCH_CHECK(hidden.size(2) <= 1 || hidden.stride(2) == 1, op, ": hidden's last dim must be contiguous, got strides ",
+  // An empty hidden (B or S = 0) has no rows to read, whatever its strides.
+  TORCH_CHECK(hidden.size(2) <= 1 || hidden.numel() == 0 || hidden.stride(2) == 1, op, ": hidden's last dim must be contiguous, got strides ",
               hidden.strides());
 }
 

@@ -23,8 +23,11 @@
 
 namespace eekernels {
 
-// Each row t[i] (every dim but the first) is one contiguous block of memory.
+// Each row t[i] (every dim but the first) is one contiguous block of memory. An empty
+// tensor has no rows to copy, whatever its strides (torch's .contiguous() keeps an empty
+// tensor's strides, so the Python wrapper cannot normalise them).
 bool compaction_rows_contiguous(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= 1; --d) {
     if (t.size(d) != 1 && t.stride(d) != expected) return false;
@@ -76,7 +79,7 @@ void check_scatter_exits_args(const at::Tensor& out_logits, const at::Tensor& ou
   on_dev(out_layer, "out_layer");
   on_dev(batch_index, "batch_index");
   on_dev(exit, "exit");
-  TORCH_CHECK(c <= 1 || logits.stride(1) == 1, "scatter_exits: logits' last dim must be contiguous");
+  TORCH_CHECK(c <= 1 || n == 0 || logits.stride(1) == 1, "scatter_exits: logits' last dim must be contiguous");
   TORCH_CHECK(out_logits.dim() == 2 && out_logits.scalar_type() == at::kFloat && out_logits.size(1) == c,
               "scatter_exits: out_logits must be float32 [B, ", c, "], got ", out_logits.scalar_type(), " ",
               out_logits.sizes());
