@@ -369,3 +369,20 @@ def test_other_criteria_keep_their_threshold_range_and_default():
         assert exit_head(**a, criterion="entropy", threshold=2.5, backend=backend).exit.all()
         assert not exit_head(**a, criterion="entropy", backend=backend).exit.any()  # entropy < 0: never
         assert exit_head(**a, criterion="max_prob", backend=backend).exit.all()  # max_prob >= 0: always
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_policy_inf_preactivation_scores_one_on_every_backend(device):
+    """A policy pre-activation of +inf (finite tanh logits, an inf hidden entry) gives
+    GELU(+inf) = inf and p(exit) = 1 on every backend, as in the float64 spec (torch's
+    vectorised float32 gelu alone gives NaN there). Found by the op fuzz."""
+    p = 16
+    args = dict(hidden=torch.tensor([[math.inf], [math.inf]], device=device),
+                weight=torch.ones(1, 1, device=device), bias=torch.zeros(1, device=device), tanh_logits=True,
+                memory=torch.zeros(2, 1, device=device), memory_lambda=0.0,
+                policy_weight=torch.ones(p, 1, device=device), policy_bias=torch.zeros(p, device=device),
+                policy_out_weight=torch.ones(p, device=device), policy_out_bias=torch.zeros(1, device=device))
+    for backend in ["torch"] + kernel_backends(device):
+        out = exit_head(**args, criterion="policy", threshold=0.5, backend=backend)
+        assert torch.equal(out.score.cpu(), torch.ones(2)), (backend, out.score)
+        assert out.exit.all(), backend

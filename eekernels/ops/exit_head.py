@@ -120,7 +120,10 @@ def _reference(a: ExitHeadArgs) -> ExitHeadOutput:
         score = new_counter.to(z.dtype)
         exit_ = new_counter.double() >= threshold
     else:  # policy: p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo), exact (erf) GELU
-        u = torch.nn.functional.gelu(linear(x, a.policy_weight.to(acc), a.policy_bias.to(acc)))
+        v = linear(x, a.policy_weight.to(acc), a.policy_bias.to(acc))
+        # exact GELU written out: torch's vectorised float32 gelu gives NaN at +inf (the
+        # kernels and the float64 reference give inf, so an inf row's policy score is 1)
+        u = 0.5 * v * (1.0 + torch.erf(v * math.sqrt(0.5)))
         score = torch.sigmoid(u @ a.policy_out_weight.to(acc) + a.policy_out_bias.to(acc))
         # sigmoid maps +-inf to 1 / 0, so only NaN is a non-finite policy score.
         finite = finite & ~torch.isnan(score)

@@ -7,7 +7,7 @@
 
 Thresholds come from the model's own scores, between two distinct ones (never on a row's
 own score). CI runs a bounded number of examples; ``EEKERNELS_FUZZ_EXAMPLES`` raises it
-(``benchmarks/fuzz.py`` runs the long fuzz).
+(``tests/fuzz_long.py`` is the long fuzz of the ops).
 """
 
 from __future__ import annotations
