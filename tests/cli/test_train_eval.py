@@ -293,7 +293,7 @@ def test_eval_bad_input(trained, files, tmp_path, capsys, case):
     elif case == "bad_backend":
         extra, needle = ["--threshold", "0.5", "--backend", "gpu9"], "unknown backend"
     else:
-        extra, needle = ["--target-speedup", "9"], "target_speedup must be in (0, 4]"
+        extra, needle = ["--target-speedup", "9"], "target_speedup must be in [1, 4]"
     rc = evaluate(["--model", model, "--data", data, *extra, "--cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err, err
