@@ -5,12 +5,12 @@ thresholds, layouts, poisoned entries and a seed; hypothesis shrinks these) and 
 that builds the tensors from the case and compares a backend with the specification:
 
 - ``exit_head`` against the reference evaluated in float64 (the tolerance conventions of
-  tests/test_exit_head.py and tests/test_exit_head_policy.py), plus the non-finite contract
+  tests/ops/test_exit_head.py and tests/ops/test_exit_head_policy.py), plus the non-finite contract
   (such a row never exits, its prediction is -1, its score NaN, or 0 with its patience
   counter reset);
 - ``compact_rows``, ``scatter_exits``, ``pack_tokens``, ``pack_tokens_padded`` and
   ``scatter_tokens`` (pure data movement) bit for bit against their references;
-- ``mpee_prune`` as tests/test_token_ops.py does (kept rows bit for bit, the fusion token
+- ``mpee_prune`` as tests/ops/test_token_ops.py does (kept rows bit for bit, the fusion token
   within RTOL); on the "torch" backend the vectorised ``mpee_prune_differentiable`` is the
   one compared with the per-sample reference.
 
@@ -48,17 +48,17 @@ from eekernels.ops import (  # noqa: E402
 )
 
 from ..helpers import kernel_backends, poison_allocator  # noqa: E402
-from ..test_compaction import MASKS as KEEP_MASKS  # noqa: E402
-from ..test_compaction import check_compacted, make_keep, make_scatter, run_scatter  # noqa: E402
-from ..test_compaction import rnd as rnd_any_dtype  # noqa: E402
-from ..test_exit_head import check_against_spec, make_inputs  # noqa: E402
-from ..test_exit_head import spec as exit_head_spec  # noqa: E402
-from ..test_exit_head_policy import check_policy, policy_params  # noqa: E402
-from ..test_exit_head_policy import spec as policy_spec  # noqa: E402
-from ..test_token_ops import MASKS as ACTIVE_MASKS  # noqa: E402
-from ..test_token_ops import check_pack, check_pack_padded, check_prune, check_scatter, make_active  # noqa: E402
-from ..test_token_ops import mpee_inputs  # noqa: E402
-from ..test_token_ops import rnd as rnd_float  # noqa: E402
+from .test_compaction import MASKS as KEEP_MASKS  # noqa: E402
+from .test_compaction import check_compacted, make_keep, make_scatter, run_scatter  # noqa: E402
+from .test_compaction import rnd as rnd_any_dtype  # noqa: E402
+from .test_exit_head import check_against_spec, make_inputs  # noqa: E402
+from .test_exit_head import spec as exit_head_spec  # noqa: E402
+from .test_exit_head_policy import check_policy, policy_params  # noqa: E402
+from .test_exit_head_policy import spec as policy_spec  # noqa: E402
+from .test_token_ops import MASKS as ACTIVE_MASKS  # noqa: E402
+from .test_token_ops import check_pack, check_pack_padded, check_prune, check_scatter, make_active  # noqa: E402
+from .test_token_ops import mpee_inputs  # noqa: E402
+from .test_token_ops import rnd as rnd_float  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ANY_DTYPES = {**DTYPES, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}

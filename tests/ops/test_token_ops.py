@@ -30,7 +30,7 @@ from eekernels.ops import (
     scatter_tokens_reference,
 )
 
-from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err, same_bits
+from ..helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err, same_bits
 
 # (B, S, H): S in {1, 2, 7, 130}, H in {1, 24, 200}; B = 1 included.
 SHAPES = [(1, 1, 1), (3, 2, 24), (1, 7, 200), (4, 7, 1), (2, 130, 24)]

@@ -17,7 +17,7 @@ from eekernels.ops import (
     scatter_exits_reference,
 )
 
-from .helpers import kernel_backends, poison_allocator, same_bits
+from ..helpers import kernel_backends, poison_allocator, same_bits
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
 NS = (0, 1, 2, 7, 513)

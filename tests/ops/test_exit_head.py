@@ -13,7 +13,7 @@ import eekernels
 from eekernels.ops import exit_head, exit_head_reference
 from eekernels.ops.exit_head import ExitHeadArgs, ExitHeadOutput
 
-from .helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err, threshold_between
+from ..helpers import DTYPES, RTOL, kernel_backends, poison_allocator, rel_err, threshold_between
 
 CRITERIA = ("entropy", "max_prob", "patience")
 

@@ -17,7 +17,7 @@ import eekernels
 from eekernels.ops import exit_head, exit_head_reference
 from eekernels.ops.exit_head import CRITERIA, DEFAULT_THRESHOLD, ExitHeadOutput
 
-from .helpers import DTYPES, kernel_backends, poison_allocator
+from ..helpers import DTYPES, kernel_backends, poison_allocator
 from .test_exit_head import check_against_spec, make_inputs
 
 POLICY_KEYS = ("policy_weight", "policy_bias", "policy_out_weight", "policy_out_bias")
