@@ -3,6 +3,8 @@ measurement sees a leak when there is one (so the bound can fail)."""
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 
@@ -33,13 +35,19 @@ def test_rss_is_flat_over_repeated_calls(model):
 
 
 class Leaky:
-    """``model`` with a 16 KiB tensor kept alive by every ``early_exit`` call."""
+    """``model`` with 16 KiB of fresh resident memory kept alive by every ``early_exit`` call.
+
+    The leak is a new anonymous mapping written through, not a tensor: a leaked tensor may be
+    carved out of heap that earlier tests in the same process freed, so RSS would not move
+    and the check would depend on what ran before it."""
 
     def __init__(self, model):
         self.model, self.config, self.kept = model, model.config, []
 
     def early_exit(self, *args, **kwargs):
-        self.kept.append(torch.ones(BOUND))
+        page = mmap.mmap(-1, 4 * BOUND)
+        page.write(b"\x01" * (4 * BOUND))
+        self.kept.append(page)
         return self.model.early_exit(*args, **kwargs)
 
 
