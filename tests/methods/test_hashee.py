@@ -332,7 +332,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="unsupported"):
         HashEEModel(torch.nn.Linear(2, 2), all_last_table())
     model = HashEEModel(hf, all_last_table())
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(ValueError, match="input_ids must lie in"):  # the engine's input check, before the table
         model.early_exit(torch.tensor([[2, V]]))
     with pytest.raises(ValueError, match="attention_mask"):
         model.early_exit(torch.tensor([[2, 5]]), torch.ones(1, 3))
