@@ -86,7 +86,7 @@ MODELS = [
           {"small_layers": (2,), "difficulty_folds": 4, "difficulty_seeds": 2}),
     Model("hashee", "hashee", {"hashee": "none"}, {"hash": "frequency"}),
 ]
-GRID_METHODS = [m for model in MODELS for m in model.rules]
+GRID_METHODS = list(dict.fromkeys(m for model in MODELS for m in model.rules))
 
 
 def write_json(path: Path, data) -> None:
@@ -263,6 +263,31 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
     os.replace(tmp, path)
 
 
+def collect(out: Path):
+    """(rows, curves) of every finished measurement under ``out/runs`` (this call's and earlier
+    calls'), in the grid's order: the outputs always cover the whole grid run so far."""
+    from eekernels.training.finetune import TRAIN_RESULTS_FILE
+
+    rows, curves = [], {}
+    runs = out / "runs"
+    tasks = sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    for task_name in tasks:
+        for model in MODELS:
+            run_dir = runs / task_name / model.key
+            done = run_dir / "model" / TRAIN_RESULTS_FILE
+            summary = json.loads(done.read_text()) if done.is_file() else {}
+            for grid_method in model.rules:
+                cache = run_dir / f"points-{grid_method}.json"
+                if cache.is_file():
+                    for r in json.loads(cache.read_text()):
+                        r.update(train_seconds=summary.get("train_seconds"), train_cpu_s=summary.get("train_cpu_s"))
+                        rows.append(r)
+                curve = run_dir / f"curve-{grid_method}.json"
+                if curve.is_file():
+                    curves.setdefault(task_name, {})[grid_method] = json.loads(curve.read_text())
+    return rows, curves
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -300,7 +325,6 @@ def main(argv=None) -> int:
     full_layers = AutoConfig.from_pretrained(backbone, local_files_only=True).num_hidden_layers
     out = Path(args.out)
     jobs = [(t, m) for t in tasks for m in MODELS if set(m.rules) & set(methods)]
-    all_rows, all_curves = [], {}
     bar = tqdm(jobs, desc="reproduce", unit="model")
     try:
         for task_name, model in bar:
@@ -322,18 +346,15 @@ def main(argv=None) -> int:
                 if grid_method not in methods:
                     continue
                 bar.set_postfix_str(f"{task_name} {grid_method}: measuring")
-                rows = points_for(model, grid_method, criterion, model_dir, files["dev"], task, run_dir, full_layers)
-                for r in rows:
-                    r.update(train_seconds=summary.get("train_seconds"), train_cpu_s=summary.get("train_cpu_s"))
-                all_rows += rows
+                points_for(model, grid_method, criterion, model_dir, files["dev"], task, run_dir, full_layers)
                 if criterion in ("entropy", "max_prob", "patience"):
                     cache = run_dir / f"curve-{grid_method}.json"
                     if not cache.is_file():
                         write_json(cache, sweep(model_dir, criterion, files["dev"], task))
-                    all_curves.setdefault(task_name, {})[grid_method] = json.loads(cache.read_text())
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    all_rows, all_curves = collect(out)
     write_json(out / "results.json", {"backbone": backbone, "quick": args.quick, "rows": all_rows})
     write_json(out / "curves.json", all_curves)
     keys = ["task", "method", "criterion", "point", "threshold", "accuracy", "f1", "full_accuracy", "layer_speedup",
@@ -344,10 +365,12 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(all_rows)
     os.replace(tmp, out / "results.csv")
-    for task_name in tasks:
+    done_tasks = sorted({r["task"] for r in all_rows})
+    for task_name in done_tasks:
         plot(task_name, [r for r in all_rows if r["task"] == task_name], all_curves.get(task_name, {}),
              out / f"{task_name}.png")
-    print(f"wrote {out / 'results.csv'}, results.json, curves.json and {len(tasks)} PNG(s)")
+    print(f"wrote {out / 'results.csv'}, results.json, curves.json and {len(done_tasks)} PNG(s): "
+          f"{len(all_rows)} rows of every finished run in {out}")
     return 0
 
 
