@@ -12,13 +12,18 @@ each padded to its own longest row (dynamic padding).
 Paths, all on the same batches:
 
 - full model: HF eager, ``torch.compile(dynamic=True)`` (warmed up before timing), ONNX
-  Runtime fp32 transformer-optimized and ORT dynamic INT8 (``benchmarks/ort_full.py``);
+  Runtime fp32 transformer-optimized and ORT dynamic INT8 (``benchmarks/ort_full.py``, with
+  ONNX Runtime's default spinning threads);
 - early exit (``model.early_exit(..., executor=X)`` for X in hf, ort, ort-int8, each where it
   is registered) under forced exit profiles (``exit_profile=``: every exit head runs, its
   decision is replaced): the controlled 2x profile (half the rows leave after layer 2, half
   after layer 4 of 6: layer speed-up exactly 2.0), the measured exit histograms of trained
   models (every ``eekernels eval --report`` JSON in ``benchmarks/profiles/`` and each
-  ``--measured-profile``), and no exits (every row runs every layer: the engine's overhead).
+  ``--measured-profile``), and no exits (every row runs every layer: the engine's overhead);
+- with ``--group-by-length``: every early-exit path again with ``group_by_length=True``
+  (rows sorted by length, run in groups that cut padding) and the ORT full models run on
+  the same length groups ("... grouped"): the speed-up stays against the fastest full model,
+  grouped or not, and ``speedup_vs_in_order_fp32`` is against the fastest one in dev order.
 
 Each round runs every path once over all batches, in a fresh random order; the figure is
 the median over ``--rounds`` of ms per sentence. Speed-up is against the fastest fp32
@@ -204,7 +209,8 @@ def full_model_paths(model, threads: int, names: Sequence[str] = FULL_PATHS
             try:
                 from ort_full import OrtFullModel
 
-                ort = OrtFullModel(hf, int8=name == "ort-int8", threads=threads)
+                # ONNX Runtime's defaults (idle threads spin): the fastest full model it gives
+                ort = OrtFullModel(hf, int8=name == "ort-int8", threads=threads, spin=True)
             except ImportError as e:
                 skipped[name] = f"skipped: ONNX Runtime full model unavailable ({e})"
                 continue
@@ -214,10 +220,36 @@ def full_model_paths(model, threads: int, names: Sequence[str] = FULL_PATHS
     return paths, skipped
 
 
-def early_exit_path(model, executor: str, profile: List[torch.Tensor]) -> Callable[[int, Batch], torch.Tensor]:
+GROUPED = " grouped"
+
+
+def grouped_full_path(full: Callable[[Batch], torch.Tensor]) -> Callable[[Batch], torch.Tensor]:
+    """``full`` run on each length group of a batch (the groups ``early_exit(group_by_length=True)``
+    uses, each cut after its longest row), logits back in the batch's order: what a user who
+    sorts the full model's batches by length gets."""
+    from eekernels.engine.length_groups import length_groups
+
+    def run(b: Batch) -> torch.Tensor:
+        groups = length_groups(b[1].sum(dim=1))
+        if len(groups) <= 1:
+            return full(b)
+        out = None
+        for idx in groups:
+            width = int(b[1][idx].sum(dim=1).max())
+            z = full(tuple(None if t is None else t[idx, :width].contiguous() for t in b))
+            out = z.new_empty((b[0].shape[0], z.shape[1])) if out is None else out
+            out[idx] = z
+        return out
+
+    return run
+
+
+def early_exit_path(model, executor: str, profile: List[torch.Tensor], grouped: bool = False
+                    ) -> Callable[[int, Batch], torch.Tensor]:
     """(batch index, batch) -> logits of ``model.early_exit`` with ``executor`` and the forced
-    per-batch exit layers ``profile``."""
-    return lambda i, b: model.early_exit(b[0], b[1], b[2], exit_profile=profile[i], executor=executor).logits
+    per-batch exit layers ``profile`` (``grouped``: ``group_by_length=True``)."""
+    return lambda i, b: model.early_exit(b[0], b[1], b[2], exit_profile=profile[i], executor=executor,
+                                         group_by_length=grouped).logits
 
 
 def executor_skip_reason(model, executor: str, batch: Batch) -> Optional[str]:
@@ -277,25 +309,31 @@ def summarize(task: str, batch: int, paths: List[Path], times, ideal: Dict[str, 
     """Result rows of one (task, B) from the per-round times."""
     ms = {k: statistics.median(v) for k, v in times.items()}
     full = {p.name: ms[(p.name, p.profile)] for p in paths if p.executor is None}
-    fp32 = {k: v for k, v in full.items() if k not in INT8}
+    fp32 = {k: v for k, v in full.items() if k.replace(GROUPED, "") not in INT8}
+    int8s = {k: v for k, v in full.items() if k not in fp32}
     fastest = min(fp32, key=fp32.get) if fp32 else None
+    fastest_int8 = min(int8s, key=int8s.get) if int8s else None
+    in_order = {k: v for k, v in fp32.items() if not k.endswith(GROUPED)}
+    fastest_in_order = min(in_order, key=in_order.get) if in_order else None
     rows = []
     for p in paths:
         t = ms[(p.name, p.profile)]
-        int8 = (p.executor or p.name) in INT8
-        base = "ort-int8" if int8 else fastest
+        int8 = (p.executor or p.name.replace(GROUPED, "")) in INT8
+        base = fastest_int8 if int8 else fastest
         base_ms = full.get(base) if base else None
         row = dict(task=task, batch=batch, profile=p.profile, path=p.name, executor=p.executor,
                    ms_per_sentence=t, ms_min=min(times[(p.name, p.profile)]), ms_max=max(times[(p.name, p.profile)]),
                    sentences_per_s=1e3 / t, baseline=base if base_ms else None,
                    speedup=base_ms / t if base_ms else None,
                    speedup_vs_fastest_fp32=full[fastest] / t if fastest else None,
+                   speedup_vs_in_order_fp32=full[fastest_in_order] / t if fastest_in_order else None,
                    ideal_layer_speedup=ideal.get(p.profile, 1.0), efficiency=None, no_exit_overhead=None,
                    rel_err_vs_hf=errs.get((p.name, p.profile)), note="")
         if row["speedup"] is not None:
             row["efficiency"] = row["speedup"] / row["ideal_layer_speedup"]
-        if p.executor is not None and OWN_FULL[p.executor] in full:
-            row["no_exit_overhead"] = ms[(p.name, NO_EXIT)] / full[OWN_FULL[p.executor]] - 1.0
+        own = None if p.executor is None else OWN_FULL[p.executor] + (GROUPED if p.name.endswith(GROUPED) else "")
+        if own in full:
+            row["no_exit_overhead"] = ms[(p.name, NO_EXIT)] / full[own] - 1.0
         rows.append(row)
     return rows
 
@@ -303,9 +341,11 @@ def summarize(task: str, batch: int, paths: List[Path], times, ideal: Dict[str, 
 def run(model, tok, tasks: Sequence[str], data_dir: str, rows: int, batch_sizes: Sequence[int], rounds: int,
         threads: int, measured_paths: Sequence[str], full_names: Sequence[str] = FULL_PATHS,
         executors: Sequence[str] = EXECUTORS, max_length: int = 128, seed: int = 0, progress: bool = True,
-        log=print, checkpoint: Optional[Callable[[dict], None]] = None) -> dict:
+        log=print, checkpoint: Optional[Callable[[dict], None]] = None, group_by_length: bool = False) -> dict:
     """The whole benchmark; returns the JSON document (rows, skipped paths, padding, floor).
-    ``checkpoint(doc)`` is called after each (task, B), so a long run keeps what it measured."""
+    ``checkpoint(doc)`` is called after each (task, B), so a long run keeps what it measured.
+    ``group_by_length``: also time every early-exit path with ``group_by_length=True`` and
+    the ORT full models run per length group (":data:`GROUPED`" paths)."""
     from tqdm import tqdm
 
     torch.set_num_threads(threads)
@@ -331,6 +371,9 @@ def run(model, tok, tasks: Sequence[str], data_dir: str, rows: int, batch_sizes:
 
     with torch.no_grad():
         full, skipped = full_model_paths(model, threads, full_names)
+        if group_by_length:
+            full.update({name + GROUPED: grouped_full_path(fn) for name, fn in list(full.items())
+                         if name.startswith("ort-")})
         hf_logits = lambda b: model.hf(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2]).logits  # noqa: E731
         probe = batches(encoded[tasks[0]], 2)[0]
         for ex in executors:
@@ -348,8 +391,9 @@ def run(model, tok, tasks: Sequence[str], data_dir: str, rows: int, batch_sizes:
                 profiles = exit_profiles(len(first[task]), b, n, measured)
                 ideal = {label: metrics.layer_speedup(torch.cat(p), n) for label, p in profiles.items()}
                 paths = [Path(name, "full model", lambda i, bt, f=fn: f(bt)) for name, fn in full.items()]
-                paths += [Path(f"ee-{ex}", label, early_exit_path(model, ex, prof), ex)
-                          for ex in live for label, prof in profiles.items()]
+                paths += [Path(f"ee-{ex}" + (GROUPED if g else ""), label, early_exit_path(model, ex, prof, g), ex)
+                          for ex in live for label, prof in profiles.items()
+                          for g in ((False, True) if group_by_length else (False,))]
                 errs = warm_up(paths, data, hf_logits)
                 times = time_paths(paths, data, rounds, seed, bar)
                 doc["results"] += summarize(task, b, paths, times, ideal, errs)
@@ -467,6 +511,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 16 rows, B = 1 and 8, one round")
     p.add_argument("--tiny", action="store_true", help="a random 6-layer H=32 BERT instead of MiniLM (tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-by-length", action="store_true",
+                   help="also time early exit with group_by_length=True and the ORT full models per length group")
 
 
 def _ints(s: str, what: str) -> List[int]:
@@ -506,7 +552,7 @@ def main(argv=None) -> int:
         partial = os.path.join(args.out, "cpu_e2e.partial.json")
         doc = run(model, tok, tasks, args.data_dir, rows, batch_sizes, rounds, args.threads, measured,
                   full_names=full_names, executors=executors, seed=args.seed,
-                  checkpoint=lambda d: write_json(partial, d))
+                  checkpoint=lambda d: write_json(partial, d), group_by_length=args.group_by_length)
     except Skip as e:
         print(f"cpu_e2e: skipped: {e}")
         return 0

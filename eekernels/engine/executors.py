@@ -21,7 +21,8 @@ bookkeeping stay eekernels ops. :mod:`eekernels.engine.ort` has ``"ort"`` and
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import contextlib
+from typing import Callable, ContextManager, Dict, Optional
 
 import torch
 
@@ -68,6 +69,12 @@ class LayerExecutor:
             rows.tensors["valid"] = valid
         self.prepare(rows, attention_mask)
         return rows
+
+    def running(self) -> ContextManager[None]:
+        """The context one early-exit call runs in (entered before the embedding, left after
+        the last layer): where an executor that runs layers outside torch sets up what they
+        need for the call. Nothing here."""
+        return contextlib.nullcontext()
 
     def prepare(self, rows: Rows, attention_mask: Optional[torch.Tensor]) -> None:
         """Add the executor's own per-row tensors (its mask form) to freshly embedded rows."""

@@ -246,7 +246,7 @@ def run_early_exit(model, input_ids: torch.Tensor, attention_mask: Optional[torc
     dev = input_ids.device
     points = model.exit_points
     exit_set, last_step = set(points), points[-1]
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), executor.running():
         rows = executor.start(input_ids, attention_mask, token_type_ids)
         rows.context["backend"] = backend
         rows.tensors["batch_index"] = torch.arange(b, device=dev)

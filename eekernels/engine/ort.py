@@ -34,6 +34,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections import Counter
 from typing import Dict, Iterator, Optional, Sequence, Tuple
@@ -184,6 +185,21 @@ def run_bound(session, inputs: Dict[str, torch.Tensor], output: str, out: torch.
     return out
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[int]:
+    """torch's intra-op thread count at ``n`` for the block, restored after; yields the count
+    it had before. The count is per OS thread (OpenMP's), so concurrent calls from several
+    Python threads each hold and restore their own."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield before
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 class _LayerGraph(nn.Module):
     """What one layer's graph computes: HF's mask from an int64 [N, S] mask, then the layer."""
 
@@ -199,15 +215,23 @@ class _LayerGraph(nn.Module):
 
 class OrtExecutor(LayerExecutor):
     """Each encoder layer in its own ONNX Runtime session (fp32, transformer-optimized); see the
-    module docstring. Sessions are built on first use with ``torch.get_num_threads()``
-    threads, and rebuilt when a layer's weights change (in place or replaced).
+    module docstring. Sessions are built on first use with torch's thread count outside
+    the call, and rebuilt when a layer's weights change (in place or replaced).
 
     Runs with ``engine="rows"`` (the fixed engines trace ``layer_fn`` under ``torch.cond``),
     on CPU float32 models.
+
+    During a call torch runs on :attr:`torch_threads` intra-op threads (the embedding, exit
+    heads and compaction: small ops) and the sessions on the count torch had outside the
+    call. With both at 2 on 2 cores, torch's OpenMP workers spin after every exit head and
+    take the cores ORT's layer threads wake on: at B = 8 that doubled the no-exit time
+    against ORT's full model (benchmarks/NOTES.md, "ORT executor threads").
     """
 
     name = "ort"
     rows_only = True
+    #: torch's intra-op threads inside a call (None: leave torch's count as it is)
+    torch_threads: Optional[int] = 1
     #: whether the layer graphs are quantized to INT8
     int8 = False
 
@@ -218,6 +242,16 @@ class OrtExecutor(LayerExecutor):
         self._graphs: Dict[int, object] = {}  # id of the layer module -> its optimized ModelProto
         self._params: Dict[int, list] = {}  # id of the layer module -> (submodule, parameter name) pairs
         self._weights: Dict[int, tuple] = {}  # id of the layer module -> its weights' identity when built
+        self._session_threads = torch.get_num_threads()  # torch's count outside the call: the sessions'
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        self._session_threads = torch.get_num_threads()
+        if self.torch_threads is None:
+            yield
+            return
+        with torch_threads(self.torch_threads):
+            yield
 
     def _check_model(self, hidden: torch.Tensor) -> None:
         if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
@@ -284,7 +318,7 @@ class OrtExecutor(LayerExecutor):
         if self.int8:
             proto = quantize_graph(proto)
         self._graphs[key] = proto
-        self._sessions[key] = make_session(proto)
+        self._sessions[key] = make_session(proto, self._session_threads)
 
     def layer_fn(self, step: int):
         session = self.session(step)

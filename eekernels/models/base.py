@@ -40,7 +40,8 @@ from ..engine.executor_registry import EXECUTORS
 from ..engine.executors import LayerExecutor
 from ..engine.fixed import FixedCapacity
 from ..engine.graphed import GraphCache
-from ..engine.loop import EarlyExitOutput, RowCompaction, run_early_exit
+from ..engine.length_groups import run_length_grouped
+from ..engine.loop import EarlyExitOutput, RowCompaction, check_inputs, run_early_exit
 from .._atomic import recover, staged_dir, write_json
 from ..engine.rules import ExitRule
 from ..ops._checks import real_number
@@ -222,7 +223,8 @@ class EarlyExitBase(nn.Module):
                    token_type_ids: Optional[torch.Tensor] = None, *, criterion: Optional[str] = None,
                    threshold: Optional[float] = None, backend: Optional[str] = None,
                    exit_profile: Optional[torch.Tensor] = None, engine: str = "rows",
-                   executor: Optional[str] = None, min_bucket: int = 1) -> EarlyExitOutput:
+                   executor: Optional[str] = None, min_bucket: int = 1,
+                   group_by_length: bool = False) -> EarlyExitOutput:
         """Batched early-exit inference: each layer runs on the rows still active only.
 
         Args:
@@ -245,6 +247,11 @@ class EarlyExitBase(nn.Module):
                 dynamic INT8; engine="rows" only; needs ``pip install eekernels[ort]``), or
                 another registered executor.
             min_bucket: the smallest row bucket of the fixed engines.
+            group_by_length: engine="rows": sort the rows by length and run them as a few
+                groups of similar length, each trimmed to its longest row, where the padding
+                saved pays for the extra calls (:mod:`eekernels.engine.length_groups`); the
+                outputs stay in the batch's order. Not for models that report per-call token
+                counts (MPEE, HashEE, cascades).
         """
         if engine not in ENGINES:
             raise ValueError(f"early_exit: engine must be one of {ENGINES}, got {engine!r}")
@@ -253,12 +260,22 @@ class EarlyExitBase(nn.Module):
         if engine not in self.engines:
             raise ValueError(f"early_exit: a {self.method} model runs the engines {', '.join(self.engines)}, "
                              f"not {engine!r}")
+        if not isinstance(group_by_length, bool):
+            raise TypeError(f"early_exit: group_by_length must be a bool, got {type(group_by_length).__name__}")
+        if group_by_length and engine != "rows":
+            raise ValueError(f"early_exit: group_by_length=True runs with engine='rows', not {engine!r}")
         criterion, threshold = self.check_rule(criterion, threshold)
         rule = self.exit_rule(criterion, threshold, backend)
         ex = self._executor(executor, engine)
         if engine == "rows":
-            return run_early_exit(self, input_ids, attention_mask, token_type_ids, rule=rule, executor=ex,
-                                  placement=RowCompaction(), exit_profile=exit_profile, backend=backend)
+            def rows(ids, mask, types, profile, with_metrics=True):
+                return run_early_exit(self, ids, mask, types, rule=rule, executor=ex, placement=RowCompaction(),
+                                      exit_profile=profile, backend=backend, with_metrics=with_metrics)
+
+            if group_by_length:
+                check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile)
+                return run_length_grouped(rows, self, input_ids, attention_mask, token_type_ids, exit_profile)
+            return rows(input_ids, attention_mask, token_type_ids, exit_profile)
 
         def forward(ids, mask, profile, with_metrics):
             return run_early_exit(self, ids, mask, token_type_ids, rule=rule, executor=ex,

@@ -243,3 +243,55 @@ def test_a_training_model_runs_in_eval_mode_and_is_restored():
         out = model.early_exit(ids, mask, threshold=0.0, executor=name)
         assert rel_err(out.logits, ref) <= 1e-4, name
         assert model.training and hf.training and hf.bert.encoder.layer[0].training
+
+
+
+def test_torch_runs_on_one_thread_inside_a_call_and_sessions_on_the_outside_count(tiny, monkeypatch):
+    """Inside a call torch's ops run on one thread; the sessions are sized by the count torch
+    had outside, and that count is back afterwards, from one thread or several at once."""
+    import threading
+
+    from eekernels.engine import ort as ort_mod
+
+    arch = tiny[0]
+    ids, mask, _ = ragged_batch(5, 9)
+    sized, inside = [], []
+    make_session = ort_mod.make_session
+
+    def sized_session(proto, threads=None, spin=False):
+        sized.append(threads)
+        return make_session(proto, threads, spin)
+
+    monkeypatch.setattr(ort_mod, "make_session", sized_session)
+    model = convert(tiny_classifier(arch)).eval()  # a fresh model: its sessions are built in the call
+    embed = model.adapter.embed
+
+    def embed_and_look(*a, **k):
+        inside.append(torch.get_num_threads())
+        return embed(*a, **k)
+
+    monkeypatch.setattr(model.adapter, "embed", embed_and_look)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        model.early_exit(ids, mask, threshold=0.0, executor="ort")
+        assert inside == [1] and sized and set(sized) == {3}
+        assert torch.get_num_threads() == 3
+        errors = []
+
+        def calls():
+            try:
+                for _ in range(5):
+                    model.early_exit(ids, mask, threshold=0.0, executor="ort")
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        workers = [threading.Thread(target=calls) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert not errors and torch.get_num_threads() == 3 and set(inside) == {1}
+        assert len(inside) == 21
+    finally:
+        torch.set_num_threads(before)
