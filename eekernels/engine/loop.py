@@ -165,6 +165,8 @@ class RowCompaction:
 
     Host synchronisation: one read of the survivor count per exit point (``compact_rows``),
     and with ``trim`` one read of the survivors' longest length. No boolean-mask indexing.
+    On the CPU, where reading a flag costs nothing, an exit point that no row leaves skips
+    the scatter and the compaction (their copies of every row tensor).
     """
 
     name = "rows"
@@ -184,6 +186,8 @@ class RowCompaction:
     def leave(self, rows: Rows, leave: torch.Tensor, logits: torch.Tensor, step: int, last: bool,
               out_logits: torch.Tensor, out_layer: torch.Tensor, backend: Optional[str]) -> bool:
         """Scatter the leavers; compact (and trim) the rest. False when no row remains."""
+        if not last and leave.device.type == "cpu" and not bool(leave.any()):
+            return True  # nobody leaves: nothing to scatter or move (a host read is free on the CPU)
         scatter_exits(out_logits, out_layer, rows.tensors["batch_index"], leave, logits, step, backend=backend)
         if last or not rows.compact(~leave, backend):
             return False
