@@ -51,9 +51,25 @@ __all__ = [
     "ExitHeadOutput",
     "exit_head",
     "exit_head_reference",
+    "masked_mean",
 ]
 
 # --------------------------------------------------------------------------- reference
+
+
+def masked_mean(hidden: torch.Tensor, valid: Optional[torch.Tensor],
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, H]: the mean of each row's tokens of ``hidden`` [N, S, H] where ``valid`` (bool
+    [N, S]; None: every token) is True, accumulated and returned in ``dtype``. A row without
+    a real token (or S = 0) gives zeros; a token outside the mask is never summed (a NaN in
+    the padding does not reach the mean). Differentiable.
+
+    The one definition of mean pooling (:func:`eekernels.nn.layer_summary`)."""
+    x = hidden.to(dtype)
+    if valid is None:
+        return x.sum(dim=1) / max(hidden.shape[1], 1)
+    total = torch.where(valid[..., None], x, 0.0).sum(dim=1)
+    return total / valid.sum(dim=1, keepdim=True).to(dtype).clamp_min(1.0)
 
 
 def exit_head_reference(
