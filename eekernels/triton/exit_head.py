@@ -172,7 +172,10 @@ def _dot_f32_lhs(x, wt, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(x, wt.to(tl.float32), input_precision="ieee")
     else:
         hi = x.to(wt.dtype)
-        r = x - hi.to(tl.float32)
+        hf = hi.to(tl.float32)
+        # an infinite x (an inf token in pooling "mean"'s input) is all hi: inf - inf would
+        # make the remainder, and so the row, NaN where the spec has +-inf
+        r = tl.where(hf == x, 0.0, x - hf)
         lo = r.to(wt.dtype)
         acc = _dot_in(hi, wt, IS_F32, UPCAST) + _dot_in(lo, wt, IS_F32, UPCAST)
         if wt.dtype == tl.bfloat16:

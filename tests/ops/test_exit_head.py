@@ -711,3 +711,27 @@ def test_mean_pooling_no_token_pools_to_zeros_and_padding_is_never_read(device, 
         empty = exit_head(hidden[:, :0], **kw, pooling="mean", backend=backend)  # S = 0: every row zeros
         assert torch.allclose(empty.logits, exit_head(torch.zeros(n, h, device=device), **kw,
                                                       backend="torch").logits, atol=1e-6), backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("pooler", [False, True])
+def test_triton_split_of_the_float32_mean_keeps_infinite_tokens(dtype, pooler, monkeypatch):
+    """Found by the long fuzz: an inf token makes a row's float32 mean inf, and Triton's
+    hi + lo split of float32 rows for half weights computed lo from inf - inf = NaN, so the
+    row's logits were NaN where the spec's are +-inf (or +-1 after tanh). bfloat16 runs the
+    split the GPU runs (interpreter mode 2: exact float32 products of the split parts)."""
+    if "triton" not in kernel_backends("cpu"):
+        pytest.skip("Triton unavailable")
+    import eekernels.triton.exit_head as triton_exit_head
+
+    monkeypatch.setattr(triton_exit_head, "_BF16_INTERPRETER_MODE", 2)
+    args = make_mean_inputs(7, 5, 24, 3, dtype, "cpu", mask="random", pooler=pooler, seed=21)
+    states, valid = args["hidden"], args["token_mask"]
+    valid[:, 0] = True
+    states[0, 0, 3], states[1, 0, :] = math.inf, -math.inf
+    states[2, 0, 5], states[2, 0, 6] = math.inf, -math.inf  # inf - inf: NaN in the spec too
+    for tanh in (False, True):
+        out = exit_head(**args, tanh_logits=tanh, threshold=0.5, backend="triton")
+        ref = spec(args, tanh_logits=tanh, threshold=0.5)
+        assert torch.equal(out.logits.isfinite(), ref.logits.isfinite()), tanh
+        check_against_spec(out, ref, dtype, "entropy", 0.5)
