@@ -1,5 +1,5 @@
-"""The exit head's contract: criteria, poolings, the registered ops' schema, the argument and output
-tuples, the fake implementation.
+"""The exit head's contract: criteria, poolings, the registered ops' schema, the argument
+and output tuples, the fake implementation.
 
 Kept apart from ``eekernels/ops/exit_head.py`` (validation, reference, dispatch) so that the
 backends' modules (``eekernels/triton/exit_head.py``) import the contract without importing the
