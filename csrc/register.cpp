@@ -11,12 +11,14 @@ TORCH_LIBRARY(eekernels, m) {
   // criterion: 0 entropy, 1 max_prob, 2 patience, 3 policy. `counter` output is [N] int32
   // for patience and an empty [0] tensor otherwise. The policy network's parameters
   // ([P, H], [P], [P], [1]) are given with criterion 3 only, so they default to None.
+  // pooling: 0 cls (hidden [N, H] as given), 1 mean (hidden [N, S, H], the mean of the
+  // tokens where token_mask, bool [N, S], is true, or of every token without one).
   m.def(
       "exit_head(Tensor hidden, Tensor weight, Tensor bias, Tensor? pooler_weight, "
       "Tensor? pooler_bias, Tensor? memory, float memory_lambda, bool tanh_logits, "
       "int criterion, float threshold, Tensor? prev_pred, Tensor? counter, "
       "Tensor? policy_weight=None, Tensor? policy_bias=None, Tensor? policy_out_weight=None, "
-      "Tensor? policy_out_bias=None) -> "
+      "Tensor? policy_out_bias=None, Tensor? token_mask=None, int pooling=0) -> "
       "(Tensor logits, Tensor score, Tensor exit, Tensor pred, Tensor counter)");
   // Row compaction; see eekernels/ops/compaction.py for the contract. compact_rows reads
   // the survivor count M back to the host (outputs are [M, ...]); scatter_exits writes the
@@ -48,7 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
     int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
     const std::optional<at::Tensor>& counter, const std::optional<at::Tensor>& policy_weight,
     const std::optional<at::Tensor>& policy_bias, const std::optional<at::Tensor>& policy_out_weight,
-    const std::optional<at::Tensor>& policy_out_bias);
+    const std::optional<at::Tensor>& policy_out_bias, const std::optional<at::Tensor>& token_mask,
+    int64_t pooling);
 }  // namespace eekernels
 
 static bool with_cuda() {

@@ -9,6 +9,10 @@
 
 namespace eekernels {
 
+// What the head reads of each row (eekernels/ops/contracts/exit_head.py POOLINGS):
+// hidden [N, H] as given, or the masked mean of hidden [N, S, H]'s tokens.
+enum Pooling : int64_t { kPoolCls = 0, kPoolMean = 1 };
+
 inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& weight,
                                  const at::Tensor& bias,
                                  const std::optional<at::Tensor>& pooler_weight,
@@ -20,16 +24,34 @@ inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& wei
                                  const std::optional<at::Tensor>& policy_weight,
                                  const std::optional<at::Tensor>& policy_bias,
                                  const std::optional<at::Tensor>& policy_out_weight,
-                                 const std::optional<at::Tensor>& policy_out_bias) {
-  TORCH_CHECK(hidden.dim() == 2, "exit_head: hidden must be [N, H], got ", hidden.sizes());
+                                 const std::optional<at::Tensor>& policy_out_bias,
+                                 const std::optional<at::Tensor>& token_mask, int64_t pooling) {
+  TORCH_CHECK(pooling == kPoolCls || pooling == kPoolMean, "exit_head: pooling must be 0 (cls) or 1 (mean), got ",
+              pooling);
+  if (pooling == kPoolCls) {
+    TORCH_CHECK(hidden.dim() == 2, "exit_head: hidden must be [N, H] with pooling 0 (cls), got ", hidden.sizes());
+    TORCH_CHECK(!token_mask.has_value(), "exit_head: token_mask is given only with pooling 1 (mean)");
+  } else {
+    TORCH_CHECK(hidden.dim() == 3, "exit_head: hidden must be [N, S, H] with pooling 1 (mean), got ",
+                hidden.sizes());
+  }
   const auto dt = hidden.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
               "exit_head: hidden must be float32, float16 or bfloat16, got ", dt);
-  // No row to read (N = 0) or one element per row (H = 1): any strides.
-  TORCH_CHECK(hidden.numel() == 0 || hidden.size(1) == 1 || hidden.stride(1) == 1,
+  // No element to read or one element per row/token (H = 1): any strides. Row (and token)
+  // strides are free; the kernels take them.
+  const int64_t n = hidden.size(0), h = hidden.size(-1);
+  TORCH_CHECK(hidden.numel() == 0 || h == 1 || hidden.stride(-1) == 1,
               "exit_head: hidden's last dim must be contiguous");
-  const int64_t n = hidden.size(0), h = hidden.size(1);
   const auto dev = hidden.device();
+  if (token_mask.has_value()) {
+    TORCH_CHECK(token_mask->device() == dev, "exit_head: token_mask is on ", token_mask->device(), ", hidden on ",
+                dev);
+    TORCH_CHECK(token_mask->scalar_type() == at::kBool && token_mask->dim() == 2 && token_mask->size(0) == n &&
+                    token_mask->size(1) == hidden.size(1),
+                "exit_head: token_mask must be bool [", n, ", ", hidden.size(1), "], got ", token_mask->scalar_type(),
+                " ", token_mask->sizes());
+  }
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device() == dev, "exit_head: ", name, " is on ", t.device(), ", hidden on ", dev);
     TORCH_CHECK(t.is_contiguous(), "exit_head: ", name, " must be contiguous");

@@ -1,4 +1,5 @@
-// Fused exit head, CPU: the GEMMs (pooler, classifier and, for criterion "policy",
+// Fused exit head, CPU: with pooling "mean", first the masked mean of each row's tokens into
+// a float32 [N, H] buffer (token_mean below); then the GEMMs (pooler, classifier and, for criterion "policy",
 // ConsistentEE's policy layer) go through ATen's BLAS (at::addmm: MKL / oneDNN SGEMM) in
 // float32, the classifier's straight into the logits output; then one pass per row does the
 // rest (logit transform, softmax statistics, criterion) in place, rows in parallel.
@@ -115,6 +116,43 @@ SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
   return SoftmaxStats{m, lane_sum(e, c), lane_sum(ed, c), arg, true};
 }
 
+// Pooling "mean": float32 [N, H], row r the mean of hidden[r, t, :] over the tokens t with
+// token_mask[r, t] (every token without a mask), 0 for a row without one. Tokens outside the
+// mask are never read. hidden [N, S, H] has any row and token strides and a contiguous last
+// dim (or H = 1), token_mask any strides. Float accumulation in token order (the order the
+// engine's padding never changes, so a row's mean is the same batched or alone), rows in
+// parallel once a thread's share is worth waking it.
+at::Tensor token_mean(const at::Tensor& hidden, const std::optional<at::Tensor>& token_mask) {
+  const int64_t n = hidden.size(0), s = hidden.size(1), h = hidden.size(2);
+  at::Tensor out = at::zeros({n, h}, hidden.options().dtype(at::kFloat));
+  if (n == 0 || s == 0 || h == 0) return out;
+  const int64_t hs0 = hidden.stride(0), hs1 = hidden.stride(1);
+  const bool* mask = token_mask.has_value() ? token_mask->const_data_ptr<bool>() : nullptr;
+  const int64_t ms0 = mask ? token_mask->stride(0) : 0, ms1 = mask ? token_mask->stride(1) : 0;
+  float* o = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 65536 / (s * h));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "exit_head_token_mean", [&] {
+    const scalar_t* x = hidden.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n, grain, [&](int64_t rb, int64_t re) {
+      for (int64_t row = rb; row < re; ++row) {
+        float* __restrict__ acc = o + row * h;
+        int64_t count = 0;
+        for (int64_t t = 0; t < s; ++t) {
+          if (mask != nullptr && !mask[row * ms0 + t * ms1]) continue;
+          const scalar_t* __restrict__ xt = x + row * hs0 + t * hs1;
+          for (int64_t k = 0; k < h; ++k) acc[k] += static_cast<float>(xt[k]);
+          ++count;
+        }
+        if (count > 1) {
+          const float cnt = static_cast<float>(count);  // a division, as torch's mean
+          for (int64_t k = 0; k < h; ++k) acc[k] /= cnt;
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 // Also bound in csrc/register.cpp as eekernels._C.exit_head_cpu, which the Python wrapper
@@ -126,10 +164,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
     int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
     const std::optional<at::Tensor>& counter, const std::optional<at::Tensor>& policy_weight,
     const std::optional<at::Tensor>& policy_bias, const std::optional<at::Tensor>& policy_out_weight,
-    const std::optional<at::Tensor>& policy_out_bias) {
+    const std::optional<at::Tensor>& policy_out_bias, const std::optional<at::Tensor>& token_mask,
+    int64_t pooling) {
   check_exit_head_args(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
                        criterion, threshold, prev_pred, counter, policy_weight, policy_bias,
-                       policy_out_weight, policy_out_bias);
+                       policy_out_weight, policy_out_bias, token_mask, pooling);
   const int64_t n = hidden.size(0), c = weight.size(0);
   const auto opts = hidden.options();
   at::Tensor logits = at::empty({n, c}, opts.dtype(at::kFloat));
@@ -140,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   if (n == 0) return {logits, score, exit_mask, pred, counter_out};
 
   // GEMMs. hidden's rows may be strided (states[:, 0]): BLAS takes the row stride as lda.
-  at::Tensor x = as_float(hidden);
+  // With pooling "mean" their input is the float32 mean (never rounded to a half type).
+  at::Tensor x = pooling == kPoolMean ? token_mean(hidden, token_mask) : as_float(hidden);
   if (pooler_weight.has_value()) {
     x = at::addmm(as_float(*pooler_bias), x, as_float(*pooler_weight).t());
     x.tanh_();

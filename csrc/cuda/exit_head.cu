@@ -25,8 +25,14 @@
 //      classes followed by the P hidden units of the policy network (rows of policy_weight):
 //      the same loop computes their dot products on the same input, and the epilogue folds
 //      each unit into the running sum wo . GELU(Wq x + bq) instead of the softmax stats.
-// No host synchronisation and no allocation besides the outputs and the pooler's scratch,
-// so the op can be captured in a CUDA graph.
+//   0. mean pooling (pooling "mean" only, hidden [N, S, H]): token_mean_kernel writes each
+//      row's masked mean of its tokens to a float32 scratch [N, H] (one thread per column, a
+//      block per row and chunk of 128 columns, rows grid-strided; the tokens summed in order
+//      in float32, a masked token never read, 0 for a row without a real token). Kernels 1
+//      and 2 then read that float32 scratch (the FP32 FMA pooler: the mean is never rounded
+//      to a half type for the tensor cores).
+// No host synchronisation and no allocation besides the outputs and the pooler's and the
+// mean's scratch, so the op can be captured in a CUDA graph.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -448,11 +454,12 @@ pooler_wmma_kernel(const T* __restrict__ A, int64_t lda, const T* __restrict__ W
 
 constexpr int kSmBM = 64, kSmBN = 64, kSmBK = 16, kSmThreads = 256;
 
-// Same contract as pooler_wmma_kernel; any dtype, alignment, H and architecture.
-template <typename T>
+// Same contract as pooler_wmma_kernel; any dtype, alignment, H and architecture. The input
+// rows (TA) may be float32 while the weights (TW) are a half type (the mean of pooling "mean").
+template <typename TA, typename TW>
 __global__ void __launch_bounds__(kSmThreads)
-pooler_simt_kernel(const T* __restrict__ A, int64_t lda, const T* __restrict__ Wp,
-                   const T* __restrict__ bp, float* __restrict__ out, int64_t N, int H) {
+pooler_simt_kernel(const TA* __restrict__ A, int64_t lda, const TW* __restrict__ Wp,
+                   const TW* __restrict__ bp, float* __restrict__ out, int64_t N, int H) {
   __shared__ float As[kSmBK][kSmBM + 1];  // k-major: As[k][m]
   __shared__ float Bs[kSmBK][kSmBN + 1];  // k-major: Bs[k][o]
   const int tid = threadIdx.x;
@@ -521,6 +528,43 @@ pooler_simt_kernel(const T* __restrict__ A, int64_t lda, const T* __restrict__ W
   }
 }
 
+// ----------------------------------------------------------------------------- mean pooling
+
+constexpr int kMeanThreads = 128;  // columns per block
+
+// out[r][k] = mean of x[r, t, k] over the tokens t with mask[r, t] (every token without a
+// mask), float32 [N, H]; 0 for a row without one. A masked token is never read. x has row
+// stride ldn and token stride lds (elements, the last dim contiguous), mask any strides.
+// Threads are consecutive columns (coalesced); the mask byte is the same for the block.
+template <typename T>
+__global__ void __launch_bounds__(kMeanThreads)
+token_mean_kernel(const T* __restrict__ x, int64_t ldn, int64_t lds, const bool* __restrict__ mask, int64_t mn,
+                  int64_t ms, float* __restrict__ out, int64_t n, int64_t s, int h) {
+  const int col = blockIdx.y * kMeanThreads + threadIdx.x;
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const T* xr = x + row * ldn;
+    float acc = 0.f;
+    int64_t cnt = 0;
+    for (int64_t t = 0; t < s; ++t) {
+      if (mask != nullptr && !mask[row * mn + t * ms]) continue;  // block-uniform branch
+      ++cnt;
+      if (col < h) acc += to_float(xr[t * lds + col]);
+    }
+    if (col < h) out[row * static_cast<int64_t>(h) + col] = cnt > 0 ? acc / static_cast<float>(cnt) : 0.f;
+  }
+}
+
+template <typename T>
+void launch_token_mean(const T* x, int64_t ldn, int64_t lds, const bool* mask, int64_t mn, int64_t ms, float* out,
+                       int64_t n, int64_t s, int h, cudaStream_t stream) {
+  if (n == 0 || h == 0) return;
+  const unsigned int rows = static_cast<unsigned int>(n < (int64_t(1) << 20) ? n : (int64_t(1) << 20));
+  const unsigned int col_blocks = static_cast<unsigned int>((h + kMeanThreads - 1) / kMeanThreads);
+  TORCH_CHECK(col_blocks <= 65535u, "exit_head (CUDA): H too large for the mean-pooling kernel, got H=", h);
+  token_mean_kernel<T><<<dim3(rows, col_blocks), kMeanThreads, 0, stream>>>(x, ldn, lds, mask, mn, ms, out, n, s, h);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ----------------------------------------------------------------------------- host
 
 // Whether pooler_wmma_kernel<T> can run on the current device: its code must have been
@@ -551,11 +595,12 @@ bool wmma_pooler_ready(const cudaDeviceProp* prop) {
   return ok;
 }
 
-template <typename T>
-void launch_pooler(const T* x, int64_t ldx, const T* wp, const T* bp, float* out, int64_t n, int h,
+template <typename TA, typename T>
+void launch_pooler(const TA* x, int64_t ldx, const T* wp, const T* bp, float* out, int64_t n, int h,
                    cudaStream_t stream) {
   if (h == 0) return;  // nothing to pool (an empty [N, 0] feature)
-  if constexpr (!std::is_same<T, float>::value) {
+  // Tensor cores for half inputs and weights; float32 rows (the mean) take the FP32 FMA tiles.
+  if constexpr (std::is_same<TA, T>::value && !std::is_same<T, float>::value) {
     const bool use_tc = h % 8 == 0 && aligned16(x) && aligned16(wp) &&
                         (n <= 1 || (ldx * static_cast<int64_t>(sizeof(T))) % 16 == 0) &&
                         wmma_pooler_ready<T>(at::cuda::getCurrentDeviceProperties());
@@ -571,7 +616,7 @@ void launch_pooler(const T* x, int64_t ldx, const T* wp, const T* bp, float* out
   const int64_t row_tiles = (n + kSmBM - 1) / kSmBM;
   TORCH_CHECK(row_tiles <= INT32_MAX, "exit_head: too many rows for the pooler kernel");
   const dim3 grid(static_cast<unsigned int>(row_tiles), static_cast<unsigned int>((h + kSmBN - 1) / kSmBN));
-  pooler_simt_kernel<T><<<grid, kSmThreads, 0, stream>>>(x, ldx, wp, bp, out, n, h);
+  pooler_simt_kernel<TA, T><<<grid, kSmThreads, 0, stream>>>(x, ldx, wp, bp, out, n, h);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -582,8 +627,9 @@ void run_exit_head(const at::Tensor& hidden, const at::Tensor& weight, const at:
                    const std::optional<at::Tensor>& policy_weight,
                    const std::optional<at::Tensor>& policy_bias,
                    const std::optional<at::Tensor>& policy_out_weight,
-                   const std::optional<at::Tensor>& policy_out_bias, int64_t ldx, const RowArgs& a,
-                   cudaStream_t stream) {
+                   const std::optional<at::Tensor>& policy_out_bias,
+                   const std::optional<at::Tensor>& token_mask, int64_t pooling, int64_t ldx,
+                   const RowArgs& a, cudaStream_t stream) {
   using T = typename DevType<scalar_t>::type;
   static_assert(sizeof(T) == sizeof(scalar_t), "storage types must match");
   const T* x = reinterpret_cast<const T*>(hidden.const_data_ptr<scalar_t>());
@@ -593,11 +639,28 @@ void run_exit_head(const at::Tensor& hidden, const at::Tensor& weight, const at:
     return t.has_value() ? reinterpret_cast<const T*>(t->const_data_ptr<scalar_t>()) : nullptr;
   };
   const PolicyArgs<T> q{ptr(policy_weight), ptr(policy_bias), ptr(policy_out_weight), ptr(policy_out_bias)};
-  if (pooler_weight.has_value()) {
+  if (pooling == kPoolMean) {
+    // The float32 mean [N, H] is the head's input (one scratch buffer, never rounded).
+    at::Tensor mean = at::empty({a.n, static_cast<int64_t>(a.h)}, hidden.options().dtype(at::kFloat));
+    float* pm = mean.data_ptr<float>();
+    const bool* mask = token_mask.has_value() ? token_mask->const_data_ptr<bool>() : nullptr;
+    launch_token_mean<T>(x, hidden.stride(0), hidden.stride(1), mask, mask ? token_mask->stride(0) : 0,
+                         mask ? token_mask->stride(1) : 0, pm, a.n, hidden.size(1), a.h, stream);
+    if (pooler_weight.has_value()) {
+      at::Tensor pooled = at::empty({a.n, static_cast<int64_t>(a.h)}, hidden.options().dtype(at::kFloat));
+      float* pp = pooled.data_ptr<float>();
+      launch_pooler<float, T>(pm, a.h, reinterpret_cast<const T*>(pooler_weight->const_data_ptr<scalar_t>()),
+                              reinterpret_cast<const T*>(pooler_bias->const_data_ptr<scalar_t>()), pp, a.n, a.h,
+                              stream);
+      launch_rows<float, T>(pp, a.h, w, b, q, a, stream);
+    } else {
+      launch_rows<float, T>(pm, a.h, w, b, q, a, stream);
+    }
+  } else if (pooler_weight.has_value()) {
     // Pooled features stay float32 (one scratch buffer); the classifier reads them as input.
     at::Tensor pooled = at::empty({a.n, static_cast<int64_t>(a.h)}, hidden.options().dtype(at::kFloat));
     float* pp = pooled.data_ptr<float>();
-    launch_pooler<T>(x, ldx, reinterpret_cast<const T*>(pooler_weight->const_data_ptr<scalar_t>()),
+    launch_pooler<T, T>(x, ldx, reinterpret_cast<const T*>(pooler_weight->const_data_ptr<scalar_t>()),
                      reinterpret_cast<const T*>(pooler_bias->const_data_ptr<scalar_t>()), pp, a.n, a.h,
                      stream);
     launch_rows<float, T>(pp, a.h, w, b, q, a, stream);
@@ -613,12 +676,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
     int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
     const std::optional<at::Tensor>& counter, const std::optional<at::Tensor>& policy_weight,
     const std::optional<at::Tensor>& policy_bias, const std::optional<at::Tensor>& policy_out_weight,
-    const std::optional<at::Tensor>& policy_out_bias) {
+    const std::optional<at::Tensor>& policy_out_bias, const std::optional<at::Tensor>& token_mask,
+    int64_t pooling) {
   TORCH_CHECK(hidden.is_cuda(), "exit_head (CUDA): hidden must be a CUDA tensor, got ", hidden.device());
   check_exit_head_args(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
                        criterion, threshold, prev_pred, counter, policy_weight, policy_bias,
-                       policy_out_weight, policy_out_bias);
-  const int64_t n = hidden.size(0), h = hidden.size(1), c = weight.size(0);
+                       policy_out_weight, policy_out_bias, token_mask, pooling);
+  const int64_t n = hidden.size(0), h = hidden.size(-1), c = weight.size(0);
   const int64_t np = criterion == kPolicy ? policy_weight->size(0) : 0;
   TORCH_CHECK(h <= INT32_MAX / 8 && c + np <= INT32_MAX / 8,
               "exit_head (CUDA): H and C + P must fit in int32, got H=", h, ", C=", c, ", P=", np);
@@ -657,15 +721,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   switch (hidden.scalar_type()) {
     case at::kFloat:
       run_exit_head<float>(hidden, weight, bias, pooler_weight, pooler_bias, policy_weight, policy_bias,
-                                policy_out_weight, policy_out_bias, ldx, a, stream);
+                                policy_out_weight, policy_out_bias, token_mask, pooling, ldx, a, stream);
       break;
     case at::kHalf:
       run_exit_head<at::Half>(hidden, weight, bias, pooler_weight, pooler_bias, policy_weight, policy_bias,
-                                policy_out_weight, policy_out_bias, ldx, a, stream);
+                                policy_out_weight, policy_out_bias, token_mask, pooling, ldx, a, stream);
       break;
     case at::kBFloat16:
       run_exit_head<at::BFloat16>(hidden, weight, bias, pooler_weight, pooler_bias, policy_weight, policy_bias,
-                                policy_out_weight, policy_out_bias, ldx, a, stream);
+                                policy_out_weight, policy_out_bias, token_mask, pooling, ldx, a, stream);
       break;
     default:
       TORCH_CHECK(false, "exit_head (CUDA): unsupported dtype ", hidden.scalar_type());

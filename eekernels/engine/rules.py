@@ -53,7 +53,8 @@ class ExitRule:
 def head_exit(model, layer: int, rows: Rows, *, criterion: str, threshold: float, backend: Optional[str],
               **kwargs):
     """The fused exit head of ``model``'s exit after ``layer`` on the active rows, on what
-    ``model.exit_input`` gives (a row's [CLS] state or the mean of its real tokens).
+    ``model.exit_input`` gives (a row's [CLS] state, or the layer's states with
+    ``pooling="mean"`` and the rows' ``token_mask``: the op takes the mean of the real tokens).
     ``kwargs`` go to :func:`eekernels.ops.exit_head` (memory, patience state, policy network...)."""
     head = model.head(layer)
     x, pooling = model.exit_input(layer, rows.hidden, rows.valid)

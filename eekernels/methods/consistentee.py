@@ -226,7 +226,7 @@ class ConsistentEEModel(EarlyExitModel):
             for i in range(self.num_layers):
                 hidden = ad.layer(i)(hidden, mask)
                 if i + 1 in self.exit_layers:
-                    x = self._pooled(i + 1, self.exit_input(i + 1, hidden, valid)[0])
+                    x = self._pooled(i + 1, self.exit_summary(i + 1, hidden, valid))
                     pooled.append(x)
                     exit_logits.append(self._head_logits(i + 1, x).float())
             stacked = torch.stack(exit_logits)
@@ -275,7 +275,7 @@ class ConsistentEEModel(EarlyExitModel):
             layer = i + 1
             if layer not in self.exit_layers:
                 continue
-            x = self._pooled(layer, self.exit_input(layer, hidden, valid)[0])
+            x = self._pooled(layer, self.exit_summary(layer, hidden, valid))
             z = self._head_logits(layer, x).float()
             if layer == self.num_layers:
                 leave = active

@@ -197,10 +197,15 @@ class MPEEModel(EarlyExitModel):
         h = self.heads[str(layer)]
         return HeadLinears(None, h.classifier, h.dropout)
 
-    def exit_input(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]):
+    def exit_summary(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
         if not self.is_mpee_exit(layer):
-            return hidden[:, 0], {}
-        return self.summary(hidden, valid), {}
+            return hidden[:, 0]
+        return self.summary(hidden, valid)
+
+    def exit_input(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]):
+        if self.is_mpee_exit(layer) and self.exit_pooling == "mean":
+            return hidden, {"pooling": "mean", "token_mask": valid}  # the op takes the mean
+        return self.exit_summary(layer, hidden, valid), {}
 
     def full_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                     token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

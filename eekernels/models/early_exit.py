@@ -108,12 +108,22 @@ class EarlyExitModel(SingleModelBase):
         """What an internal exit reads of a layer's states [N, S, H]: [N, H] (``exit_pooling``)."""
         return layer_summary(hidden, valid, self.exit_pooling)
 
+    def exit_summary(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """What the exit after ``layer`` reads of the states [N, S, H], as [N, H]
+        (differentiable, the training path): the summary for an internal exit, [CLS] for the
+        HF head at the last layer."""
+        if layer == self.num_layers:
+            return hidden[:, 0]
+        return self.summary(hidden, valid)
+
     def exit_input(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]):
         """(input, pooling keywords) of :func:`eekernels.ops.exit_head` for the exit after
-        ``layer``: the summary for an internal exit, [CLS] for the HF head at the last layer."""
-        if layer == self.num_layers:
-            return hidden[:, 0], {}
-        return self.summary(hidden, valid), {}
+        ``layer``: for a mean-pooled internal exit the states themselves with
+        ``pooling="mean"`` and their ``token_mask``, so that the op takes the mean (float32,
+        fused with the head); else :meth:`exit_summary` (a [CLS] state)."""
+        if layer != self.num_layers and self.exit_pooling == "mean":
+            return hidden, {"pooling": "mean", "token_mask": valid}
+        return self.exit_summary(layer, hidden, valid), {}
 
     def head_parameters(self) -> List[nn.Parameter]:
         """The parameters the method adds or initialises afresh (every exit head, the final

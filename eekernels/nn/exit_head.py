@@ -9,24 +9,28 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.exit_head import POOLINGS as _OP_POOLINGS
+from ..ops.exit_head import masked_mean
+
 #: what an exit reads of its layer: the [CLS] state, or the mean of the real tokens
 #: (sentence-transformer backbones such as all-MiniLM-L6-v2 were trained with mean pooling,
 #: so their early [CLS] states carry little)
-POOLINGS = ("cls", "mean")
+POOLINGS = tuple(_OP_POOLINGS)  # ("cls", "mean"), the exit_head op's poolings
 
 
 def layer_summary(hidden: torch.Tensor, valid: Optional[torch.Tensor], pooling: str = "cls") -> torch.Tensor:
     """[N, H] of a layer's states [N, S, H]: the [CLS] state, or the masked mean of the real
     tokens (``valid`` bool [N, S]; None: every token), accumulated in float32, returned in
-    the states' dtype; a row without a real token pools to zeros. Differentiable."""
+    the states' dtype; a row without a real token pools to zeros. Differentiable: the
+    training path. Inference passes the states to the fused exit head instead
+    (``eekernels.ops.exit_head(..., pooling="mean", token_mask=valid)``), whose reference
+    takes the same mean (:func:`eekernels.ops.exit_head.masked_mean`) but keeps it in
+    float32 for half types."""
     if pooling == "cls":
         return hidden[:, 0]
     if pooling != "mean":
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if valid is None:
-        return hidden.float().mean(dim=1).to(hidden.dtype)
-    w = valid.to(torch.float32)[..., None]
-    return ((hidden.float() * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)).to(hidden.dtype)
+    return masked_mean(hidden, valid).to(hidden.dtype)
 
 
 class ExitHead(nn.Module):

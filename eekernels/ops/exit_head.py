@@ -1,7 +1,10 @@
 """The fused exit head: one call per layer decides which rows leave the model.
 
-For N active rows it maps each row's [CLS] (or pooled) state ``hidden[n]`` to
+For N active rows it maps each row's state h to
 
+    h      = hidden[n]                pooling "cls": the row's [CLS] (or any [N, H]) state
+           = mean of hidden[n, s] over the tokens s with token_mask[n, s]
+                                      pooling "mean": hidden [N, S, H], float32, 0 without a token
     x      = tanh(Wp h + bp)          if a pooler is given, else h
     z      = W x + b                  classifier logits
     z      = tanh(z)                  if ``tanh_logits``          (mpee.txt eq. 9)
@@ -16,8 +19,11 @@ For N active rows it maps each row's [CLS] (or pooled) state ``hidden[n]`` to
 and returns float32 logits, the score, the exit mask, the argmax prediction and (for
 patience) the updated counter. "policy" is ConsistentEE's policy network, a two-layer MLP
 on the classifier's input ``x`` (P hidden units, exact erf GELU; an instance exits when
-p(exit) > 0.5). ``exit_head_reference`` is the specification; the C++ CPU, Triton and CUDA
-kernels compute the same thing in one fused pass per row.
+p(exit) > 0.5). With pooling "mean" the mean is taken in float32 (never rounded to a half
+type) over the tokens the mask marks; tokens outside it are never read into the sum, and a
+row without a real token pools to zeros (:func:`masked_mean`, which the models' training
+path shares). ``exit_head_reference`` is the specification; the C++ CPU, Triton and CUDA
+kernels compute the same thing (the mean in a first pass, then the head fused per row).
 
 Ties. Every backend rounds the threshold to float32 and compares it with the float32 score
 (patience: the integer counter with the threshold). A score exactly equal to the threshold
@@ -42,18 +48,36 @@ import torch
 from .. import _extension, backends
 from ._checks import FLOAT_DTYPES, check_tensor, needs_autograd, real_number
 from ._registry import register_op
-from .contracts.exit_head import CRITERIA, DEFAULT_THRESHOLD, ExitHeadArgs, ExitHeadOutput, exit_head_fake
+from .contracts.exit_head import CRITERIA, DEFAULT_THRESHOLD, POOLINGS, ExitHeadArgs, ExitHeadOutput, exit_head_fake
 
 __all__ = [
     "CRITERIA",
     "DEFAULT_THRESHOLD",
+    "POOLINGS",
     "ExitHeadArgs",
     "ExitHeadOutput",
     "exit_head",
     "exit_head_reference",
+    "masked_mean",
 ]
 
 # --------------------------------------------------------------------------- reference
+
+
+def masked_mean(hidden: torch.Tensor, valid: Optional[torch.Tensor],
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[N, H]: the mean of each row's tokens of ``hidden`` [N, S, H] where ``valid`` (bool
+    [N, S]; None: every token) is True, accumulated and returned in ``dtype``. A row without
+    a real token (or S = 0) gives zeros; a token outside the mask is never summed (a NaN in
+    the padding does not reach the mean). Differentiable.
+
+    The one definition of mean pooling: the exit head's reference (pooling "mean") and the
+    models' training path (:func:`eekernels.nn.layer_summary`) both use it."""
+    x = hidden.to(dtype)
+    if valid is None:
+        return x.sum(dim=1) / max(hidden.shape[1], 1)
+    total = torch.where(valid[..., None], x, 0.0).sum(dim=1)
+    return total / valid.sum(dim=1, keepdim=True).to(dtype).clamp_min(1.0)
 
 
 def exit_head_reference(
@@ -74,6 +98,8 @@ def exit_head_reference(
     policy_bias: Optional[torch.Tensor] = None,
     policy_out_weight: Optional[torch.Tensor] = None,
     policy_out_bias: Optional[torch.Tensor] = None,
+    pooling: str = "cls",
+    token_mask: Optional[torch.Tensor] = None,
 ) -> ExitHeadOutput:
     """Plain-PyTorch exit head: the specification every backend is tested against.
 
@@ -84,7 +110,7 @@ def exit_head_reference(
     """
     return _reference(ExitHeadArgs(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda,
                                    tanh_logits, criterion, threshold, prev_pred, counter, policy_weight,
-                                   policy_bias, policy_out_weight, policy_out_bias))
+                                   policy_bias, policy_out_weight, policy_out_bias, token_mask, pooling))
 
 
 def _reference(a: ExitHeadArgs) -> ExitHeadOutput:
@@ -92,7 +118,7 @@ def _reference(a: ExitHeadArgs) -> ExitHeadOutput:
     threshold = DEFAULT_THRESHOLD[criterion] if a.threshold is None else a.threshold
     acc = torch.float64 if a.hidden.dtype == torch.float64 else torch.float32
     linear = torch.nn.functional.linear
-    x = a.hidden.to(acc)
+    x = a.hidden.to(acc) if a.pooling == "cls" else masked_mean(a.hidden, a.token_mask, acc)
     if a.pooler_weight is not None:
         x = torch.tanh(linear(x, a.pooler_weight.to(acc), a.pooler_bias.to(acc)))
     z = linear(x, a.weight.to(acc), a.bias.to(acc))
@@ -178,14 +204,41 @@ def _validate_policy(a: ExitHeadArgs) -> None:
         raise ValueError(f"exit_head: policy_out_bias must be [1], got {tuple(a.policy_out_bias.shape)}")
 
 
+def _validate_pooling(a: ExitHeadArgs) -> None:
+    """``pooling``, ``hidden``'s shape and dtype for it, and ``token_mask`` (bool [N, S],
+    with pooling "mean" only)."""
+    if not isinstance(a.pooling, str):
+        raise TypeError(f"exit_head: pooling must be a string, one of {sorted(POOLINGS)}, "
+                        f"got {type(a.pooling).__name__}")
+    if a.pooling not in POOLINGS:
+        raise ValueError(f"exit_head: unknown pooling {a.pooling!r}; choose one of {sorted(POOLINGS)}")
+    if a.pooling == "cls":
+        if isinstance(a.hidden, torch.Tensor) and a.hidden.dim() == 3:
+            raise ValueError(f"exit_head: hidden must have 2 dims ([N, H]) with pooling='cls', got shape "
+                             f"{tuple(a.hidden.shape)}; pass pooling='mean' to pool [N, S, H] token states")
+        _check("hidden", a.hidden, 2, FLOAT_DTYPES, None)
+        if a.token_mask is not None:
+            raise ValueError("exit_head: token_mask goes only with pooling='mean' (it marks the tokens to average)")
+        return
+    if isinstance(a.hidden, torch.Tensor) and a.hidden.dim() != 3:
+        raise ValueError(f"exit_head: pooling='mean' averages token states, so hidden must have 3 dims "
+                         f"[N, S, H], got shape {tuple(a.hidden.shape)}")
+    _check("hidden", a.hidden, 3, FLOAT_DTYPES, None)
+    if a.token_mask is not None:
+        _check("token_mask", a.token_mask, 2, (torch.bool,), a.hidden.device)
+        if tuple(a.token_mask.shape) != tuple(a.hidden.shape[:2]):
+            raise ValueError(f"exit_head: token_mask must be [N, S] = {list(a.hidden.shape[:2])} (hidden's rows "
+                             f"and tokens), got {list(a.token_mask.shape)}")
+
+
 def validate_exit_head_args(a: ExitHeadArgs) -> None:
     """Raise a clear TypeError/ValueError for any bad argument; return nothing.
 
     Runs on the host before any kernel and never reads tensor values (no device sync).
     """
-    _check("hidden", a.hidden, 2, FLOAT_DTYPES, None)
+    _validate_pooling(a)
     dev, dt = a.hidden.device, (a.hidden.dtype,)
-    n, h = a.hidden.shape
+    n, h = a.hidden.shape[0], a.hidden.shape[-1]
     _check("weight", a.weight, 2, dt, dev)
     c = a.weight.shape[0]
     if a.weight.shape[1] != h:
@@ -250,13 +303,17 @@ def exit_head(
     policy_bias: Optional[torch.Tensor] = None,
     policy_out_weight: Optional[torch.Tensor] = None,
     policy_out_bias: Optional[torch.Tensor] = None,
+    pooling: str = "cls",
+    token_mask: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> ExitHeadOutput:
     """Fused exit head + exit criterion for N active rows.
 
     Args:
-        hidden: [N, H] float32/float16/bfloat16, each row's [CLS] or pooled state.
-            Rows may be strided (e.g. ``states[:, 0]``); the last dim is made contiguous.
+        hidden: float32/float16/bfloat16, [N, H] each row's [CLS] or pooled state
+            (pooling "cls"), or [N, S, H] each row's token states (pooling "mean").
+            Rows and tokens may be strided (e.g. ``states[:, 0]``, or a trimmed
+            ``states[:, :s]``); the last dim is made contiguous.
         weight, bias: classifier, [C, H] and [C], same dtype and device as ``hidden``.
         pooler_weight, pooler_bias: optional pooler [H, H] and [H] (dense + tanh, as HF's
             BertPooler) applied before the classifier.
@@ -282,6 +339,14 @@ def exit_head(
             input x (after the pooler): score = sigmoid(policy_out_weight .
             GELU(policy_weight x + policy_bias) + policy_out_bias), exact (erf) GELU,
             float32. A ``torch.nn.Linear(P, 1)`` output layer passes ``weight[0]``.
+        pooling: what the head reads of each row: "cls" (default), ``hidden`` [N, H] as
+            given; "mean", the masked mean of the row's tokens of ``hidden`` [N, S, H],
+            accumulated and kept in float32 (also for half inputs), zeros for a row without
+            a real token (:func:`masked_mean`). The pooler, classifier and policy network
+            then read the mean.
+        token_mask: bool [N, S], True for the real tokens to average (pooling "mean"
+            only; any strides); ``None``: every token. Tokens outside the mask are not
+            summed, so padding (whatever it holds) never changes a row's mean.
         backend: "torch", "cpu", "triton" or "cuda"; default: :func:`eekernels.get_backend`
             or the fastest available for ``hidden``'s device.
 
@@ -294,14 +359,14 @@ def exit_head(
     """
     a = ExitHeadArgs(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda, tanh_logits,
                      criterion, threshold, prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
-                     policy_out_bias)
+                     policy_out_bias, token_mask, pooling)
     validate_exit_head_args(a)
     # One tuple per call, built after validation: at a few rows the host-side work of this
     # wrapper is a good part of the call (benchmarks/NOTES.md, "CPU exit head through BLAS").
     a = ExitHeadArgs(hidden, weight, bias, pooler_weight, pooler_bias, memory, float(memory_lambda),
                      bool(tanh_logits), criterion,
                      float(DEFAULT_THRESHOLD[criterion] if threshold is None else threshold), prev_pred, counter,
-                     policy_weight, policy_bias, policy_out_weight, policy_out_bias)
+                     policy_weight, policy_bias, policy_out_weight, policy_out_bias, token_mask, pooling)
     if needs_autograd(*a):
         return _reference(a)
     name = backends.resolve(backend, hidden.device)

@@ -11,6 +11,12 @@ One launch; each program computes, for its ``BLOCK_N`` rows and in one pass:
     entropy = max(log(s) - t/s, 0), max_prob = 1/s, patience counter, exit mask, pred
     policy  = sigmoid(wo . GELU(Wq x + bq) + bo)   criterion "policy" (P units, erf GELU)
 
+Pooling "mean" (``hidden`` [N, S, H]): a first launch, ``_token_mean_kernel``, writes each
+row's masked mean of its tokens to a float32 [N, H] buffer (grid: row blocks x H blocks,
+a loop over the S tokens, float32 sums; masked tokens are never loaded), and the head below
+reads that buffer (``X_F32``: float32 rows against weights of the input dtype, through the
+hi/lo split of ``_dot_f32_lhs``, so the mean is never rounded to a half type).
+
 Structure (every path shares the per-tile logit epilogue ``_logit_tile`` and the exit
 decision at the end of ``_exit_head_kernel``):
 
@@ -166,7 +172,10 @@ def _dot_f32_lhs(x, wt, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(x, wt.to(tl.float32), input_precision="ieee")
     else:
         hi = x.to(wt.dtype)
-        r = x - hi.to(tl.float32)
+        hf = hi.to(tl.float32)
+        # an infinite x (an inf token in pooling "mean"'s input) is all hi: inf - inf would
+        # make the remainder, and so the row, NaN where the spec has +-inf
+        r = tl.where(hf == x, 0.0, x - hf)
         lo = r.to(wt.dtype)
         acc = _dot_in(hi, wt, IS_F32, UPCAST) + _dot_in(lo, wt, IS_F32, UPCAST)
         if wt.dtype == tl.bfloat16:
@@ -176,8 +185,48 @@ def _dot_f32_lhs(x, wt, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dot_x(a, wt, X_F32: tl.constexpr, IS_F32: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile of the head's input rows times wt (input dtype): the rows are in the input
+    dtype, or float32 (``X_F32``: the mean of pooling "mean")."""
+    if X_F32:
+        return _dot_f32_lhs(a, wt, IS_F32, UPCAST)
+    else:
+        return _dot_in(a, wt, IS_F32, UPCAST)
+
+
+# S and N change every call (trimmed padding, exits): do not specialise on them.
+@triton.jit(do_not_specialize=["N", "S"])
+def _token_mean_kernel(h_ptr, stride_hn, stride_hs, m_ptr, stride_mn, stride_ms, out_ptr, N, S, H,
+                       HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[r, :] = mean of h[r, t, :] over the tokens t with m[r, t] (every token without a
+    mask), float32, 0 for a row without one; a masked token is never loaded. Program: BLOCK_R
+    rows x BLOCK_H columns, a loop over the tokens in order (as the C++ kernel)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = rows < N
+    col_ok = cols < H
+    rows64 = rows.to(tl.int64)
+    hp = h_ptr + rows64[:, None] * stride_hn + cols[None, :]  # token 0; pointers step in 64 bits
+    mp = m_ptr + rows64 * stride_mn
+    acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for _ in range(0, S):
+        if HAS_MASK:
+            take = row_ok & (tl.load(mp, mask=row_ok, other=0).to(tl.int32) != 0)
+        else:
+            take = row_ok
+        x = tl.load(hp, mask=take[:, None] & col_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)
+        cnt += tl.where(take, 1.0, 0.0)
+        hp += stride_hs
+        mp += stride_ms
+    mean = acc / tl.maximum(cnt, 1.0)[:, None]
+    tl.store(out_ptr + rows64[:, None] * H + cols[None, :], mean, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _pooler_tile(h_ptr, stride_hn, wp_ptr, bp_ptr, rows64, row_ok, j0, H,
-                 IS_F32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                 X_F32: tl.constexpr, IS_F32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pooled columns j0..j0+BLOCK_J of BLOCK_N rows: tanh(h Wp[j]^T + bp[j]), float32.
     Columns >= H are forced to 0 (an inf in h times a zero-padded Wp column is NaN)."""
@@ -192,7 +241,7 @@ def _pooler_tile(h_ptr, stride_hn, wp_ptr, bp_ptr, rows64, row_ok, j0, H,
         # Wp^T tile [BLOCK_K, BLOCK_J]: element (k, j) = Wp[j, k]
         wt = tl.load(wp_ptr + cols_j[None, :].to(tl.int64) * H + ks[:, None],
                      mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-        acc += _dot_in(a, wt, IS_F32, UPCAST)
+        acc += _dot_x(a, wt, X_F32, IS_F32, UPCAST)
     bp = tl.load(bp_ptr + cols_j, mask=j_ok, other=0.0).to(tl.float32)
     return tl.where(j_ok[None, :], _tanh(acc + bp[None, :]), 0.0)
 
@@ -246,7 +295,7 @@ def _exit_head_kernel(
     POLICY: tl.constexpr,  # 0 none, 1 fused (single P tile, same loads as the classes), 2 tiled
     TANH_LOGITS: tl.constexpr, HAS_MEMORY: tl.constexpr, CRITERION: tl.constexpr,
     HAS_PREV: tl.constexpr, HAS_COUNTER: tl.constexpr, IS_F32: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, X_F32: tl.constexpr,  # h_ptr holds float32 rows (the mean), weights maybe half
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -270,7 +319,7 @@ def _exit_head_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         for j0 in range(0, H, BLOCK_J):
             p = _pooler_tile(h_ptr, stride_hn, wp_ptr, bp_ptr, rows64, row_ok, j0, H,
-                             IS_F32, UPCAST, BLOCK_N, BLOCK_J, BLOCK_K)
+                             X_F32, IS_F32, UPCAST, BLOCK_N, BLOCK_J, BLOCK_K)
             js = j0 + tl.arange(0, BLOCK_J)
             wt = tl.load(w_ptr + cols[None, :].to(tl.int64) * H + js[:, None],
                          mask=(js < H)[:, None] & c_ok[None, :], other=0.0)
@@ -286,7 +335,7 @@ def _exit_head_kernel(
             # phase 1: pooled rows of this program -> float32 scratch [N, H]
             for j0 in range(0, H, BLOCK_J):
                 p = _pooler_tile(h_ptr, stride_hn, wp_ptr, bp_ptr, rows64, row_ok, j0, H,
-                                 IS_F32, UPCAST, BLOCK_N, BLOCK_J, BLOCK_K)
+                                 X_F32, IS_F32, UPCAST, BLOCK_N, BLOCK_J, BLOCK_K)
                 js = j0 + tl.arange(0, BLOCK_J)
                 tl.store(scratch_ptr + rows64[:, None] * H + js[None, :], p,
                          mask=row_ok[:, None] & (js < H)[None, :])
@@ -312,11 +361,11 @@ def _exit_head_kernel(
                 else:
                     a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
                                 mask=a_mask, other=0.0)
-                    acc += _dot_in(a, wt, IS_F32, UPCAST)
+                    acc += _dot_x(a, wt, X_F32, IS_F32, UPCAST)
                     if POLICY == 1:
                         if c0 == 0:
                             qt = _policy_wt(q_ptr, ks, k_ok, 0, P, H, BLOCK_P)
-                            accp += _dot_in(a, qt, IS_F32, UPCAST)
+                            accp += _dot_x(a, qt, X_F32, IS_F32, UPCAST)
             m, s, t, arg, bad = _logit_tile(acc, rows64, row_ok, c0, b_ptr, mem_ptr,
                                             logits_ptr, C, mem_a, mem_lam, m, s, t, arg, bad,
                                             TANH_LOGITS, HAS_MEMORY, BLOCK_C)
@@ -336,7 +385,7 @@ def _exit_head_kernel(
                     else:
                         a = tl.load(h_ptr + rows64[:, None] * stride_hn + ks[None, :],
                                     mask=a_mask, other=0.0)
-                        accq += _dot_in(a, qt, IS_F32, UPCAST)
+                        accq += _dot_x(a, qt, X_F32, IS_F32, UPCAST)
                 pol += _policy_units(accq, p0, qb_ptr, qo_ptr, P, BLOCK_P)
     if POLICY == 1:
         pol = _policy_units(accp, 0, qb_ptr, qo_ptr, P, BLOCK_P)
@@ -457,11 +506,34 @@ def _threshold32(x: float, patience: bool) -> float:
     return f
 
 
+def _mean_config(n: int, h: int, interpreted: bool):
+    """(BLOCK_R, BLOCK_H) of ``_token_mean_kernel``: on a GPU 4 rows x up to 256 columns a
+    program (coalesced rows, enough programs at a few rows; not tuned on hardware yet); in
+    the interpreter, whose cost is per loop iteration, up to 64 rows x 1024 columns."""
+    if interpreted:
+        return min(max(next_pow2(n), 2), 64), _tile(h, 1024)
+    return 4, _tile(h, 256)
+
+
+def _token_mean(hidden: torch.Tensor, mask) -> torch.Tensor:
+    """float32 [N, H]: the masked mean of ``hidden`` [N, S, H]'s tokens (pooling "mean")."""
+    n, s, h = hidden.shape
+    out = torch.empty((n, h), dtype=torch.float32, device=hidden.device)
+    block_r, block_h = _mean_config(n, h, _INTERPRETED)
+    has_mask = mask is not None
+    _token_mean_kernel[(triton.cdiv(n, block_r), triton.cdiv(h, block_h))](
+        hidden, hidden.stride(0), hidden.stride(1),
+        mask if has_mask else hidden, mask.stride(0) if has_mask else 0, mask.stride(1) if has_mask else 0,
+        out, n, s, h, HAS_MASK=has_mask, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
+    )
+    return out
+
+
 def _launch(*op_args, **op_kwargs):
     """Allocate the outputs and launch; the arguments and outputs of :data:`EXIT_HEAD_SCHEMA`."""
     a = ExitHeadArgs.from_op_args(op_args, op_kwargs)
     hidden, weight = a.hidden, a.weight
-    n, h = hidden.shape
+    n, h = hidden.shape[0], hidden.shape[-1]
     c = weight.shape[0]
     dev = hidden.device
     logits = torch.empty((n, c), dtype=torch.float32, device=dev)
@@ -472,7 +544,7 @@ def _launch(*op_args, **op_kwargs):
     cnt_out = torch.empty((n if patience else 0,), dtype=torch.int32, device=dev)
     if n == 0:
         return logits, score, exit_, pred, cnt_out
-    is_f32 = hidden.dtype == torch.float32
+    is_f32 = weight.dtype == torch.float32
     has_pooler = a.pooler_weight is not None
     has_policy = a.criterion == "policy"
     p = a.policy_weight.shape[0] if has_policy else 0
@@ -482,6 +554,8 @@ def _launch(*op_args, **op_kwargs):
     lam = float(a.memory_lambda)
     bias = a.bias
     with device_guard(dev):
+        if a.pooling == "mean":  # the head reads the float32 mean instead of hidden
+            hidden = _token_mean(hidden, a.token_mask)
         _exit_head_kernel[(triton.cdiv(n, block_n),)](
             hidden, hidden.stride(0), weight, bias,
             a.pooler_weight if has_pooler else weight, a.pooler_bias if has_pooler else bias,
@@ -496,7 +570,8 @@ def _launch(*op_args, **op_kwargs):
             POOL=pool, POLICY=policy, TANH_LOGITS=bool(a.tanh_logits), HAS_MEMORY=a.memory is not None,
             CRITERION=CRITERIA[a.criterion], HAS_PREV=patience and a.prev_pred is not None,
             HAS_COUNTER=patience and a.counter is not None, IS_F32=is_f32,
-            UPCAST=_BF16_INTERPRETER_MODE if hidden.dtype == torch.bfloat16 else 0,
+            UPCAST=_BF16_INTERPRETER_MODE if weight.dtype == torch.bfloat16 else 0,
+            X_F32=hidden.dtype != weight.dtype,
             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_J=block_j,
             BLOCK_P=block_p, num_warps=num_warps,
         )

@@ -96,3 +96,25 @@ def test_mean_pooling_exits_disabled_equal_hf_and_survive_save_load(tmp_path):
     assert torch.equal(a.exit_layer, b.exit_layer) and torch.allclose(a.logits, b.logits)
     with pytest.raises(ValueError, match="exit_pooling"):
         convert(tiny_classifier("bert"), exit_pooling="max")
+
+
+@pytest.mark.parametrize("kind", ["early-exit", "mpee", "consistentee"])
+def test_mean_exits_pooled_in_the_op_decide_as_the_summary_path(kind, monkeypatch):
+    """At inference a mean-pooled exit hands the layer's states to the exit_head op
+    (pooling="mean", the rows' token mask); the path it replaces took layer_summary in torch
+    and gave the op the [N, H] mean. Same exit layers, logits to float32 rounding (bit for
+    bit on "torch", whose reference takes the same float32 mean); on every CPU backend."""
+    model = make(kind).eval()
+    ids, mask, _ = ragged_batch(10, 12, seed=4)
+    crit = {} if kind != "consistentee" else {"criterion": "entropy"}
+    thr = threshold_between(mean_scores(model, ids, mask)[0])
+    for backend in ["torch"] + kernel_backends("cpu"):
+        new = model.early_exit(ids, mask, threshold=thr, backend=backend, **crit)
+        with monkeypatch.context() as m:
+            m.setattr(type(model), "exit_input",
+                      lambda self, layer, hidden, valid: (self.exit_summary(layer, hidden, valid), {}))
+            old = model.early_exit(ids, mask, threshold=thr, backend=backend, **crit)
+        assert torch.equal(new.exit_layer, old.exit_layer), backend
+        if backend == "torch":
+            assert torch.equal(new.logits, old.logits)
+        assert torch.allclose(new.logits, old.logits, rtol=1e-5, atol=1e-6), backend

@@ -318,6 +318,23 @@ def test_entropy_matches_definition():
         (lambda a: a.update(criterion="patience", counter=torch.zeros(4, dtype=torch.long)), TypeError, "counter"),
         (lambda a: a.update(criterion="patience", prev_pred=torch.zeros(3, dtype=torch.long)), ValueError, "prev_pred"),
         (lambda a: a.update(backend="tpu"), ValueError, "unknown backend"),
+        (lambda a: a.update(pooling="max"), ValueError, "unknown pooling"),
+        (lambda a: a.update(pooling=1), TypeError, "pooling must be a string"),
+        (lambda a: a.update(pooling="mean"), ValueError, "pooling='mean' .* 3 dims"),
+        (lambda a: a.update(hidden=torch.randn(4, 5, 8)), ValueError, "2 dims .*pooling='mean'"),
+        (lambda a: a.update(token_mask=torch.ones(4, 5, dtype=torch.bool)), ValueError, "token_mask goes only"),
+        (lambda a: a.update(hidden=torch.randn(4, 5, 8), pooling="mean", token_mask=torch.ones(4, 5)), TypeError,
+         "token_mask must have dtype"),
+        (lambda a: a.update(hidden=torch.randn(4, 5, 8), pooling="mean", token_mask=torch.ones(4, 6, dtype=torch.bool)),
+         ValueError, r"token_mask must be \[N, S\]"),
+        (lambda a: a.update(hidden=torch.randn(4, 5, 8), pooling="mean", token_mask=torch.ones(5, dtype=torch.bool)),
+         ValueError, "token_mask must have 2 dims"),
+        (lambda a: a.update(hidden=torch.randn(4, 5, 8), pooling="mean",
+                            token_mask=torch.ones(4, 5, dtype=torch.bool, device="meta")), ValueError, "token_mask"),
+        (lambda a: a.update(hidden=torch.randn(4, 5, 8).int(), pooling="mean"), TypeError, "hidden must have dtype"),
+        (lambda a: a.update(hidden=torch.randn(4, 5, 7), pooling="mean"), ValueError, "H=7"),
+        (lambda a: a.update(hidden=torch.randn(3, 5, 8), pooling="mean", memory=torch.randn(4, 3)), ValueError,
+         "memory"),
     ],
 )
 def test_bad_input_clear_error(mutate, exc, match):
@@ -336,6 +353,23 @@ def test_compiled_op_checks_direct_calls():
         torch.ops.eekernels.exit_head(h, w, b, None, None, None, 1.0, False, 0, 0.5, None, None)
     with pytest.raises(RuntimeError, match="criterion"):
         torch.ops.eekernels.exit_head(h, torch.randn(3, 8), b, None, None, None, 1.0, False, 7, 0.5, None, None)
+    w8, none4 = torch.randn(3, 8), (None,) * 4
+    with pytest.raises(RuntimeError, match="pooling must be"):
+        torch.ops.eekernels.exit_head(h, w8, b, None, None, None, 1.0, False, 0, 0.5, None, None, *none4, None, 2)
+    with pytest.raises(RuntimeError, match=r"\[N, S, H\] with pooling 1"):
+        torch.ops.eekernels.exit_head(h, w8, b, None, None, None, 1.0, False, 0, 0.5, None, None, *none4, None, 1)
+    with pytest.raises(RuntimeError, match=r"\[N, H\] with pooling 0"):
+        torch.ops.eekernels.exit_head(h[:, None], w8, b, None, None, None, 1.0, False, 0, 0.5, None, None)
+    with pytest.raises(RuntimeError, match="token_mask is given only"):
+        torch.ops.eekernels.exit_head(h, w8, b, None, None, None, 1.0, False, 0, 0.5, None, None, *none4,
+                                      torch.ones(4, 1, dtype=torch.bool), 0)
+    h3 = torch.randn(4, 5, 8)
+    for mask in (torch.ones(4, 6, dtype=torch.bool), torch.ones(4, 5)):
+        with pytest.raises(RuntimeError, match="token_mask must be bool"):
+            torch.ops.eekernels.exit_head(h3, w8, b, None, None, None, 1.0, False, 0, 0.5, None, None, *none4, mask, 1)
+    with pytest.raises(RuntimeError, match="last dim must be contiguous"):
+        torch.ops.eekernels.exit_head(torch.randn(4, 5, 16)[..., ::2], w8, b, None, None, None, 1.0, False, 0, 0.5,
+                                      None, None, *none4, None, 1)
 
 
 # --------------------------------------------------------------------------- autograd, compile
@@ -368,15 +402,24 @@ def test_opcheck(backend):
     for crit, p, c in ((0, None, None), (2, prev, cnt)):
         torch.library.opcheck(op, (h, w, b, pw, pb, mem, 0.9, True, crit, 0.5, p, c),
                               test_utils=("test_schema", "test_faketensor"))
+    # pooling 1 (mean) on trimmed token states [6, 5, 16] and a token mask
+    h3, valid = torch.randn(6, 7, 16)[:, :5], torch.rand(6, 5) < 0.7
+    for crit, p, c, mask in ((0, None, None, valid), (2, prev, cnt, None)):
+        torch.library.opcheck(op, (h3, w, b, pw, pb, mem, 0.9, True, crit, 0.5, p, c, None, None, None, None, mask, 1),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_traces_the_op():
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_torch_compile_traces_the_op(pooling):
     if "cpu" not in eekernels.available_backends():
         pytest.skip("C++ extension unavailable")
     h, w, b = torch.randn(6, 16), torch.randn(3, 16), torch.randn(3)
+    kw = {}
+    if pooling == "mean":
+        h, kw = torch.randn(6, 5, 16), dict(pooling="mean", token_mask=torch.rand(6, 5) < 0.7)
 
     def f(x):
-        o = exit_head(x, w, b, criterion="max_prob", threshold=0.6, backend="cpu")
+        o = exit_head(x, w, b, criterion="max_prob", threshold=0.6, backend="cpu", **kw)
         return o.logits * 2, o.exit
 
     eager = f(h)
@@ -453,3 +496,242 @@ def test_cpu_direct_call_matches_the_op_and_tracing_sees_the_op():
         traced = exit_head(**args, criterion="patience", threshold=1, backend="cpu")
     assert "eekernels.exit_head.default" in seen.ops
     assert torch.equal(traced.logits, via_op.logits)
+
+    # pooling "mean" through the direct binding and through the op: the same bits
+    margs = make_mean_inputs(9, 6, 20, 3, torch.float32, "cpu", mask="random", pooler=True, memory=True, seed=12)
+    via_wrapper = exit_head(**margs, criterion="entropy", threshold=0.5, backend="cpu")
+    a = ExitHeadArgs(margs["hidden"], margs["weight"], margs["bias"], margs["pooler_weight"], margs["pooler_bias"],
+                     margs["memory"], 0.9, False, "entropy", 0.5, token_mask=margs["token_mask"],
+                     pooling="mean").for_kernels()
+    assert a.hidden is margs["hidden"]  # trimmed token states go to the kernel as they are
+    via_op = ExitHeadOutput.from_op(torch.ops.eekernels.exit_head.default(*a.op_args()), "entropy")
+    for x, y in zip(via_wrapper[:4], via_op[:4]):
+        assert torch.equal(x, y)
+
+
+# --------------------------------------------------------------------------- mean pooling
+
+#: Token masks of pooling="mean": none (every token), ragged prefixes (padding, some rows
+#: with no token at all), random tokens, and random tokens with every third row empty.
+MASK_KINDS = ("none", "ragged", "random", "empty-rows")
+
+
+def make_token_mask(n, s, kind, g):
+    if kind == "none":
+        return None
+    if kind == "ragged":
+        lengths = torch.randint(0, s + 1, (n,), generator=g)
+        return torch.arange(s)[None] < lengths[:, None]
+    valid = torch.rand(n, s, generator=g) < 0.6
+    if kind == "empty-rows":
+        valid[::3] = False
+    return valid
+
+
+def make_mean_inputs(n, s, h, c, dtype, device, *, mask, trimmed=True, pooler=False, memory=False,
+                     patience=False, policy_units=0, seed=0):
+    """The arguments of a pooling="mean" call: token states [N, S, H] and a token mask of
+    kind ``mask``. ``trimmed``: the states are the first S tokens of a [N, S + 3, H] buffer
+    (the engine's trimmed padding: row stride (S + 3) H). Masked tokens and the tokens past
+    the view hold NaN, so a kernel that reads one shows up."""
+    args = make_inputs(n, h, c, dtype, device, pooler=pooler, memory=memory, patience=patience, seed=seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    states = torch.randn(n, s + (3 if trimmed else 0), h, generator=g).to(dtype)
+    valid = make_token_mask(n, s, mask, g)
+    if valid is not None:
+        states[:, :s][~valid] = math.nan
+    states[:, s:] = math.nan
+    args.update(hidden=states.to(device)[:, :s], pooling="mean",
+                token_mask=None if valid is None else valid.to(device))
+    if policy_units:
+        from .test_exit_head_policy import policy_params
+
+        args.update(policy_params(h, policy_units, dtype, device, seed))
+    return args
+
+
+def policy_thresholds(ref_scores):
+    """0, 1 and one strictly between two of the reference's policy scores."""
+    try:
+        return (0.0, threshold_between(ref_scores, min_gap=1e-3), 1.0)
+    except AssertionError:
+        return (0.0, 1.0)
+
+
+def run_mean_case(backend, device, n, s, h, c, dtype, crit, opts, seed):
+    from .test_exit_head_policy import check_policy
+    from .test_exit_head_policy import spec as policy_spec
+
+    args = make_mean_inputs(n, s, h, c, dtype, device, mask=opts["mask"], trimmed=opts["trimmed"],
+                            pooler=opts["pooler"], memory=opts["memory"], patience=(crit == "patience"),
+                            policy_units=opts.get("p", 7) if crit == "policy" else 0, seed=seed)
+    tanh = opts["tanh"]
+    if crit == "policy":
+        ref0 = policy_spec(args, threshold=0.5, tanh_logits=tanh)
+        thresholds = policy_thresholds(ref0.score)
+    else:
+        ref0 = spec(args, criterion=crit, threshold=0.0, tanh_logits=tanh)
+        thresholds = thresholds_for(crit, ref0.score)
+    for thr in thresholds:
+        poison_allocator(device)
+        out = exit_head(**args, criterion=crit, threshold=thr, tanh_logits=tanh, backend=backend)
+        if crit == "policy":
+            check_policy(out, policy_spec(args, threshold=thr, tanh_logits=tanh), dtype, thr)
+        else:
+            check_against_spec(out, spec(args, criterion=crit, threshold=thr, tanh_logits=tanh), dtype, crit, thr)
+
+
+# N x S x H crossed (36 shapes: N = 0, 1, odd; S = 1 and odd; H = 1 and not a power of two);
+# dtype, criterion, C, mask and the options rotate over them so each dtype meets each
+# criterion three times.
+MEAN_SHAPES = list(itertools.product((0, 1, 5, 33), (1, 7, 25), (1, 45, 100)))
+ALL_CRITERIA = CRITERIA + ("policy",)
+
+
+def mean_cases(extra=()):
+    cases = []
+    for i, (n, s, h) in enumerate(MEAN_SHAPES):
+        dtype, crit = DTYPES[i % 3], ALL_CRITERIA[(i // 3) % 4]
+        c = (2, 3, 1, 70)[(i // 2) % 4]  # 70 > 64: Triton's scratch pooler path
+        opts = dict(mask=MASK_KINDS[(i // 4) % 4] if i % 4 else MASK_KINDS[i % 3 + 1], pooler=i % 2 == 0,
+                    tanh=i % 4 == 1, memory=i % 5 == 2, trimmed=i % 5 != 0)
+        cases.append(pytest.param(n, s, h, c, dtype, crit, opts,
+                                  id=f"N{n}-S{s}-H{h}-C{c}-{str(dtype)[6:]}-{crit}-{opts['mask']}-{i}"))
+    for n, s, h, c, crit, pooler, mask in extra:
+        for dtype in DTYPES:
+            opts = dict(mask=mask, pooler=pooler, tanh=False, memory=crit == "entropy", trimmed=True, p=33)
+            cases.append(pytest.param(n, s, h, c, dtype, crit, opts,
+                                      id=f"N{n}-S{s}-H{h}-C{c}-{str(dtype)[6:]}-{crit}-{mask}-extra"))
+    return cases
+
+
+# The size of the CPU benchmark (MiniLM, H = 384) and a large policy network.
+MEAN_EXTRA_CPU = [(128, 64, 384, 2, "entropy", True, "ragged"), (9, 25, 384, 3, "policy", True, "empty-rows")]
+MEAN_EXTRA_GPU = [(512, 128, 768, 2, "entropy", True, "ragged"), (1000, 64, 1000, 1000, "max_prob", True, "random"),
+                  (3000, 25, 384, 3, "patience", False, "ragged"), (600, 33, 384, 2, "policy", True, "empty-rows"),
+                  (64, 512, 1024, 2, "entropy", False, "none")]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends("cpu"))
+@pytest.mark.parametrize("n,s,h,c,dtype,crit,opts", mean_cases(MEAN_EXTRA_CPU))
+def test_mean_pooling_cpu(backend, n, s, h, c, dtype, crit, opts):
+    run_mean_case(backend, "cpu", n, s, h, c, dtype, crit, opts, seed=hash((n, s, h, c)) % 10_000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("n,s,h,c,dtype,crit,opts", mean_cases(MEAN_EXTRA_GPU))
+def test_mean_pooling_gpu(backend, n, s, h, c, dtype, crit, opts):
+    if backend not in kernel_backends("cuda"):
+        pytest.skip(f"{backend} backend unavailable: {eekernels.backend_report()[backend]}")
+    run_mean_case(backend, "cuda", n, s, h, c, dtype, crit, opts, seed=hash((n, s, h, c)) % 10_000)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_mean_pooling_equals_the_summary_then_the_head(device):
+    """pooling="mean" gives what the models computed before (layer_summary, then the head on
+    its [N, H]): bit for bit on "torch" (the same function), within float32 rounding and with
+    the same exits (threshold between two scores) on every kernel; float32 inputs, for which
+    layer_summary's result is the op's float32 mean."""
+    from eekernels.nn import layer_summary
+
+    args = make_mean_inputs(23, 11, 40, 3, torch.float32, device, mask="ragged", pooler=True, seed=4)
+    hidden, valid = args.pop("hidden"), args.pop("token_mask")
+    del args["pooling"]
+    summary = layer_summary(hidden, valid, "mean")
+    ref = exit_head(summary, **args, backend="torch")
+    thr = threshold_between(ref.score, min_gap=1e-3)
+    before = exit_head(summary, **args, threshold=thr, backend="torch")
+    now = exit_head(hidden, **args, threshold=thr, pooling="mean", token_mask=valid, backend="torch")
+    for x, y in zip(before[:4], now[:4]):
+        assert torch.equal(x, y)
+    for backend in kernel_backends(device):
+        out = exit_head(hidden, **args, threshold=thr, pooling="mean", token_mask=valid, backend=backend)
+        assert rel_err(out.logits.cpu(), before.logits.cpu()) <= 1e-6, backend
+        assert torch.equal(out.exit.cpu(), before.exit.cpu()) and torch.equal(out.pred.cpu(), before.pred.cpu())
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_mean_pooling_batched_equals_alone(device):
+    """Padding never changes a row's mean: a padded batch with its token mask gives each row
+    what the row gives alone, unpadded and without a mask (exits at a threshold between two
+    scores exactly, logits to float32 rounding)."""
+    args = make_inputs(12, 48, 3, torch.float32, device, pooler=True, memory=False, patience=False, seed=8)
+    weights = {k: args[k] for k in ("weight", "bias", "pooler_weight", "pooler_bias")}
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(1, 10, (12,), generator=g)  # at least one token (as in the engine: [CLS])
+    valid = torch.arange(9)[None] < lengths[:, None]
+    hidden = torch.randn(12, 9, 48, generator=g)
+    hidden[~valid] = math.nan  # padding
+    hidden, valid = hidden.to(device), valid.to(device)
+    for backend in ["torch"] + kernel_backends(device):
+        ref = exit_head(hidden, **weights, pooling="mean", token_mask=valid, backend=backend)
+        thr = threshold_between(ref.score, min_gap=1e-3)
+        out = exit_head(hidden, **weights, pooling="mean", token_mask=valid, threshold=thr, backend=backend)
+        for i in range(12):
+            alone = exit_head(hidden[i:i + 1, :int(lengths[i])], **weights, pooling="mean", threshold=thr,
+                              backend=backend)
+            assert bool(alone.exit[0]) == bool(out.exit[i]), (backend, i)
+            assert torch.allclose(alone.logits[0], out.logits[i], rtol=1e-6, atol=1e-6), (backend, i)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("crit", ALL_CRITERIA)
+def test_mean_pooling_no_token_pools_to_zeros_and_padding_is_never_read(device, crit):
+    """A row without a real token (all-False mask, or S = 0) pools to zeros: its logits are
+    those of a zero state. Masked tokens hold inf and NaN and change nothing; a NaN in a real
+    token makes its row non-finite (never exits, pred -1)."""
+    from .test_exit_head_policy import policy_params
+
+    n, s, h, c = 6, 5, 12, 3
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, s, h, generator=g)
+    valid = torch.rand(n, s, generator=g) < 0.7
+    valid[:, 0] = True
+    valid[2] = False  # no token
+    hidden[~valid] = math.inf
+    hidden[~valid & (torch.arange(s) % 2 == 0)] = math.nan
+    hidden[4, 0, 3] = math.nan  # a real token
+    kw = dict(weight=torch.randn(c, h, generator=g), bias=torch.randn(c, generator=g), criterion=crit,
+              threshold=math.inf if crit in ("entropy",) else 0.0)
+    if crit == "policy":
+        kw.update(policy_params(h, 5, torch.float32, "cpu", 3))
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    hidden, valid = hidden.to(device), valid.to(device)
+    clean = torch.where(valid[..., None], hidden, 0.0).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+    for backend in ["torch"] + kernel_backends(device):
+        out = exit_head(hidden, **kw, pooling="mean", token_mask=valid, backend=backend)
+        expect = exit_head(clean, **kw, backend="torch")
+        bad = torch.arange(n, device=device) == 4
+        assert rel_err(out.logits[~bad].cpu(), expect.logits[~bad].cpu()) <= 1e-6, backend
+        assert not out.exit[4] and int(out.pred[4]) == -1, backend
+        assert torch.equal(out.exit[~bad], expect.exit[~bad]), backend
+        zero = exit_head(torch.zeros(1, h, device=device), **kw, backend="torch")
+        assert torch.allclose(out.logits[2], zero.logits[0], atol=1e-6), backend
+        empty = exit_head(hidden[:, :0], **kw, pooling="mean", backend=backend)  # S = 0: every row zeros
+        assert torch.allclose(empty.logits, exit_head(torch.zeros(n, h, device=device), **kw,
+                                                      backend="torch").logits, atol=1e-6), backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("pooler", [False, True])
+def test_triton_split_of_the_float32_mean_keeps_infinite_tokens(dtype, pooler, monkeypatch):
+    """Found by the long fuzz: an inf token makes a row's float32 mean inf, and Triton's
+    hi + lo split of float32 rows for half weights computed lo from inf - inf = NaN, so the
+    row's logits were NaN where the spec's are +-inf (or +-1 after tanh). bfloat16 runs the
+    split the GPU runs (interpreter mode 2: exact float32 products of the split parts)."""
+    if "triton" not in kernel_backends("cpu"):
+        pytest.skip("Triton unavailable")
+    import eekernels.triton.exit_head as triton_exit_head
+
+    monkeypatch.setattr(triton_exit_head, "_BF16_INTERPRETER_MODE", 2)
+    args = make_mean_inputs(7, 5, 24, 3, dtype, "cpu", mask="random", pooler=pooler, seed=21)
+    states, valid = args["hidden"], args["token_mask"]
+    valid[:, 0] = True
+    states[0, 0, 3], states[1, 0, :] = math.inf, -math.inf
+    states[2, 0, 5], states[2, 0, 6] = math.inf, -math.inf  # inf - inf: NaN in the spec too
+    for tanh in (False, True):
+        out = exit_head(**args, tanh_logits=tanh, threshold=0.5, backend="triton")
+        ref = spec(args, tanh_logits=tanh, threshold=0.5)
+        assert torch.equal(out.logits.isfinite(), ref.logits.isfinite()), tanh
+        check_against_spec(out, ref, dtype, "entropy", 0.5)

@@ -51,7 +51,7 @@ from ..helpers import kernel_backends, poison_allocator  # noqa: E402
 from .test_compaction import MASKS as KEEP_MASKS  # noqa: E402
 from .test_compaction import check_compacted, make_keep, make_scatter, run_scatter  # noqa: E402
 from .test_compaction import rnd as rnd_any_dtype  # noqa: E402
-from .test_exit_head import check_against_spec, make_inputs  # noqa: E402
+from .test_exit_head import check_against_spec, make_inputs, make_token_mask  # noqa: E402
 from .test_exit_head import spec as exit_head_spec  # noqa: E402
 from .test_exit_head_policy import check_policy, policy_params  # noqa: E402
 from .test_exit_head_policy import spec as policy_spec  # noqa: E402
@@ -143,20 +143,57 @@ THRESHOLDS = {(crit, c): _threshold(crit, c) for crit in CRITERIA for c in range
 EH_N, EH_H, EH_P = _sizes((0, 1, 3, 17, 33), 48), _sizes((1, 3, 24, 33, 100), 130), _sizes((1, 7, 33), 40)
 EH_LAMBDA = st.one_of(st.sampled_from((0.0, 1.0)), st.floats(0.0, 1.0))
 EH_POISON = st.lists(st.tuples(BIG, st.sampled_from(POISONS), BIG), max_size=3)
+#: pooling "mean": S tokens (0: every row pools to zeros), the token mask (None: every
+#: token; see tests/ops/test_exit_head.py MASK_KINDS), extra tokens past a trimmed view (the
+#: engine's). Edges listed commonest first: the few derandomized CI examples favour the
+#: first entries.
+EH_S = _sizes((5, 1, 7, 0), 40)
+EH_MASK = st.sampled_from(("ragged", "random", "empty-rows", "none", "all", "alternating"))
+EH_TRIM = st.sampled_from((3, 0, 1))
 
 
 @st.composite
 def exit_head_cases(draw):
     criterion = draw(st.sampled_from(CRITERIA))
     n, h, c, memory = draw(EH_N), draw(EH_H), draw(st.integers(1, 7)), draw(BOOLS)
+    mean = draw(BOOLS)
     return dict(
         criterion=criterion, n=n, h=h, c=c, dtype=draw(FLOAT_DTYPE), pooler=draw(BOOLS), tanh_logits=draw(BOOLS),
         memory=memory, memory_lambda=draw(EH_LAMBDA) if memory else 1.0, threshold=draw(THRESHOLDS[criterion, c]),
         policy_units=draw(EH_P) if criterion == "policy" else 0,
         scale=draw(st.sampled_from((0.01, 1.0, 8.0))),  # 8: saturated softmax, large logits
         hidden_layout=draw(LAYOUT), weight_layout=draw(LAYOUT), poison=draw(EH_POISON) if n else [],
+        pooling="mean" if mean else "cls", s=draw(EH_S) if mean else 0, mask=draw(EH_MASK) if mean else "none",
+        mask_layout=draw(LAYOUT) if mean else "contiguous", trim=draw(EH_TRIM) if mean else 0,
         seed=draw(SEEDS),
     )
+
+
+def _mean_states(case: dict, hidden: torch.Tensor):
+    """pooling "mean": token states [N, S, H] (the poisoned [N, H] rows spread over the
+    tokens) and the token mask, in the case's layouts. Masked tokens and the ``trim`` tokens
+    past the view are NaN: a kernel that reads one shows up (tokens outside the mask are
+    never summed; the spec does the same)."""
+    n, s, h = case["n"], case["s"], case["h"]
+    g = torch.Generator().manual_seed(case["seed"] + 3)
+    scale = torch.rand(n, s, 1, generator=g) * 2  # tokens differ, each a multiple of its row
+    states = (hidden.float()[:, None, :] * scale + torch.randn(n, s, h, generator=g) * 0.1 * case["scale"])
+    states = states.to(hidden.dtype)
+    non_finite = ~torch.isfinite(hidden)  # the poison stays where it was put, in every token
+    states = torch.where(non_finite[:, None, :], hidden[:, None, :], states)
+    kind = case["mask"]
+    if kind == "all":
+        valid = torch.ones(n, s, dtype=torch.bool)
+    elif kind == "alternating":
+        valid = (torch.arange(n)[:, None] + torch.arange(s)[None]) % 2 == 0
+    else:
+        valid = make_token_mask(n, s, kind, g)
+    if valid is not None:
+        states[~valid] = math.nan
+    buf = torch.full((n, s + case["trim"], h), math.nan, dtype=hidden.dtype)
+    buf[:, :s] = states
+    states = relayout(buf, case["hidden_layout"])[:, :s]
+    return states, None if valid is None else relayout(valid, case["mask_layout"])
 
 
 def build_exit_head(case: dict) -> dict:
@@ -178,7 +215,11 @@ def build_exit_head(case: dict) -> dict:
                 args["memory"][row, col % c] = math.nan
         else:
             hidden[row, col] = float(kind)
-    args["hidden"] = relayout(hidden, case["hidden_layout"])
+    if case.get("pooling", "cls") == "mean":
+        args["hidden"], args["token_mask"] = _mean_states(case, hidden)
+        args["pooling"] = "mean"
+    else:
+        args["hidden"] = relayout(hidden, case["hidden_layout"])
     for key in ("weight", "pooler_weight", "policy_weight"):
         if key in args:
             args[key] = relayout(args[key], case["weight_layout"])
