@@ -23,7 +23,8 @@ Paths, all on the same batches:
 - with ``--group-by-length``: every early-exit path again with ``group_by_length=True``
   (rows sorted by length, run in groups that cut padding) and the ORT full models run on
   the same length groups ("... grouped"): the speed-up stays against the fastest full model,
-  grouped or not, and ``speedup_vs_in_order_fp32`` is against the fastest one in dev order.
+  grouped or not, and ``speedup_vs_in_order`` is against the fastest one in dev order
+  (INT8 paths: the ORT INT8 full model in dev order).
 
 Each round runs every path once over all batches, in a fresh random order; the figure is
 the median over ``--rounds`` of ms per sentence. Speed-up is against the fastest fp32
@@ -36,7 +37,8 @@ Also written: the padding table (the share of token slots that are padding under
 padding at each B, for the dev sets in order and sorted by length) and the floor (this
 machine's SGEMM GFLOP/s at the model's GEMM shapes against the model's FLOPs per sentence).
 Outputs under ``--out``: ``cpu_e2e.json``, ``cpu_e2e.csv``, ``padding.csv``, ``floor.csv``,
-``cpu_e2e.png``. The machine this runs on may be shared: trust the ratios, not the absolute ms.
+``cpu_e2e.png`` (every path) and ``cpu_e2e_headline.png`` (the best 2x early exit against
+the full models). The machine this runs on may be shared: trust the ratios, not the absolute ms.
 """
 
 from __future__ import annotations
@@ -315,18 +317,21 @@ def summarize(task: str, batch: int, paths: List[Path], times, ideal: Dict[str, 
     fastest_int8 = min(int8s, key=int8s.get) if int8s else None
     in_order = {k: v for k, v in fp32.items() if not k.endswith(GROUPED)}
     fastest_in_order = min(in_order, key=in_order.get) if in_order else None
+    int8_in_order = {k: v for k, v in int8s.items() if not k.endswith(GROUPED)}
+    fastest_int8_in_order = min(int8_in_order, key=int8_in_order.get) if int8_in_order else None
     rows = []
     for p in paths:
         t = ms[(p.name, p.profile)]
         int8 = (p.executor or p.name.replace(GROUPED, "")) in INT8
         base = fastest_int8 if int8 else fastest
         base_ms = full.get(base) if base else None
+        base_in_order = fastest_int8_in_order if int8 else fastest_in_order
         row = dict(task=task, batch=batch, profile=p.profile, path=p.name, executor=p.executor,
                    ms_per_sentence=t, ms_min=min(times[(p.name, p.profile)]), ms_max=max(times[(p.name, p.profile)]),
                    sentences_per_s=1e3 / t, baseline=base if base_ms else None,
                    speedup=base_ms / t if base_ms else None,
                    speedup_vs_fastest_fp32=full[fastest] / t if fastest else None,
-                   speedup_vs_in_order_fp32=full[fastest_in_order] / t if fastest_in_order else None,
+                   speedup_vs_in_order=(full[base_in_order] / t) if base_in_order else None,
                    ideal_layer_speedup=ideal.get(p.profile, 1.0), efficiency=None, no_exit_overhead=None,
                    rel_err_vs_hf=errs.get((p.name, p.profile)), note="")
         if row["speedup"] is not None:
@@ -495,6 +500,78 @@ def markdown_tables(doc: dict) -> str:
     return "\n".join(out)
 
 
+def headline_table(doc: dict) -> str:
+    """Per task and B, the issue's figures: the controlled 2x profile's best fp32 and INT8
+    early-exit path against the full models in dev order and against the fastest full model
+    (grouped by length where timed), and each ORT executor's no-exit overhead."""
+    res = doc["results"]
+    two = CONTROLLED_2X[0]
+    out = []
+    for task in dict.fromkeys(r["task"] for r in res):
+        out.append(f"**{task}**, controlled 2x profile (speed-up against the full model in dev order / against "
+                   "the fastest full model, grouped or not; path)\n")
+        out.append("| B | fastest fp32 full (ms) | fp32 early exit | INT8 early exit | no-exit overhead, ort / ort-int8 |")
+        out.append("|---|---|---|---|---|")
+        for b in dict.fromkeys(r["batch"] for r in res if r["task"] == task):
+            rs = [r for r in res if r["task"] == task and r["batch"] == b]
+            full = [r for r in rs if r["executor"] is None and r["path"].replace(GROUPED, "") not in INT8]
+            fastest = min(full, key=lambda r: r["ms_per_sentence"]) if full else None
+
+            def best(int8):
+                r = best_2x(rs, int8)
+                return "-" if r is None else f"{r['speedup_vs_in_order']:.2f}x / {r['speedup']:.2f}x ({r['path']})"
+
+            over = {r["path"]: r["no_exit_overhead"] for r in rs if r["profile"] == NO_EXIT}
+            cells = " / ".join(f"{over[n]:+.0%}" if over.get(n) is not None else "-" for n in ("ee-ort", "ee-ort-int8"))
+            fast = f"{fastest['path']} ({fastest['ms_per_sentence']:.2f})" if fastest else "-"
+            out.append(f"| {b} | {fast} | {best(False)} | {best(True)} | {cells} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def best_2x(rows: List[dict], int8: bool) -> Optional[dict]:
+    """The controlled 2x profile's early-exit row (fp32 or INT8 executors) with the highest
+    speed-up against the full model in dev order, among ``rows`` of one (task, B)."""
+    cand = [r for r in rows if r["profile"] == CONTROLLED_2X[0] and r["executor"] is not None
+            and (r["executor"] in INT8) == int8 and r.get("speedup_vs_in_order") is not None]
+    return max(cand, key=lambda r: r["speedup_vs_in_order"]) if cand else None
+
+
+def plot_headline(doc: dict, path: str) -> None:
+    """Per task: the best 2x-profile early exit (fp32, INT8) against B, as speed-up over the
+    full model in dev order (solid) and over the fastest full model, grouped or not (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = doc["results"]
+    tasks = list(dict.fromkeys(r["task"] for r in res))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        bs = sorted({r["batch"] for r in res if r["task"] == task})
+        for int8, colour, label in ((False, "C0", "fp32 (vs ORT fp32)"), (True, "C3", "INT8 (vs ORT INT8)")):
+            best = [best_2x([r for r in res if r["task"] == task and r["batch"] == b], int8) for b in bs]
+            pts = [(b, r) for b, r in zip(bs, best) if r is not None]
+            if not pts:
+                continue
+            ax.plot([b for b, _ in pts], [r["speedup_vs_in_order"] for _, r in pts], "-o", color=colour,
+                    label=f"{label}, full model in dev order")
+            ax.plot([b for b, _ in pts], [r["speedup"] for _, r in pts], "--o", color=colour,
+                    label=f"{label}, fastest full model incl. length-grouped")
+        ax.axhline(2.0, color="gray", linewidth=0.8, linestyle=":", label="ideal (2x layers)")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speed-up, controlled 2x profile (best executor)")
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Early exit against the full model on CPU, {doc['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="cpu-e2e-results")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help="holds SST-2/dev.tsv and MRPC/dev.tsv")
@@ -571,11 +648,13 @@ def main(argv=None) -> int:
     write_csv(os.path.join(args.out, "floor.csv"), doc["floor"])
     if doc["results"]:
         plot(doc, os.path.join(args.out, "cpu_e2e.png"))
+        plot_headline(doc, os.path.join(args.out, "cpu_e2e_headline.png"))
     print("padding (share of token slots, dynamic padding; whole dev sets):")
     print_rows(doc["padding"])
     print("floor (SGEMM GFLOP/s at B x mean length tokens; floors at the best of them):")
     print_rows(doc["floor"])
     print(markdown_tables(doc))
+    print(headline_table(doc))
     print(f"wrote {args.out}/cpu_e2e.json, cpu_e2e.csv, padding.csv, floor.csv" +
           (", cpu_e2e.png" if doc["results"] else ""))
     return 0

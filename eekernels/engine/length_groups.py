@@ -25,7 +25,7 @@ from .loop import EarlyExitOutput
 __all__ = ["DEFAULT_GROUP_OVERHEAD", "length_groups", "run_length_grouped"]
 
 #: a call's cost beyond its tokens, in token slots (benchmarks/NOTES.md, "Length groups")
-DEFAULT_GROUP_OVERHEAD = 256
+DEFAULT_GROUP_OVERHEAD = 128
 
 
 def length_groups(lengths: torch.Tensor, overhead: Optional[float] = None) -> List[torch.Tensor]:

@@ -154,7 +154,9 @@ def test_quick_tiny_run_end_to_end(tmp_path, capsys):
     assert len(csv_rows) == len(res) + len(doc["skipped"])
     assert (out / "cpu_e2e.png").stat().st_size > 0 and (out / "padding.csv").exists() and (out / "floor.csv").exists()
     assert not (out / "cpu_e2e.partial.json").exists()  # the checkpoint goes once the run is written
-    assert "| B |" in capsys.readouterr().out
+    assert (out / "cpu_e2e_headline.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "| B |" in printed and "controlled 2x profile" in printed
 
 
 def test_missing_data_skips_cleanly(tmp_path, capsys):
@@ -222,7 +224,12 @@ def test_group_by_length_paths(tmp_path, monkeypatch):
         assert grouped["rel_err_vs_hf"] < 1e-4 and plain["rel_err_vs_hf"] < 1e-4
         assert grouped["speedup"] == pytest.approx(fastest / grouped["ms_per_sentence"])
         in_order = min(full["hf-eager"], full["ort-fp32"])
-        assert grouped["speedup_vs_in_order_fp32"] == pytest.approx(in_order / grouped["ms_per_sentence"])
+        assert grouped["speedup_vs_in_order"] == pytest.approx(in_order / grouped["ms_per_sentence"])
     own = got[("ee-ort" + GROUPED, NO_EXIT)]
     assert own["no_exit_overhead"] == pytest.approx(own["ms_per_sentence"] / full["ort-fp32" + GROUPED] - 1)
     assert got[("ort-fp32" + GROUPED, "full model")]["rel_err_vs_hf"] < 1e-4
+    from cpu_e2e import best_2x
+
+    best = best_2x(res, int8=False)
+    assert best["speedup_vs_in_order"] == max(r["speedup_vs_in_order"] for r in res
+                                              if r["executor"] in ("hf", "ort") and r["profile"].startswith("2x"))
