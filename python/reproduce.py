@@ -281,6 +281,8 @@ def collect(out: Path):
                 if cache.is_file():
                     for r in json.loads(cache.read_text()):
                         r.update(train_seconds=summary.get("train_seconds"), train_cpu_s=summary.get("train_cpu_s"))
+                        if model.static_layers is not None:  # measured against the k-layer model itself: not a
+                            r.update(flops_speedup=None, wallclock_speedup=None)  # speed-up over the full depth
                         rows.append(r)
                 curve = run_dir / f"curve-{grid_method}.json"
                 if curve.is_file():
