@@ -46,6 +46,13 @@ def test_reproduce_quick_grid_runs_and_resumes(tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # resumes: nothing is retrained
     assert r.returncode == 0 and "training loss" not in r.stdout, r.stdout[-2000:]
     assert (out / "results.json").stat().st_mtime_ns >= stamp
+    # a later call for one method rewrites the outputs with every finished run, not only its own
+    r = subprocess.run(argv + ["--methods", "deebert"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = list(csv.DictReader(open(out / "results.csv")))
+    assert {row["method"] for row in again} == methods and len(again) == len(rows)
+    # the static baselines' speed-ups over the full depth are their layer counts only
+    assert all(row["wallclock_speedup"] == "" for row in again if row["method"].startswith("static"))
 
 
 def test_reproduce_refuses_unknown_methods(tmp_path):
