@@ -229,15 +229,14 @@ def grouped_full_path(full: Callable[[Batch], torch.Tensor]) -> Callable[[Batch]
     """``full`` run on each length group of a batch (the groups ``early_exit(group_by_length=True)``
     uses, each cut after its longest row), logits back in the batch's order: what a user who
     sorts the full model's batches by length gets."""
-    from eekernels.engine.length_groups import length_groups
+    from eekernels.engine.length_groups import group_rows
 
     def run(b: Batch) -> torch.Tensor:
-        groups = length_groups(b[1].sum(dim=1))
+        groups = group_rows(b[1])
         if len(groups) <= 1:
             return full(b)
         out = None
-        for idx in groups:
-            width = int(b[1][idx].sum(dim=1).max())
+        for idx, width in groups:
             z = full(tuple(None if t is None else t[idx, :width].contiguous() for t in b))
             out = z.new_empty((b[0].shape[0], z.shape[1])) if out is None else out
             out[idx] = z

@@ -15,14 +15,14 @@ for another call.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .loop import EarlyExitOutput
 
-__all__ = ["DEFAULT_GROUP_OVERHEAD", "length_groups", "run_length_grouped"]
+__all__ = ["DEFAULT_GROUP_OVERHEAD", "group_rows", "length_groups", "run_length_grouped"]
 
 #: a call's cost beyond its tokens, in token slots (benchmarks/NOTES.md, "Length groups")
 DEFAULT_GROUP_OVERHEAD = 128
@@ -67,33 +67,40 @@ def length_groups(lengths: torch.Tensor, overhead: Optional[float] = None) -> Li
     return [order[i:j] for i, j in reversed(bounds)]
 
 
+def group_rows(attention_mask: torch.Tensor, overhead: Optional[float] = None) -> List[Tuple[torch.Tensor, int]]:
+    """(row indices on the mask's device, width) of each length group of a padded batch
+    (:func:`length_groups` of its real lengths): the width is one past the last column any
+    of the group's rows uses. Cutting only trailing columns keeps every token in its column,
+    so absolute position ids stay right with left padding (where nothing is cut)."""
+    real = attention_mask.bool()
+    out = []
+    for idx in length_groups(real.sum(dim=1), overhead):
+        idx = idx.to(real.device)
+        used = real.index_select(0, idx).any(dim=0).nonzero()
+        out.append((idx, int(used.max()) + 1 if used.numel() else 1))
+    return out
+
+
 def run_length_grouped(run: Callable[..., EarlyExitOutput], model, input_ids: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], token_type_ids: Optional[torch.Tensor],
                        exit_profile: Optional[torch.Tensor], overhead: Optional[float] = None
                        ) -> EarlyExitOutput:
     """``run(ids, mask, token_type_ids, exit_profile, with_metrics)`` (the row engine) on each
-    length group of the batch, each cut after the last column its rows use, merged back into
-    the batch's order; the speed-ups over the whole batch. Only trailing columns go, so a
-    row's tokens keep their columns (absolute position ids stay right with left padding,
-    where nothing is cut).
+    length group of the batch (:func:`group_rows`), merged back into the batch's order; the
+    speed-ups over the whole batch.
 
     Raises ValueError for a model whose outputs carry per-call extras (token counts, widths:
     MPEE, HashEE, cascades), which do not merge across groups. ``overhead``: a group's fixed
     cost in token slots (default :data:`DEFAULT_GROUP_OVERHEAD`)."""
     if attention_mask is None:  # every row has the full length: nothing to regroup
         return run(input_ids, attention_mask, token_type_ids, exit_profile, True)
-    b, s = input_ids.shape
-    real = attention_mask.bool()
-    groups = length_groups(real.sum(dim=1), overhead)
+    b = input_ids.shape[0]
+    groups = group_rows(attention_mask, overhead)
     if len(groups) <= 1:
         return run(input_ids, attention_mask, token_type_ids, exit_profile, True)
     dev = input_ids.device
     logits = exit_layer = None
-    for idx in groups:
-        idx = idx.to(dev)
-        used = real.index_select(0, idx).any(dim=0).nonzero()
-        width = int(used.max()) + 1 if used.numel() else 1
-
+    for idx, width in groups:
         def take(t):  # the group's rows, up to the last column any of them uses
             return None if t is None else t.index_select(0, idx)[:, :width]
 
@@ -109,5 +116,5 @@ def run_length_grouped(run: Callable[..., EarlyExitOutput], model, input_ids: to
         logits[idx] = out.logits
         exit_layer[idx] = out.exit_layer
     el = exit_layer.cpu()
-    layer_sp, flops_sp = model.speedups(el, real.sum(dim=1).cpu(), {})
+    layer_sp, flops_sp = model.speedups(el, attention_mask.sum(dim=1).cpu(), {})
     return EarlyExitOutput(logits, exit_layer, logits.argmax(dim=1), layer_sp, flops_sp, int(el.sum()), {})
