@@ -34,7 +34,6 @@ import io
 import logging
 import os
 import tempfile
-import threading
 import warnings
 from collections import Counter
 from typing import Dict, Iterator, Optional, Sequence, Tuple
@@ -149,13 +148,14 @@ def fused_op_counts(model) -> Dict[str, int]:
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
 
 
-def make_session(model, threads: Optional[int] = None, spin: bool = False):
+def make_session(model, threads: Optional[int] = None, spin: bool = False, spin_between_runs: bool = True):
     """A CPU ``InferenceSession`` of ``model`` with ``threads`` intra-op threads (default
     ``torch.get_num_threads()``), sequential execution and every graph optimization.
 
-    ``spin``: let idle ONNX Runtime threads busy-wait for the next run (its default). Off
-    here: between two layers torch runs the exit heads and compaction on the same cores, and
-    spinning threads would take them from it."""
+    ``spin``: idle ONNX Runtime threads busy-wait for their next task (its default) rather
+    than sleep. ``spin_between_runs`` False stops that spinning as soon as a run returns
+    (``session.force_spinning_stop``): the threads stay hot between the operators of one
+    run and leave the cores free between runs, where torch runs the exit heads."""
     ort = require_onnxruntime()
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
@@ -166,6 +166,8 @@ def make_session(model, threads: Optional[int] = None, spin: bool = False):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin and not spin_between_runs:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -226,6 +228,11 @@ class OrtExecutor(LayerExecutor):
     call. With both at 2 on 2 cores, torch's OpenMP workers spin after every exit head and
     take the cores ORT's layer threads wake on: at B = 8 that doubled the no-exit time
     against ORT's full model (benchmarks/NOTES.md, "ORT executor threads").
+
+    A session's threads spin between the operators of a run and stop when it returns
+    (:func:`make_session` with ``spin_between_runs=False``): six sessions whose idle threads
+    all spun made a call 5x slower on 2 cores, and threads that sleep between operators
+    made B = 1 and 8 3-8% slower ("Spinning only inside a run" in benchmarks/NOTES.md).
     """
 
     name = "ort"
@@ -234,6 +241,10 @@ class OrtExecutor(LayerExecutor):
     torch_threads: Optional[int] = 1
     #: whether the layer graphs are quantized to INT8
     int8 = False
+    #: the sessions' threads busy-wait between operators (see :func:`make_session`) ...
+    spin = True
+    #: ... and go on spinning after a run returns
+    spin_between_runs = False
 
     def __init__(self, adapter: EncoderAdapter):
         require_onnxruntime()
@@ -318,7 +329,7 @@ class OrtExecutor(LayerExecutor):
         if self.int8:
             proto = quantize_graph(proto)
         self._graphs[key] = proto
-        self._sessions[key] = make_session(proto, self._session_threads)
+        self._sessions[key] = make_session(proto, self._session_threads, self.spin, self.spin_between_runs)
 
     def layer_fn(self, step: int):
         session = self.session(step)

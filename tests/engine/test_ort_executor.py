@@ -255,12 +255,13 @@ def test_torch_runs_on_one_thread_inside_a_call_and_sessions_on_the_outside_coun
 
     arch = tiny[0]
     ids, mask, _ = ragged_batch(5, 9)
-    sized, inside = [], []
+    sized, inside, spins = [], [], []
     make_session = ort_mod.make_session
 
-    def sized_session(proto, threads=None, spin=False):
+    def sized_session(proto, threads=None, spin=False, spin_between_runs=True):
         sized.append(threads)
-        return make_session(proto, threads, spin)
+        spins.append((spin, spin_between_runs))
+        return make_session(proto, threads, spin, spin_between_runs)
 
     monkeypatch.setattr(ort_mod, "make_session", sized_session)
     model = convert(tiny_classifier(arch)).eval()  # a fresh model: its sessions are built in the call
@@ -276,6 +277,7 @@ def test_torch_runs_on_one_thread_inside_a_call_and_sessions_on_the_outside_coun
         torch.set_num_threads(3)
         model.early_exit(ids, mask, threshold=0.0, executor="ort")
         assert inside == [1] and sized and set(sized) == {3}
+        assert set(spins) == {(True, False)}  # threads spin inside a run only
         assert torch.get_num_threads() == 3
         errors = []
 
@@ -295,3 +297,23 @@ def test_torch_runs_on_one_thread_inside_a_call_and_sessions_on_the_outside_coun
         assert len(inside) == 21
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("spin,between,expect", [(False, True, ("0", "")), (True, True, ("1", "")),
+                                                 (True, False, ("1", "1"))])
+def test_make_session_spinning_options(tiny, spin, between, expect):
+    """``spin`` sets ORT's spinning; ``spin_between_runs=False`` stops it when a run returns."""
+    from eekernels.engine.ort import make_session
+
+    model = convert(tiny_classifier(tiny[0])).eval()
+    model.early_exit(*ragged_batch(2, 5)[:2], threshold=0.0, executor="ort")
+    graph = model._executor("ort", "rows").graph(1)
+    opts = make_session(graph, 1, spin=spin, spin_between_runs=between).get_session_options()
+
+    def entry(key):
+        try:
+            return opts.get_session_config_entry(key)
+        except RuntimeError:  # not set
+            return ""
+
+    assert (entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")) == expect

@@ -1,0 +1,110 @@
+"""A/B of the ORT executor's session spinning, side by side in one process.
+
+    python benchmarks/ort_spin.py --rows 128 --batch-sizes 1,8,32 --rounds 11
+
+Two copies of all-MiniLM-L6-v2 run ``early_exit(executor="ort")``; their layer sessions
+differ only in how ONNX Runtime's idle threads wait (:func:`eekernels.engine.ort.make_session`):
+
+- ``sleep``: threads sleep between operators and between runs;
+- ``spin-in-run`` (the executor's default): they spin between the operators of a run and
+  stop when it returns;
+- ``spin-always`` (ORT's own default): they spin after the run too, while torch runs the
+  exit heads.
+
+Each is timed with no exits and with the controlled 2x profile (half the rows leave after
+layer 2, half after layer 4), beside the whole-model ORT session (spinning: ORT's default),
+on the first SST-2 dev sentences in order with dynamic padding. Paths are interleaved in a
+fresh order every round; the table gives medians in ms per sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import cpu_e2e  # noqa: E402
+from common import print_rows  # noqa: E402
+from eekernels.data import batches  # noqa: E402
+from eekernels.engine.ort import require_onnxruntime  # noqa: E402
+from exit_profiles import stratified_exit_layers  # noqa: E402
+
+POLICIES = {"sleep": (False, True), "spin-in-run": (True, False), "spin-always": (True, True)}
+
+
+def model_with_policy(state, spin: bool, between: bool):
+    """A fresh MiniLM with ``state``'s weights whose ORT layer sessions use the policy."""
+    model, _ = cpu_e2e.load_model()
+    model.load_state_dict(state)
+    ex = model._executor("ort", "rows")
+    ex.spin, ex.spin_between_runs = spin, between
+    return model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=cpu_e2e.DEFAULT_DATA)
+    p.add_argument("--rows", type=int, default=128)
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--policies", default="sleep,spin-in-run", help=f"from: {', '.join(POLICIES)}")
+    args = p.parse_args(argv)
+    try:
+        sizes = cpu_e2e._ints(args.batch_sizes, "--batch-sizes")
+        policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+        bad = [x for x in policies if x not in POLICIES]
+        if bad or not policies:
+            raise ValueError(f"--policies: unknown {bad or policies}; choose from {', '.join(POLICIES)}")
+        path = cpu_e2e.task_file(args.data_dir, "sst2")
+        if not os.path.isfile(path):
+            raise cpu_e2e.Skip(f"data not found: {path} (set --data-dir)")
+        require_onnxruntime()
+    except cpu_e2e.Skip as e:
+        print(f"skipped: {e}")
+        return 0
+    except (ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    base, tok = cpu_e2e.load_model()
+    state = base.state_dict()
+    models = {name: model_with_policy(state, *POLICIES[name]) for name in policies}
+    from ort_full import OrtFullModel
+
+    full = OrtFullModel(base.hf, threads=args.threads, spin=True)
+    enc = cpu_e2e.encode_task(tok, path, args.rows, 128)
+    from tqdm import tqdm
+
+    rows = []
+    bar = tqdm(total=len(sizes) * args.rounds, desc="ort spin rounds")
+    with torch.no_grad():
+        for b in sizes:
+            data = batches(enc, b)
+            two_x = stratified_exit_layers(args.rows, b, base.num_layers, *cpu_e2e.CONTROLLED_2X[1:])
+            none = [torch.full_like(t, base.num_layers) for t in two_x]
+            paths = [cpu_e2e.Path("ort-fp32", "full model", lambda i, bt: full(*bt))]
+            for name, m in models.items():
+                for label, prof in (("no exits", none), ("2x", two_x)):
+                    paths.append(cpu_e2e.Path(f"ee-ort {name}", label, cpu_e2e.early_exit_path(m, "ort", prof)))
+            for pt in paths:
+                pt.run(0, data[0])
+            times = cpu_e2e.time_paths(paths, data, args.rounds, 0, bar)
+            full_ms = statistics.median(times[("ort-fp32", "full model")])
+            for (name, label), ts in times.items():
+                ms = statistics.median(ts)
+                rows.append(dict(batch=b, path=name, profile=label, ms_per_sentence=round(ms, 3),
+                                 vs_ort_full=round(full_ms / ms, 3)))
+    bar.close()
+    print_rows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
