@@ -92,14 +92,16 @@ def main(argv=None) -> int:
             paths = [cpu_e2e.Path("ort-fp32", "full model", lambda i, bt: full(*bt))]
             for name, m in models.items():
                 for label, prof in (("no exits", none), ("2x", two_x)):
-                    paths.append(cpu_e2e.Path(f"ee-ort {name}", label, cpu_e2e.early_exit_path(m, "ort", prof)))
+                    paths.append(cpu_e2e.Path(name, label, cpu_e2e.early_exit_path(m, "ort", prof)))
             for pt in paths:
                 pt.run(0, data[0])
             times = cpu_e2e.time_paths(paths, data, args.rounds, 0, bar)
             full_ms = statistics.median(times[("ort-fp32", "full model")])
             for (name, label), ts in times.items():
                 ms = statistics.median(ts)
-                rows.append(dict(batch=b, path=name, profile=label, ms_per_sentence=round(ms, 3),
+                policy = name in POLICIES
+                rows.append(dict(batch=b, path="ee-ort" if policy else name, spinning=name if policy else "ORT default",
+                                 profile=label, ms_per_sentence=round(ms, 3),
                                  vs_ort_full=round(full_ms / ms, 3)))
     bar.close()
     print_rows(rows)

@@ -317,3 +317,19 @@ def test_make_session_spinning_options(tiny, spin, between, expect):
             return ""
 
     assert (entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")) == expect
+
+
+def test_ort_spin_benchmark_runs_and_refuses_bad_policies(capsys):
+    """benchmarks/ort_spin.py: a tiny A/B runs end to end on SST-2 and prints every path."""
+    path = ROOT / "benchmarks" / "ort_spin.py"
+    spec = importlib.util.spec_from_file_location("ort_spin_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--policies", "sleep,nope"]) == 2
+    assert "--policies" in capsys.readouterr().err
+    _minilm_sst2(1)  # skips without the weights or the data
+    assert mod.main(["--rows", "4", "--batch-sizes", "2", "--rounds", "1", "--threads", "1",
+                     "--policies", "sleep,spin-in-run"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ort-fp32", "ee-ort", "sleep", "spin-in-run", "ORT default"):
+        assert name in out, out
