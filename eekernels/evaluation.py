@@ -219,23 +219,28 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
             full(batch_list[0])  # warm-up, not timed
             early(batch_list[0])
             _sync(device)
-            full_preds, t_full = [], 0.0
-            for b in tqdm(batch_list, desc="full model", disable=not progress):
+            full_preds, preds, exit_layer, flops, scores = [], [], [], [], []
+            seconds = {"full": 0.0, "early": 0.0}
+
+            def timed(path, b):
                 t0 = time.perf_counter()
-                z = full(b)
+                result = full(b) if path == "full" else early(b)
                 _sync(device)
-                t_full += time.perf_counter() - t0
-                full_preds.append(z.argmax(-1).cpu())
-            preds, exit_layer, t_early, flops, scores = [], [], 0.0, [], []
-            for b in tqdm(batch_list, desc="early exit", disable=not progress):
-                t0 = time.perf_counter()
-                out = early(b)
-                _sync(device)
-                t_early += time.perf_counter() - t0
+                seconds[path] += time.perf_counter() - t0
+                return result
+
+            # The two paths alternate batch by batch (and which goes first), so that machine
+            # noise, or a pause of the whole process, lands on both rather than on one.
+            for i, b in enumerate(tqdm(batch_list, desc="full model and early exit", disable=not progress)):
+                order = ("full", "early") if i % 2 == 0 else ("early", "full")
+                results = {path: timed(path, b) for path in order}
+                full_preds.append(results["full"].argmax(-1).cpu())
+                out = results["early"]
                 preds.append(out.pred.cpu())
                 exit_layer.append(out.exit_layer.cpu())
                 scores.append(exit_scores(out.logits.cpu(), criterion))
                 flops.append((float(b[1].sum()), out.flops_speedup))
+            t_full, t_early = seconds["full"], seconds["early"]
     except backends.BackendUnavailableError as e:
         raise ValueError(f"--backend {backend}: {e}") from None
     except ImportError as e:  # an executor's optional engine (ONNX Runtime) is not installed

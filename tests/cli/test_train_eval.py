@@ -466,3 +466,34 @@ def test_eval_refuses_a_criterion_the_method_lacks(trained, files, capsys):
     rc = evaluate(["--model", trained, "--data", files["dev"], "--criterion", "policy", "--threshold", 0.5, "--cpu"])
     assert rc == 2
     assert "takes entropy, max_prob, patience" in capsys.readouterr().err
+
+
+def test_eval_times_the_two_paths_alternately(trained, files, monkeypatch):
+    """The wall-clock comparison alternates full model and early exit batch by batch, each
+    going first in turn, so noise (or a paused process) lands on both paths."""
+    from eekernels import evaluation
+    from eekernels.models.base import EarlyExitBase
+
+    calls = []
+    early_exit = EarlyExitBase.early_exit
+
+    def record_early(self, *a, **k):
+        calls.append("early")
+        return early_exit(self, *a, **k)
+
+    full_model = EarlyExitBase.full_model
+
+    def record_full_model(self):
+        hf = full_model(self)
+
+        def forward(*a, **k):
+            calls.append("full")
+            return hf(*a, **k)
+        return forward
+
+    monkeypatch.setattr(EarlyExitBase, "early_exit", record_early)
+    monkeypatch.setattr(EarlyExitBase, "full_model", record_full_model)
+    r = evaluation.evaluate(str(trained), str(files["dev"]), threshold=0.9, criterion="max_prob", batch_size=16,
+                            cpu=True, progress=False, log=lambda s: None)
+    timed = calls[2:]  # after one untimed warm-up of each
+    assert r["num_batches"] == 4 and timed == ["full", "early", "early", "full"] * 2, calls
