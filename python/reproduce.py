@@ -13,7 +13,8 @@ speed-up over the full model at batch 32 (dynamic padding, dev order). It writes
 
 - ``OUT/results.csv`` and ``OUT/results.json``: one row per (task, method, criterion, point);
 - ``OUT/curves.json``: accuracy against layer speed-up over the whole threshold sweep;
-- ``OUT/<task>.png``: those curves, one line per method, the full model as a point.
+- ``OUT/<task>.png``: those curves, one line per method, the full model as a point;
+- ``OUT/results.md``: the README's table (accuracy, F1 for MRPC, at 1x, 2x and 3x).
 
 Methods (``--methods``): deebert, right-tool and pabee (one early-exit model, three exit
 rules), static (the first k = 2, 3, 4 layers fine-tuned alone), past-future, mpee,
@@ -263,6 +264,62 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
     os.replace(tmp, path)
 
 
+METHOD_LABELS = {"deebert": "DeeBERT (entropy)", "right-tool": "Right-Tool (max-prob)", "pabee": "PABEE (patience)",
+                 "past-future": "Past-Future (entropy)", "mpee": "MPEE (entropy)", "consistentee": "ConsistentEE (policy)",
+                 "cascadebert": "CascadeBERT (max-prob)", "hashee": "HashEE (frequency hash)",
+                 **{f"static-{k}": f"static, first {k} layers" for k in (2, 3, 4)}}
+
+
+def table_column(r: dict) -> str:
+    """The column ("1x", "2x" or "3x") a result row belongs in: a calibrated point's own; for
+    a single point (static, HashEE, a policy threshold) the target nearest its speed-up,
+    FLOPs for HashEE (its tokens leave, its samples run every layer), layers otherwise."""
+    if r["point"] in ("1x", "2x", "3x"):
+        return r["point"]
+    speedup = r["flops_speedup"] if r["method"] == "hashee" else r["layer_speedup"]
+    return "1x" if speedup < 1.5 else "2x" if speedup < 2.5 else "3x"
+
+
+def results_table(rows: List[dict]) -> str:
+    """The README's table (markdown) of result rows: per method, accuracy (F1 for MRPC) at the
+    1x, 2x and 3x points of each task, the speed-up reached in brackets where it is not the
+    column's. Where several single points fall in one column, the one nearest its target
+    (ConsistentEE: the paper's p > 0.5 first)."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    metric = {t: "F1" if TASKS.get(t, Task(t)).positive_f1 else "acc" for t in tasks}
+    head = [f"{t} {metric[t]} {c}" for t in tasks for c in ("1x", "2x", "3x")]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    full = {r["task"]: r for r in rows if r["method"] == "deebert" and r["point"] == "1x"}
+    if full:
+        cells = []
+        for t in tasks:
+            r = full.get(t)
+            value = r and (r["f1"] if metric[t] == "F1" else r["full_accuracy"])
+            cells += [f"{100 * value:.1f}" if value is not None else "-", "", ""]
+        lines.append("| full model | " + " | ".join(cells) + " |")
+    for method in [m for m in METHOD_LABELS if any(r["method"] == m for r in rows)]:
+        cells = []
+        for t in tasks:
+            for col in ("1x", "2x", "3x"):
+                target = float(col[0])
+                hits = [r for r in rows if r["method"] == method and r["task"] == t and table_column(r) == col]
+                if not hits:
+                    cells.append("-")
+                    continue
+                r = min(hits, key=lambda r: (r["point"] != "p>0.5", abs(r["layer_speedup"] - target)))
+                value = r["f1"] if metric[t] == "F1" else r["accuracy"]
+                note = []
+                if abs(r["layer_speedup"] - target) > 0.05:
+                    note.append(f"{r['layer_speedup']:.2f}x")
+                if method == "hashee":
+                    note = [f"{r['flops_speedup']:.2f}x FLOPs"]
+                if r["point"].startswith("p>"):
+                    note.append(r["point"])
+                cells.append(f"{100 * value:.1f}" + (f" ({', '.join(note)})" if note else ""))
+        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def collect(out: Path):
     """(rows, curves) of every finished measurement under ``out/runs`` (this call's and earlier
     calls'), in the grid's order: the outputs always cover the whole grid run so far."""
@@ -367,11 +424,14 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(all_rows)
     os.replace(tmp, out / "results.csv")
+    tmp = out / "results.md.tmp"
+    tmp.write_text(results_table(all_rows))
+    os.replace(tmp, out / "results.md")
     done_tasks = sorted({r["task"] for r in all_rows})
     for task_name in done_tasks:
         plot(task_name, [r for r in all_rows if r["task"] == task_name], all_curves.get(task_name, {}),
              out / f"{task_name}.png")
-    print(f"wrote {out / 'results.csv'}, results.json, curves.json and {len(done_tasks)} PNG(s): "
+    print(f"wrote {out / 'results.csv'}, results.json, results.md, curves.json and {len(done_tasks)} PNG(s): "
           f"{len(all_rows)} rows of every finished run in {out}")
     return 0
 

@@ -5,6 +5,7 @@ a second run redoes nothing."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -42,6 +43,13 @@ def test_reproduce_quick_grid_runs_and_resumes(tmp_path):
     curves = json.loads((out / "curves.json").read_text())["TINY"]
     assert {"deebert", "right-tool", "pabee", "past-future", "mpee", "cascadebert"} <= set(curves)
     assert (out / "TINY.png").stat().st_size > 1000
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0].startswith("| method | TINY acc 1x | TINY acc 2x | TINY acc 3x |"), table[0]
+    labelled = {line.split(" | ")[0].lstrip("| ") for line in table[2:]}
+    assert {"full model", "DeeBERT (entropy)", "PABEE (patience)", "Past-Future (entropy)", "MPEE (entropy)",
+            "ConsistentEE (policy)", "CascadeBERT (max-prob)", "HashEE (frequency hash)",
+            "static, first 2 layers"} <= labelled, labelled
+    assert all(line.count("|") == 5 for line in table), table  # method + three columns
     stamp = (out / "results.json").stat().st_mtime_ns
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # resumes: nothing is retrained
     assert r.returncode == 0 and "training loss" not in r.stdout, r.stdout[-2000:]
@@ -59,3 +67,33 @@ def test_reproduce_refuses_unknown_methods(tmp_path):
     r = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--methods", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown method" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_results_table_places_each_point():
+    """results_table: calibrated points in their column with the reached speed-up where it
+    differs, a static model by its layer speed-up, HashEE by its FLOPs speed-up, ConsistentEE
+    at the paper's p > 0.5 first, MRPC by F1."""
+    spec = importlib.util.spec_from_file_location("reproduce_recipe", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+
+    def row(task, method, point, acc, layer, flops=None, f1=None, full=0.9):
+        return dict(task=task, method=method, point=point, accuracy=acc, f1=f1, full_accuracy=full,
+                    layer_speedup=layer, flops_speedup=flops if flops is not None else layer)
+
+    rows = [row("SST-2", "deebert", "1x", 0.9, 1.0), row("SST-2", "deebert", "2x", 0.88, 2.0),
+            row("SST-2", "deebert", "3x", 0.85, 3.4), row("SST-2", "static-3", "model", 0.8, 2.0),
+            row("SST-2", "hashee", "model", 0.87, 1.0, flops=1.9),
+            row("SST-2", "consistentee", "p>0.3", 0.86, 2.1), row("SST-2", "consistentee", "p>0.5", 0.87, 1.7),
+            row("MRPC", "deebert", "1x", 0.8, 1.0, f1=0.86, full=0.8)]
+    table = mod.results_table(rows).splitlines()
+    assert table[0] == ("| method | SST-2 acc 1x | SST-2 acc 2x | SST-2 acc 3x | MRPC F1 1x | MRPC F1 2x | "
+                        "MRPC F1 3x |")
+    split = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+    cells = {c[0]: c[1:] for c in split}
+    assert cells["full model"] == ["90.0", "", "", "86.0", "", ""]
+    assert cells["DeeBERT (entropy)"] == ["90.0", "88.0", "85.0 (3.40x)", "86.0", "-", "-"]
+    assert cells["static, first 3 layers"][:3] == ["-", "80.0", "-"]
+    assert cells["HashEE (frequency hash)"][:3] == ["-", "87.0 (1.90x FLOPs)", "-"]
+    assert cells["ConsistentEE (policy)"][:3] == ["-", "87.0 (1.70x, p>0.5)", "-"]
