@@ -399,7 +399,7 @@ def main(argv=None) -> int:
             if args.quick:
                 task = replace(task, epochs=1.0)
             bar.set_postfix_str(f"{task_name} {model.key}: training")
-            summary = train(model, task, files, backbone, run_dir, args.quick, full_layers)
+            train(model, task, files, backbone, run_dir, args.quick, full_layers)
             model_dir = str(run_dir / "model")
             for grid_method, criterion in model.rules.items():
                 if grid_method not in methods:
