@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/exit_head.h"
+
 TORCH_LIBRARY(eekernels, m) {
   // Fused exit head; see eekernels/ops/exit_head.py for the contract.
   // criterion: 0 entropy, 1 max_prob, 2 patience, 3 policy. `counter` output is [N] int32
@@ -40,19 +42,6 @@ TORCH_LIBRARY(eekernels, m) {
       "mpee_prune(Tensor hidden, Tensor valid, Tensor memory, Tensor attention, float keep_ratio) -> "
       "(Tensor hidden, Tensor valid, Tensor memory, Tensor source)");
 }
-
-namespace eekernels {
-// The CPU exit head (csrc/cpu/exit_head.cpp), bound below for direct calls.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
-    const std::optional<at::Tensor>& pooler_weight, const std::optional<at::Tensor>& pooler_bias,
-    const std::optional<at::Tensor>& memory, double memory_lambda, bool tanh_logits,
-    int64_t criterion, double threshold, const std::optional<at::Tensor>& prev_pred,
-    const std::optional<at::Tensor>& counter, const std::optional<at::Tensor>& policy_weight,
-    const std::optional<at::Tensor>& policy_bias, const std::optional<at::Tensor>& policy_out_weight,
-    const std::optional<at::Tensor>& policy_out_bias, const std::optional<at::Tensor>& token_mask,
-    int64_t pooling);
-}  // namespace eekernels
 
 static bool with_cuda() {
 #ifdef EEKERNELS_WITH_CUDA

@@ -18,6 +18,7 @@
 
 #include "../common/exit_head_checks.h"
 #include "../common/exit_head_epilogue.h"
+#include "exit_head.h"
 
 // Let the row loops below vectorize: GCC does not if-convert float selects (the clamps,
 // max) when it must preserve floating-point traps, which nothing here observes. NaN and
