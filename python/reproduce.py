@@ -244,10 +244,13 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
                     label=name, linewidth=1.2)
     singles = [r for r in rows if r["criterion"] in ("none", "policy")]
     for k, r in enumerate(singles):
-        ax.scatter([r["layer_speedup"]], [100 * r["accuracy"]], marker="s" if r["criterion"] == "none" else "^",
+        # HashEE's samples run every layer (its tokens leave): placed at its FLOPs speed-up
+        x = r["flops_speedup"] if r["method"] == "hashee" else r["layer_speedup"]
+        label = {"none": r["method"], "policy": f"{r['method']} {r['point']}"}[r["criterion"]]
+        ax.scatter([x], [100 * r["accuracy"]], marker="s" if r["criterion"] == "none" else "^",
                    s=30, color="k" if r["method"].startswith("static") else f"C{(k + 3) % 10}", zorder=3)
-        ax.annotate(r["method"] if r["criterion"] == "none" else f"{r['method']} {r['point']}",
-                    (r["layer_speedup"], 100 * r["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(label + (" (FLOPs)" if r["method"] == "hashee" else ""), (x, 100 * r["accuracy"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
     full = [r["full_accuracy"] for r in rows if r["method"] == "deebert"]
     if full:
         ax.scatter([1.0], [100 * full[0]], marker="*", s=120, color="gold", edgecolor="k", zorder=4,
@@ -256,7 +259,7 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
     ax.set_ylabel("dev accuracy (%)")
     ax.set_title(f"{task}: accuracy against layer speed-up (dev, all-MiniLM-L6-v2 unless --model)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
