@@ -288,7 +288,8 @@ def results_table(rows: List[dict]) -> str:
     1x, 2x and 3x points of each task, the speed-up reached in brackets where it is not the
     column's. Where several single points fall in one column, the one nearest its target
     (ConsistentEE: the paper's p > 0.5 first)."""
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    seen = list(dict.fromkeys(r["task"] for r in rows))
+    tasks = [t for t in TASKS if t in seen] + [t for t in seen if t not in TASKS]  # the grid's order first
     metric = {t: "F1" if TASKS.get(t, Task(t)).positive_f1 else "acc" for t in tasks}
     head = [f"{t} {metric[t]} {c}" for t in tasks for c in ("1x", "2x", "3x")]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
