@@ -244,8 +244,7 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
                     label=name, linewidth=1.2)
     singles = [r for r in rows if r["criterion"] in ("none", "policy")]
     for k, r in enumerate(singles):
-        # HashEE's samples run every layer (its tokens leave): placed at its FLOPs speed-up
-        x = r["flops_speedup"] if r["method"] == "hashee" else r["layer_speedup"]
+        x = placed_speedup(r)
         label = {"none": r["method"], "policy": f"{r['method']} {r['point']}"}[r["criterion"]]
         ax.scatter([x], [100 * r["accuracy"]], marker="s" if r["criterion"] == "none" else "^",
                    s=30, color="k" if r["method"].startswith("static") else f"C{(k + 3) % 10}", zorder=3)
@@ -273,13 +272,19 @@ METHOD_LABELS = {"deebert": "DeeBERT (entropy)", "right-tool": "Right-Tool (max-
                  **{f"static-{k}": f"static, first {k} layers" for k in (2, 3, 4)}}
 
 
+def placed_speedup(r: dict) -> float:
+    """The speed-up a result row stands at in the table and the plot: FLOPs for HashEE (its
+    tokens leave, its samples run every layer), layers otherwise."""
+    return r["flops_speedup"] if r["method"] == "hashee" else r["layer_speedup"]
+
+
 def table_column(r: dict) -> str:
     """The column ("1x", "2x" or "3x") a result row belongs in: a calibrated point's own; for
-    a single point (static, HashEE, a policy threshold) the target nearest its speed-up,
-    FLOPs for HashEE (its tokens leave, its samples run every layer), layers otherwise."""
+    a single point (static, HashEE, a policy threshold) the target nearest its
+    :func:`placed_speedup`."""
     if r["point"] in ("1x", "2x", "3x"):
         return r["point"]
-    speedup = r["flops_speedup"] if r["method"] == "hashee" else r["layer_speedup"]
+    speedup = placed_speedup(r)
     return "1x" if speedup < 1.5 else "2x" if speedup < 2.5 else "3x"
 
 
@@ -312,11 +317,11 @@ def results_table(rows: List[dict]) -> str:
                     continue
                 r = min(hits, key=lambda r: (r["point"] != "p>0.5", abs(r["layer_speedup"] - target)))
                 value = r["f1"] if metric[t] == "F1" else r["accuracy"]
-                note = []
-                if abs(r["layer_speedup"] - target) > 0.05:
-                    note.append(f"{r['layer_speedup']:.2f}x")
+                note, speedup = [], placed_speedup(r)
                 if method == "hashee":
-                    note = [f"{r['flops_speedup']:.2f}x FLOPs"]
+                    note.append(f"{speedup:.2f}x FLOPs")
+                elif abs(speedup - target) > 0.05:
+                    note.append(f"{speedup:.2f}x")
                 if r["point"].startswith("p>"):
                     note.append(r["point"])
                 cells.append(f"{100 * value:.1f}" + (f" ({', '.join(note)})" if note else ""))
