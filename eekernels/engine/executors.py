@@ -76,6 +76,13 @@ class LayerExecutor:
         need for the call. Nothing here."""
         return contextlib.nullcontext()
 
+    def attach_exit_heads(self, model) -> None:
+        """Offer ``model``'s exit heads to run inside the layers: an executor that can
+        (:class:`~eekernels.engine.ort.OrtExecutor`) computes the logits of the exit after
+        each of ``model.exit_points`` (``model.exit_logits``) with the layer and leaves them
+        in ``rows.context["exit_logits"]`` as (step, logits [N, C]), which the rule's
+        :func:`~eekernels.engine.rules.head_exit` reads. Here the layers run alone."""
+
     def prepare(self, rows: Rows, attention_mask: Optional[torch.Tensor]) -> None:
         """Add the executor's own per-row tensors (its mask form) to freshly embedded rows."""
 

@@ -30,11 +30,13 @@ when a session is built, so importing eekernels never needs it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
 import tempfile
 import warnings
+import weakref
 from collections import Counter
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -95,14 +97,14 @@ def _quiet() -> Iterator[None]:
 
 
 def export_graph(module: nn.Module, args: Tuple[torch.Tensor, ...], input_names: Sequence[str],
-                 output_name: str, dynamic_axes: Dict[str, Dict[int, str]]):
+                 output_names: Sequence[str], dynamic_axes: Dict[str, Dict[int, str]]):
     """``module(*args)`` as an ``onnx.ModelProto`` (TorchScript exporter, in memory, no file)."""
     require_onnxruntime()
     import onnx
 
     buf = io.BytesIO()
     with _quiet(), torch.no_grad():
-        torch.onnx.export(module, args, buf, dynamo=False, input_names=list(input_names), output_names=[output_name],
+        torch.onnx.export(module, args, buf, dynamo=False, input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes=dynamic_axes, opset_version=_OPSET, do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
 
@@ -174,17 +176,18 @@ def make_session(model, threads: Optional[int] = None, spin: bool = False, spin_
 _NP_TYPES: Dict[torch.dtype, str] = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32"}
 
 
-def run_bound(session, inputs: Dict[str, torch.Tensor], output: str, out: torch.Tensor) -> torch.Tensor:
+def run_bound(session, inputs: Dict[str, torch.Tensor], outputs: Dict[str, torch.Tensor]) -> None:
     """Run ``session`` on contiguous CPU tensors ``inputs`` (by graph input name), writing its
-    ``output`` into the preallocated ``out``: both ends bound to the tensors' memory."""
+    ``outputs`` (by graph output name) into those preallocated tensors: both ends bound to
+    the tensors' memory."""
     import numpy as np
 
     binding = session.io_binding()
     for name, t in inputs.items():
         binding.bind_input(name, "cpu", 0, np.dtype(_NP_TYPES[t.dtype]), tuple(t.shape), t.data_ptr())
-    binding.bind_output(output, "cpu", 0, np.dtype(_NP_TYPES[out.dtype]), tuple(out.shape), out.data_ptr())
+    for name, t in outputs.items():
+        binding.bind_output(name, "cpu", 0, np.dtype(_NP_TYPES[t.dtype]), tuple(t.shape), t.data_ptr())
     session.run_with_iobinding(binding)
-    return out
 
 
 @contextlib.contextmanager
@@ -203,16 +206,25 @@ def torch_threads(n: int) -> Iterator[int]:
 
 
 class _LayerGraph(nn.Module):
-    """What one layer's graph computes: HF's mask from an int64 [N, S] mask, then the layer."""
+    """What one layer's graph computes: HF's mask from an int64 [N, S] mask, then the layer;
+    with ``exit_logits`` (a model's :meth:`~eekernels.models.EarlyExitModel.exit_logits` of
+    this layer) also the exit head's logits [N, C] of the layer's output; ``head_modules``
+    (the head's pooler and classifier) are registered so that the exporter takes their
+    weights as the graph's own."""
 
-    def __init__(self, adapter: EncoderAdapter, index: int):
+    def __init__(self, adapter: EncoderAdapter, index: int, exit_logits=None, head_modules=()):
         super().__init__()
         self.adapter = adapter
         self.layer = adapter.layer_module(index)
+        self.exit_logits = exit_logits
+        self.head = nn.ModuleList(head_modules)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor):
         out = self.layer(hidden, self.adapter.attention_mask(mask, hidden))
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        if self.exit_logits is None:
+            return out
+        return out, self.exit_logits(out, mask.bool())
 
 
 class OrtExecutor(LayerExecutor):
@@ -233,6 +245,16 @@ class OrtExecutor(LayerExecutor):
     (:func:`make_session` with ``spin_between_runs=False``): six sessions whose idle threads
     all spun made a call 5x slower on 2 cores, and threads that sleep between operators
     made B = 1 and 8 3-8% slower ("Spinning only inside a run" in benchmarks/NOTES.md).
+
+    Exit heads inside the layer graphs: given a model's heads (:meth:`attach_exit_heads`),
+    the graph of each exit point's layer also computes that exit's logits (the head's
+    pooling, pooler and classifier; :meth:`~eekernels.models.EarlyExitModel.exit_logits`)
+    while the layer's output is still in cache, and hands them to the rule in
+    ``rows.context["exit_logits"]``; the rule applies only its criterion. A separate head
+    after a session met its weights and code cold (the six layers' weights overflow the
+    last-level cache): that was the whole no-exit overhead at B = 8 ("Exit heads inside the
+    layer graphs" in benchmarks/NOTES.md). A layer shared across depth (ALBERT) then has
+    one session per exit point, since each carries its own head.
     """
 
     name = "ort"
@@ -245,15 +267,31 @@ class OrtExecutor(LayerExecutor):
     spin = True
     #: ... and go on spinning after a run returns
     spin_between_runs = False
+    #: compute attached exit heads inside the layer graphs (False: the rule runs every head)
+    heads_in_graph = True
 
     def __init__(self, adapter: EncoderAdapter):
         require_onnxruntime()
         super().__init__(adapter)
-        self._sessions: Dict[int, object] = {}  # id of the layer module -> its session
-        self._graphs: Dict[int, object] = {}  # id of the layer module -> its optimized ModelProto
-        self._params: Dict[int, list] = {}  # id of the layer module -> (submodule, parameter name) pairs
-        self._weights: Dict[int, tuple] = {}  # id of the layer module -> its weights' identity when built
+        # a session's key: (id of the layer module, the exit step whose head its graph carries or 0)
+        self._sessions: Dict[tuple, object] = {}
+        self._graphs: Dict[tuple, object] = {}  # key -> its optimized ModelProto
+        self._params: Dict[tuple, list] = {}  # key -> the (submodule, parameter name) pairs it was built from
+        self._weights: Dict[tuple, tuple] = {}  # key -> those weights' identity when built
         self._session_threads = torch.get_num_threads()  # torch's count outside the call: the sessions'
+        self._head_model = None  # weak reference to the model whose heads the graphs carry
+
+    def attach_exit_heads(self, model) -> None:
+        """Carry ``model``'s exit heads inside the layer graphs of its exit points (see the
+        class docstring; :attr:`heads_in_graph` False turns it off)."""
+        self._head_model = weakref.ref(model)
+        self._sessions.clear()
+        self._graphs.clear()
+
+    def _head_step(self, step: int):
+        """The model whose head the graph of layer ``step`` carries, or None."""
+        model = self._head_model() if self._head_model is not None and self.heads_in_graph else None
+        return model if model is not None and step in model.exit_points else None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -287,58 +325,83 @@ class OrtExecutor(LayerExecutor):
         return tuple((p.data_ptr(), p._version) for p in params if p is not None)
 
     def _drop_stale(self) -> None:
-        """Forget the sessions whose layer weights changed since they were built (a training
-        step updates them in place, ``load_state_dict`` too): checked once per call."""
+        """Forget the graphs and sessions whose weights (the layer's, and the head's it
+        carries) changed since they were built (a training step updates them in place,
+        ``load_state_dict`` too): checked once per call."""
         for key, params in self._params.items():
-            if key in self._sessions and self._identity(params) != self._weights[key]:
-                del self._sessions[key]
+            if key in self._graphs and self._identity(params) != self._weights[key]:
+                del self._graphs[key]
+                self._sessions.pop(key, None)
+
+    def _key(self, step: int) -> tuple:
+        return id(self.adapter.layer_module(step - 1)), step if self._head_step(step) is not None else 0
 
     def graph(self, step: int):
-        """The optimized (and for INT8 quantized) ``onnx.ModelProto`` of layer ``step`` (1-based)."""
-        self.session(step)
-        return self._graphs[id(self.adapter.layer_module(step - 1))]
+        """The optimized (and for INT8 quantized) ``onnx.ModelProto`` of layer ``step``
+        (1-based), built on first use (and after its weights changed: :meth:`_drop_stale`)."""
+        key = self._key(step)
+        proto = self._graphs.get(key)
+        if proto is None:
+            model = self._head_step(step)
+            if model is None:
+                graph = _LayerGraph(self.adapter, step - 1)
+            else:
+                head = model.head(step)
+                graph = _LayerGraph(self.adapter, step - 1, functools.partial(model.exit_logits, step),
+                                    [m for m in (head.pooler, head.classifier) if m is not None])
+            slots = [(m, n) for m in graph.modules() for n in m._parameters]
+            proto = self._graphs[key] = self._export(graph)
+            self._sessions.pop(key, None)
+            self._params[key], self._weights[key] = slots, self._identity(slots)
+        return proto
 
     def session(self, step: int):
-        """The session of layer ``step`` (1-based), built on first use (and after its weights
-        changed: see :meth:`_drop_stale`)."""
-        module = self.adapter.layer_module(step - 1)
-        key = id(module)
+        """The session of layer ``step``'s :meth:`graph` (1-based), built on first use."""
+        key = self._key(step)
         session = self._sessions.get(key)
         if session is None:
-            slots = [(m, n) for m in module.modules() for n in m._parameters]
-            self._build(step - 1, key)
-            self._params[key], self._weights[key] = slots, self._identity(slots)
-            session = self._sessions[key]
+            graph = self.graph(step)
+            session = self._sessions[key] = make_session(graph, self._session_threads, self.spin,
+                                                         self.spin_between_runs)
         return session
 
-    def _build(self, index: int, key: int) -> None:
+    def _export(self, graph: _LayerGraph):
+        """``graph`` exported, fused by the transformer optimizer (and quantized for INT8)."""
         cfg = self.adapter.config
         hidden = torch.zeros(2, 3, cfg.hidden_size)
         mask = torch.ones(2, 3, dtype=torch.long)
-        graph = _LayerGraph(self.adapter, index)
+        rows_by_length = {0: "rows", 1: "length"}
+        outputs, axes = ("out",), {"hidden": rows_by_length, "mask": rows_by_length, "out": rows_by_length}
+        if graph.exit_logits is not None:
+            outputs, axes = outputs + ("logits",), {**axes, "logits": {0: "rows"}}
         was_training = graph.layer.training
-        graph.layer.eval()
+        graph.layer.eval()  # (the head's exit_logits has no dropout)
         try:
             with eager_attention(cfg):
-                proto = export_graph(graph, (hidden, mask), ("hidden", "mask"), "out",
-                                     {"hidden": {0: "rows", 1: "length"}, "mask": {0: "rows", 1: "length"},
-                                      "out": {0: "rows", 1: "length"}})
+                proto = export_graph(graph, (hidden, mask), ("hidden", "mask"), outputs, axes)
         finally:
             graph.layer.train(was_training)
         proto = optimize_graph(proto, cfg, raw_mask=True)
-        if self.int8:
-            proto = quantize_graph(proto)
-        self._graphs[key] = proto
-        self._sessions[key] = make_session(proto, self._session_threads, self.spin, self.spin_between_runs)
+        return quantize_graph(proto) if self.int8 else proto
+
+    def _run(self, step: int, hidden: torch.Tensor, mask: torch.Tensor):
+        """(layer ``step``'s output, its exit logits or None) for ``hidden`` [N, S, H]."""
+        session = self.session(step)
+        hidden = hidden.contiguous()  # a trimmed batch is a strided view
+        outputs = {"out": torch.empty_like(hidden)}
+        model = self._head_step(step)
+        if model is not None:
+            outputs["logits"] = torch.empty(hidden.shape[0], model.num_labels)
+        run_bound(session, {"hidden": hidden, "mask": mask.contiguous()}, outputs)
+        return outputs["out"], outputs.get("logits")
 
     def layer_fn(self, step: int):
-        session = self.session(step)
+        return lambda hidden, mask: self._run(step, hidden, mask)[0]
 
-        def run(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            hidden = hidden.contiguous()  # a trimmed batch is a strided view
-            return run_bound(session, {"hidden": hidden, "mask": mask.contiguous()}, "out", torch.empty_like(hidden))
-
-        return run
+    def layer(self, step: int, rows: Rows) -> None:
+        rows.hidden, logits = self._run(step, rows.hidden, self.mask(rows))
+        if logits is not None:
+            rows.context["exit_logits"] = (step, logits)
 
 
 class OrtInt8Executor(OrtExecutor):

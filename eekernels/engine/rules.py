@@ -50,12 +50,29 @@ class ExitRule:
         raise NotImplementedError
 
 
+#: head_exit keywords a layer graph's logits already answer (any other changes the logits)
+_CRITERION_STATE = ("prev_pred", "counter")
+
+
 def head_exit(model, layer: int, rows: Rows, *, criterion: str, threshold: float, backend: Optional[str],
               **kwargs):
     """The fused exit head of ``model``'s exit after ``layer`` on the active rows, on what
     ``model.exit_input`` gives (a row's [CLS] state, or the layer's states with
     ``pooling="mean"`` and the rows' ``token_mask``: the op takes the mean of the real tokens).
-    ``kwargs`` go to :func:`eekernels.ops.exit_head` (memory, patience state, policy network...)."""
+    ``kwargs`` go to :func:`eekernels.ops.exit_head` (memory, patience state, policy network...).
+
+    When the layer executor computed this exit's logits inside the layer
+    (``rows.context["exit_logits"]``, see
+    :meth:`~eekernels.engine.executors.LayerExecutor.attach_exit_heads`) and ``kwargs`` hold
+    only the criterion's state, the op applies just the criterion: the logits go through an
+    identity classifier (C x C, exact)."""
+    given = rows.context.pop("exit_logits", None)
+    if (given is not None and given[0] == layer
+            and all(v is None for k, v in kwargs.items() if k not in _CRITERION_STATE)):
+        logits = given[1]
+        c = logits.shape[1]
+        return exit_head(logits, torch.eye(c, dtype=logits.dtype), torch.zeros(c, dtype=logits.dtype),
+                         criterion=criterion, threshold=threshold, backend=backend, **kwargs)
     head = model.head(layer)
     x, pooling = model.exit_input(layer, rows.hidden, rows.valid)
     return exit_head(x, head.classifier.weight, head.classifier.bias,

@@ -79,6 +79,7 @@ class ConsistentEEModel(EarlyExitModel):
 
     method = "consistentee"
     criteria = ("policy", "entropy", "max_prob", "patience")
+    plain_exit_heads = False  # the policy nets read the pooled state, not the logits
 
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None, init: str = "copy",
                  loss_weighting: str = "weighted", exit_pooling: str = "cls", *, policy_hidden: int = 32,

@@ -155,6 +155,8 @@ class PastFutureModel(EarlyExitModel):
 
     method = "past-future"
     criteria = ("entropy", "max_prob")
+    plain_exit_heads = False  # the rule merges the past states before its heads
+    engines = ("rows", "fixed", "graphed")  # not "ort-graph", which reads each exit's own head
 
     def __init__(self, hf_model: nn.Module, strategy: str = "concat", exit_layers: Optional[Sequence[int]] = None,
                  init: str = "copy", exit_pooling: str = "cls", last_exit: str = "past"):

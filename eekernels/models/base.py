@@ -55,7 +55,7 @@ FORMAT = "eekernels/1"
 #: the files an HF model directory holds its weights in (one of them)
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 #: ``early_exit(engine=...)``: row compaction, fixed capacity, fixed capacity as one CUDA graph
-ENGINES = ("rows", "fixed", "graphed")
+ENGINES = ("rows", "fixed", "graphed", "ort-graph")
 
 
 @dataclass
@@ -96,7 +96,7 @@ class EarlyExitBase(nn.Module):
 
     method: ClassVar[str] = ""
     criteria: ClassVar[Tuple[str, ...]] = ("entropy", "max_prob", "patience")
-    engines: ClassVar[Tuple[str, ...]] = ENGINES
+    engines: ClassVar[Tuple[str, ...]] = ("rows", "fixed", "graphed")
     #: the default threshold of each criterion when ``early_exit`` is given none
     default_thresholds: ClassVar[Dict[str, float]] = {"policy": 0.5}
 
@@ -209,6 +209,17 @@ class EarlyExitBase(nn.Module):
             raise ValueError(f"early_exit: the policy threshold is a probability in [0, 1], got {threshold}")
         return criterion, threshold
 
+    def _ort_graph(self, executor: str):
+        """The model's :class:`~eekernels.engine.ort_graph.OrtGraphEngine` on ``executor``'s
+        layer graphs (cached like the executors)."""
+        from ..engine.ort_graph import OrtGraphEngine
+
+        key = f"ort-graph:{executor}"
+        graph = self._executors.get(key)
+        if graph is None:
+            graph = self._executors[key] = OrtGraphEngine(self, executor)
+        return graph
+
     def _executor(self, name: Optional[str], engine: str) -> LayerExecutor:
         key = f"{engine}:{name}"
         ex = self._executors.get(key)
@@ -239,15 +250,18 @@ class EarlyExitBase(nn.Module):
                 exit point >= exit_profile[i] (the rule still runs; its decision is replaced).
             engine: "rows" (default: survivors are compacted after each exit, one host sync
                 per exit point), "fixed" (the batch keeps its capacity and decides on the
-                device: no sync, for small batches) or "graphed" (the fixed forward captured
-                as one CUDA graph per input shape; CUDA only).
+                device: no sync, for small batches), "graphed" (the fixed forward captured
+                as one CUDA graph per input shape; CUDA only) or "ort-graph" (the whole
+                forward, exits and compaction included, as one ONNX Runtime graph on the CPU:
+                entropy and max-prob on each exit's own head; ``executor`` "ort" (default) or
+                "ort-int8" gives its layers; :mod:`eekernels.engine.ort_graph`).
             executor: what runs the layers: "hf" (the HF modules; default for "rows"),
                 "parts" (the same weights as split plain-torch layers; default for "fixed" and
                 "graphed"), "ort" / "ort-int8" (each layer an ONNX Runtime session, fp32 or
                 dynamic INT8; engine="rows" only; needs ``pip install eekernels[ort]``), or
                 another registered executor.
             min_bucket: the smallest row bucket of the fixed engines.
-            group_by_length: engine="rows": sort the rows by length and run them as a few
+            group_by_length: engine="rows" or "ort-graph": sort the rows by length and run them as a few
                 groups of similar length, each trimmed to its longest row, where the padding
                 saved pays for the extra calls (:mod:`eekernels.engine.length_groups`); the
                 outputs stay in the batch's order. Not for models that report per-call token
@@ -262,9 +276,19 @@ class EarlyExitBase(nn.Module):
                              f"not {engine!r}")
         if not isinstance(group_by_length, bool):
             raise TypeError(f"early_exit: group_by_length must be a bool, got {type(group_by_length).__name__}")
-        if group_by_length and engine != "rows":
-            raise ValueError(f"early_exit: group_by_length=True runs with engine='rows', not {engine!r}")
+        if group_by_length and engine not in ("rows", "ort-graph"):
+            raise ValueError(f"early_exit: group_by_length=True runs with engine='rows' or 'ort-graph', not {engine!r}")
         criterion, threshold = self.check_rule(criterion, threshold)
+        if engine == "ort-graph":
+            graph = self._ort_graph(executor or "ort")
+
+            def whole(ids, mask, types, profile, with_metrics=True):
+                return graph(ids, mask, types, criterion, threshold, profile, with_metrics)
+
+            check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile)
+            if group_by_length:
+                return run_length_grouped(whole, self, input_ids, attention_mask, token_type_ids, exit_profile)
+            return whole(input_ids, attention_mask, token_type_ids, exit_profile)
         rule = self.exit_rule(criterion, threshold, backend)
         ex = self._executor(executor, engine)
         if engine == "rows":

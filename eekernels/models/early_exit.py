@@ -23,9 +23,10 @@ from torch import nn
 from .. import metrics
 from ..engine.executor_registry import EXECUTORS
 from ..engine.rules import ExitHeadRule
+from ..ops import exit_head_reference
 from ..hf.adapters import HeadLinears, adapter_for
 from ..nn.exit_head import POOLINGS, ExitHead, layer_summary
-from .base import EarlyExitTrainOutput, SingleModelBase
+from .base import ENGINES, EarlyExitTrainOutput, SingleModelBase
 
 __all__ = ["EarlyExitModel", "LOSS_WEIGHTINGS", "TRAINING_STAGES", "convert"]
 
@@ -50,6 +51,12 @@ class EarlyExitModel(SingleModelBase):
     """
 
     method = "early-exit"
+    #: the rule reads each exit's own head alone (:class:`ExitHeadRule`), so a layer executor
+    #: may compute the heads' logits inside the layers (False for rules that merge states
+    #: or read the pooled state itself: Past-Future, ConsistentEE's policy)
+    plain_exit_heads = True
+    #: the whole-graph engine decides on each exit's own head (not Past-Future's merged states)
+    engines = ENGINES
 
     def __init__(self, hf_model: nn.Module, exit_layers: Optional[Sequence[int]] = None,
                  init: str = "copy", loss_weighting: str = "weighted", exit_pooling: str = "cls"):
@@ -125,6 +132,17 @@ class EarlyExitModel(SingleModelBase):
             return hidden, {"pooling": "mean", "token_mask": valid}
         return self.exit_summary(layer, hidden, valid), {}
 
+    def exit_logits(self, layer: int, hidden: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits float32 [N, C] of the exit after ``layer`` from the layer's states [N, S, H]
+        at inference: what the fused exit head computes before its criterion (the op's
+        reference on :meth:`exit_input`), so a layer executor can run it inside the layer's
+        graph (:meth:`~eekernels.engine.executors.LayerExecutor.attach_exit_heads`)."""
+        head = self.head(layer)
+        x, pooling = self.exit_input(layer, hidden, valid)
+        return exit_head_reference(x, head.classifier.weight, head.classifier.bias,
+                                   pooler_weight=None if head.pooler is None else head.pooler.weight,
+                                   pooler_bias=None if head.pooler is None else head.pooler.bias, **pooling).logits
+
     def head_parameters(self) -> List[nn.Parameter]:
         """The parameters the method adds or initialises afresh (every exit head, the final
         head and the method's modules): what ``--head-lr`` trains."""
@@ -149,7 +167,10 @@ class EarlyExitModel(SingleModelBase):
             raise ValueError(f"early_exit: unknown executor {name!r}; choose one of {sorted(EXECUTORS)}")
         if engine != "rows" and name == "hf":
             raise ValueError(f"early_exit(engine={engine!r}) runs layers under torch.cond: use executor='parts'")
-        return EXECUTORS[name](self.adapter)
+        executor = EXECUTORS[name](self.adapter)
+        if self.plain_exit_heads:
+            executor.attach_exit_heads(self)
+        return executor
 
     def exit_extra_flops(self, layer: int) -> int:
         """FLOPs per sample an exit at ``layer`` costs beyond its pooler + classifier."""

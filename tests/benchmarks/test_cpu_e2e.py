@@ -212,14 +212,14 @@ def test_group_by_length_paths(tmp_path, monkeypatch):
     _write_glue(tmp_path / "data")
     out = tmp_path / "out"
     rc = main(["--quick", "--tiny", "--threads", "1", "--data-dir", str(tmp_path / "data"), "--out", str(out),
-               "--tasks", "sst2", "--batch-sizes", "8", "--paths", "hf-eager,ort-fp32", "--executors", "hf,ort",
-               "--profiles-dir", str(tmp_path), "--group-by-length"])
+               "--tasks", "sst2", "--batch-sizes", "8", "--paths", "hf-eager,ort-fp32",
+               "--executors", "hf,ort,graph-ort", "--profiles-dir", str(tmp_path), "--group-by-length"])
     assert rc == 0
     res = json.loads((out / "cpu_e2e.json").read_text())["results"]
     got = {(r["path"], r["profile"]): r for r in res}
     full = {n: got[(n, "full model")]["ms_per_sentence"] for n in ("hf-eager", "ort-fp32", "ort-fp32" + GROUPED)}
     fastest = min(full.values())
-    for ex in ("ee-hf", "ee-ort"):
+    for ex in ("ee-hf", "ee-ort", "ee-graph-ort"):
         plain, grouped = got[(ex, NO_EXIT)], got[(ex + GROUPED, NO_EXIT)]
         assert grouped["rel_err_vs_hf"] < 1e-4 and plain["rel_err_vs_hf"] < 1e-4
         assert grouped["speedup"] == pytest.approx(fastest / grouped["ms_per_sentence"])
@@ -232,4 +232,5 @@ def test_group_by_length_paths(tmp_path, monkeypatch):
 
     best = best_2x(res, int8=False)
     assert best["speedup_vs_in_order"] == max(r["speedup_vs_in_order"] for r in res
-                                              if r["executor"] in ("hf", "ort") and r["profile"].startswith("2x"))
+                                              if r["executor"] in ("hf", "ort", "graph-ort")
+                                              and r["profile"].startswith("2x"))

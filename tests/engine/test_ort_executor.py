@@ -81,38 +81,99 @@ def test_batched_equals_each_row_alone(tiny):
 
 
 @pytest.mark.parametrize("name,attention", [("ort", "Attention"), ("ort-int8", "QAttention")])
-def test_the_optimizer_fuses_every_layer(tiny, name, attention):
-    arch, _, model = tiny
+@pytest.mark.parametrize("heads_in_graph", [True, False])
+def test_the_optimizer_fuses_every_layer(tiny, name, attention, heads_in_graph):
+    arch, hf, _ = tiny
+    model = convert(hf).eval()  # its own executors
+    ex = model._executor(name, "rows")
+    ex.heads_in_graph = heads_in_graph
     ids, mask, _ = ragged_batch(3, 6)
     model.early_exit(ids, mask, threshold=0.0, executor=name)
-    ex = model._executors[f"rows:{name}"]
     gelu = "FastGelu" if arch == "albert" else "BiasGelu"  # ALBERT's gelu_new is the tanh form
     for step in range(1, model.num_layers + 1):
         graph = ex.graph(step)
         ops = [n.op_type for n in graph.graph.node]
         assert ops.count(attention) == 1 and ops.count("SkipLayerNormalization") == 2 and ops.count(gelu) == 1, ops
         assert "Softmax" not in ops and "LayerNormalization" not in ops, ops  # nothing left unfused
-    # ALBERT shares one layer across depth: one session; BERT/RoBERTa one per layer
-    assert len(ex._sessions) == (1 if arch == "albert" else model.num_layers)
+        outputs = [o.name for o in graph.graph.output]
+        assert outputs == (["out", "logits"] if heads_in_graph else ["out"]), outputs
+    # every layer is an exit point here: with the heads inside, one session per layer; without,
+    # ALBERT's layer shared across depth is one session
+    assert len(ex._sessions) == (1 if arch == "albert" and not heads_in_graph else model.num_layers)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("criterion", ["entropy", "max_prob", "patience"])
+def test_heads_inside_the_layer_graphs_decide_as_the_fused_head(tiny, pooling, criterion, monkeypatch):
+    """The exit heads computed inside the layer graphs give the exits and logits of the fused
+    exit head run after the layer (the HF executor, and the ORT executor with the heads apart),
+    and the rule then runs no head of its own."""
+    _, hf, _ = tiny
+    model = convert(hf, exit_pooling=pooling).eval()
+    ids, mask, _ = ragged_batch(8, 12, seed=5)
+    thr = 2 if criterion == "patience" else mid_threshold(model, ids, mask, criterion)
+    apart = convert(hf, exit_pooling=pooling).eval()
+    apart.load_state_dict(model.state_dict())
+    apart._executor("ort", "rows").heads_in_graph = False
+    ref = model.early_exit(ids, mask, criterion=criterion, threshold=thr, executor="hf")
+    inside = model.early_exit(ids, mask, criterion=criterion, threshold=thr, executor="ort")
+    alone = apart.early_exit(ids, mask, criterion=criterion, threshold=thr, executor="ort")
+    assert model._executor("ort", "rows").graph(1).graph.output[1].name == "logits"
+    assert [o.name for o in apart._executor("ort", "rows").graph(1).graph.output] == ["out"]
+    if criterion != "patience":
+        assert len(set(ref.exit_layer.tolist())) > 1, "the threshold should spread the exits"
+    for out in (inside, alone):
+        assert torch.equal(out.exit_layer, ref.exit_layer)
+        assert torch.allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+
+    def no_head_input(*args, **kwargs):
+        raise AssertionError("the rule ran an exit head itself")
+
+    monkeypatch.setattr(model, "exit_input", no_head_input)
+    again = model.early_exit(ids, mask, criterion=criterion, threshold=thr, executor="ort")
+    assert torch.equal(again.exit_layer, inside.exit_layer) and torch.equal(again.logits, inside.logits)
 
 
 def test_sessions_follow_the_weights(tiny):
-    """A layer's weights changed in place (a training step) rebuild its session."""
+    """A layer's or an exit head's weights changed in place (a training step) rebuild the
+    session that carries them."""
     _, hf, model = tiny
     ids, mask, _ = ragged_batch(4, 7)
     model.early_exit(ids, mask, threshold=0.0, executor="ort")
-    dense = model.adapter.layer_module(0).parameters()
-    w = next(dense)
-    saved = w.detach().clone()
+    w = next(model.adapter.layer_module(0).parameters())
+    head_w = model.head(1).classifier.weight
+    saved, saved_head = w.detach().clone(), head_w.detach().clone()
     try:
         with torch.no_grad():
             w.mul_(-1.5)
             ref = hf(input_ids=ids, attention_mask=mask).logits
         out = model.early_exit(ids, mask, threshold=0.0, executor="ort")
         assert rel_err(out.logits, ref) <= 1e-4
+        # exits at layer 1 read its head: a changed head changes what leaves there
+        with torch.no_grad():
+            head_w.mul_(-3.0)
+        ref = model.early_exit(ids, mask, threshold=1.0, executor="hf")
+        out = model.early_exit(ids, mask, threshold=1.0, executor="ort")
+        assert (ref.exit_layer == 1).all()
+        assert torch.allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
     finally:
         with torch.no_grad():
             w.copy_(saved)
+            head_w.copy_(saved_head)
+
+
+def test_rules_that_merge_states_get_layer_graphs_alone():
+    """Past-Future's rule reads merged past states, not each exit's own head: its layer
+    graphs carry no head, and its exits match the HF executor."""
+    from eekernels.methods.past_future import convert as convert_past_future
+
+    model = convert_past_future(tiny_classifier("bert")).eval()
+    ids, mask, _ = ragged_batch(6, 10, seed=3)
+    ref = model.early_exit(ids, mask, criterion="entropy", threshold=0.3, executor="hf")
+    out = model.early_exit(ids, mask, criterion="entropy", threshold=0.3, executor="ort")
+    assert [o.name for o in model._executor("ort", "rows").graph(1).graph.output] == ["out"]
+    assert torch.equal(out.exit_layer, ref.exit_layer)
+    assert torch.allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
 
 
 def test_fixed_engines_refuse_the_ort_executor(tiny):
@@ -319,17 +380,17 @@ def test_make_session_spinning_options(tiny, spin, between, expect):
     assert (entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")) == expect
 
 
-def test_ort_spin_benchmark_runs_and_refuses_bad_policies(capsys):
-    """benchmarks/ort_spin.py: a tiny A/B runs end to end on SST-2 and prints every path."""
-    path = ROOT / "benchmarks" / "ort_spin.py"
-    spec = importlib.util.spec_from_file_location("ort_spin_bench", path)
+def test_ort_variants_benchmark_runs_and_refuses_bad_variants(capsys):
+    """benchmarks/ort_variants.py: a tiny A/B runs end to end on SST-2 and prints every path."""
+    path = ROOT / "benchmarks" / "ort_variants.py"
+    spec = importlib.util.spec_from_file_location("ort_variants_bench", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--policies", "sleep,nope"]) == 2
-    assert "--policies" in capsys.readouterr().err
+    assert mod.main(["--variants", "sleep,nope"]) == 2
+    assert "--variants" in capsys.readouterr().err
     _minilm_sst2(1)  # skips without the weights or the data
     assert mod.main(["--rows", "4", "--batch-sizes", "2", "--rounds", "1", "--threads", "1",
-                     "--policies", "sleep,spin-in-run"]) == 0
+                     "--variants", "heads-apart,heads-in-graph"]) == 0
     out = capsys.readouterr().out
-    for name in ("ort-fp32", "ee-ort", "sleep", "spin-in-run", "ORT default"):
+    for name in ("ort-fp32", "ee-ort", "heads-apart", "heads-in-graph", "ORT default"):
         assert name in out, out

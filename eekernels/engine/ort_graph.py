@@ -1,0 +1,319 @@
+"""The whole early-exit forward as one ONNX Runtime graph: ``early_exit(engine="ort-graph")``.
+
+The row engine with the ORT executor (:mod:`eekernels.engine.ort`) runs a session per layer
+and decides in Python between them; at small batches the calls and the bookkeeping cost
+what the skipped layers save. Here one graph holds it all, and one ``Run`` does a batch::
+
+    h, mask, index, forced = embed(input_ids, token_types), mask, arange(B), forced
+    for layer i = 1 .. L:
+        h, logits = layer_i(h, mask)                   # the layer graph of the ORT executor,
+                                                       # with exit i's head inside
+        if i is an exit point:
+            leave = score(logits) < threshold          # entropy (DeeBERT; max-prob: >=)
+                    or forced <= i                     # (a benchmark's profile)
+            emit index[leave], logits[leave], i        # the leavers' results, in exit order
+            h, mask, index, forced = rows[~leave]      # Compress: later layers see the rest
+
+The layers are the ORT executor's transformer-optimized layer graphs, copied in with their
+names prefixed; the leavers' results come out concatenated in exit order and are put back
+in batch order in torch. A layer that no row reaches runs on zero rows (INT8 layers, whose
+quantizer cannot, sit in an ``If`` on "a row is left").
+
+Exit rules: entropy and max-prob on each exit's own head (models whose
+``plain_exit_heads`` is True); fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["EMPTY_UNSAFE_OPS", "GRAPH_CRITERIA", "OrtGraphEngine", "compose_early_exit_graph"]
+
+#: the exit rules the composed graph decides with
+GRAPH_CRITERIA = ("entropy", "max_prob")
+
+
+def _copy_layer(graph, prefix: str, inputs: Dict[str, str], nodes: list, initializers: list) -> None:
+    """Append ``graph``'s nodes and initializers with every name prefixed, its inputs renamed
+    to ``inputs`` (graph input name -> tensor name in the composed graph)."""
+    import onnx
+
+    def rename(name: str) -> str:
+        return name if name == "" else inputs.get(name, prefix + name)
+
+    for t in graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = prefix + t.name
+        initializers.append(copy)
+    for n in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.name = prefix + (n.name or n.op_type)
+        del copy.input[:]
+        copy.input.extend(rename(x) for x in n.input)
+        del copy.output[:]
+        copy.output.extend(rename(x) for x in n.output)
+        nodes.append(copy)
+
+
+_RESULTS = ("exit_index", "exit_logits", "exit_layer")
+
+
+#: operators that fail on zero rows (ONNX Runtime's DynamicQuantizeLinear divides by zero)
+EMPTY_UNSAFE_OPS = ("DynamicQuantizeLinear",)
+
+
+def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[int], criterion: str,
+                             num_labels: int):
+    """One ``onnx.ModelProto`` of the early-exit forward (see the module docstring).
+
+    Args:
+        embedding: ModelProto ``(input_ids int64 [N, S], token_type_ids int64 [N, S]) -> hidden``.
+        layers: ModelProto per layer, ``(hidden, mask int64 [N, S]) -> out`` and, at the exit
+            points, ``logits`` [N, C] too.
+        exit_points: the 1-based exit layers (the last is the last layer).
+        criterion: "entropy" (leave when the entropy < threshold) or "max_prob" (>=).
+        num_labels: C.
+
+    Graph inputs: ``input_ids``, ``token_type_ids``, ``mask`` (int64 [N, S]), ``index``
+    (int64 [N], each row's batch position), ``threshold`` (float []) and ``forced`` (int64
+    [N]): a row leaves at an exit point where the criterion says so or that is >= its
+    ``forced`` (a threshold no score meets, -inf for entropy or +inf for max-prob, with
+    ``forced`` leaves by the profile alone; ``forced`` beyond the last layer, by the
+    criterion alone). Outputs, one row per input row in exit order: ``exit_index`` (its
+    batch position), ``exit_logits`` [N, C], ``exit_layer``.
+
+    A layer that no row reaches runs on zero rows (fp32: every operator of the layer and
+    head graphs takes them; tested), unless the layers hold an operator of
+    :data:`EMPTY_UNSAFE_OPS` (INT8: its quantizer dies of a division by zero on an empty
+    tensor): then what follows each exit point runs inside an ``If`` on "some row is left",
+    which costs about 0.1 ms per exit point.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    if criterion not in GRAPH_CRITERIA:
+        raise ValueError(f"early_exit(engine='ort-graph'): criterion must be one of {GRAPH_CRITERIA}, "
+                         f"got {criterion!r}")
+    last = len(layers)
+    if list(exit_points)[-1] != last:
+        raise ValueError(f"the last exit point must be the last layer {last}, got {list(exit_points)}")
+    exits = set(exit_points)
+    guard = any(n.op_type in EMPTY_UNSAFE_OPS for m in layers for n in m.graph.node)
+    types = {"exit_index": (TensorProto.INT64, ["rows"]), "exit_logits": (TensorProto.FLOAT, ["rows", num_labels]),
+             "exit_layer": (TensorProto.INT64, ["rows"])}
+
+    def outputs(names: Sequence[str]) -> list:
+        return [helper.make_tensor_value_info(n, *types[r]) for n, r in zip(names, _RESULTS)]
+
+    def layers_from(first: int, hidden: str, rows: Dict[str, str], nodes: list, initializers: list) -> List[str]:
+        """Append layers ``first`` .. last to ``nodes``, their weights to ``initializers``
+        (each ``If`` branch holds its own layers' weights: weights of the outer scope would
+        be handed down through every nested ``If`` on every run); the names of their three
+        results."""
+        def node(op: str, inputs: Sequence[str], output: str, **attrs) -> str:
+            nodes.append(helper.make_node(op, list(inputs), [output], name=output, **attrs))
+            return output
+
+        def const(name: str, value) -> str:
+            initializers.append(numpy_helper.from_array(np.asarray(value), name))
+            return name
+
+        emitted: List[List[str]] = [[], [], []]
+        for i in range(first, last + 1):
+            p = f"layer{i}/"
+            _copy_layer(layers[i - 1].graph, p, {"hidden": hidden, "mask": rows["mask"]}, nodes, initializers)
+            hidden = p + "out"
+            if i not in exits:
+                continue
+            logits = p + "logits"
+            if i == last:
+                leave_index, leave_logits = rows["index"], logits
+            else:
+                probs = node("Softmax", [logits], p + "probs", axis=1)
+                if criterion == "entropy":  # deebert.txt: leave when the entropy < S
+                    plogp = node("Mul", [probs, node("LogSoftmax", [logits], p + "log_probs", axis=1)], p + "plogp")
+                    axis = const(p + "classes_axis", np.array([1], np.int64))
+                    score = node("Neg", [node("ReduceSum", [plogp, axis], p + "neg_entropy", keepdims=0)],
+                                 p + "entropy")
+                    by_score = node("Less", [score, "threshold"], p + "by_score")
+                else:  # opset < 18: ReduceMax's axes are an attribute
+                    score = node("ReduceMax", [probs], p + "max_prob", axes=[1], keepdims=0)
+                    by_score = node("GreaterOrEqual", [score, "threshold"], p + "by_score")
+                step = const(p + "step", np.array(i, np.int64))
+                leave = node("Or", [by_score, node("LessOrEqual", [rows["forced"], step], p + "by_force")],
+                             p + "leave")
+                keep = node("Not", [leave], p + "keep")
+                leave_index = node("Compress", [rows["index"], leave], p + "leave_index", axis=0)
+                leave_logits = node("Compress", [logits, leave], p + "leave_logits", axis=0)
+            count = node("Shape", [leave_index], p + "leave_count")
+            for parts, name in zip(emitted, (leave_index, leave_logits,
+                                             node("Expand", [const(p + "layer", np.array(i, np.int64)), count],
+                                                  p + "leave_layer"))):
+                parts.append(name)
+            if i == last:
+                break
+            hidden = node("Compress", [hidden, keep], p + "kept_hidden", axis=0)
+            rows = {k: node("Compress", [v, keep], p + "kept_" + k, axis=0) for k, v in rows.items()}
+            if not guard:
+                continue
+            # the rest runs only while some row is left
+            any_left = node("Greater", [node("Size", [rows["index"]], p + "left"),
+                                        const(p + "zero", np.array(0, np.int64))], p + "any_left")
+            rest: List = []
+            rest_weights: List = []
+            rest_results = layers_from(i + 1, hidden, rows, rest, rest_weights)
+            empty = [helper.make_node("Constant", [], [p + "none_" + r], name=p + "none_" + r,
+                                      value=helper.make_tensor(p + "none_" + r, types[r][0],
+                                                               [0, num_labels] if r == "exit_logits" else [0], []))
+                     for r in _RESULTS]
+            names = [p + "rest_" + r for r in _RESULTS]
+            nodes.append(helper.make_node(
+                "If", [any_left], names, name=p + "rest",
+                then_branch=helper.make_graph(rest, p + "rest", [], outputs(rest_results), rest_weights),
+                else_branch=helper.make_graph(empty, p + "none", [], outputs([n.output[0] for n in empty]))))
+            for parts, name in zip(emitted, names):
+                parts.append(name)
+            break
+        tag = f"from{first}/"  # (a new name even for one part: a branch may not return an outer value)
+        return [node("Concat", parts, tag + r, axis=0) for parts, r in zip(emitted, _RESULTS)]
+
+    nodes: List = []
+    initializers: List = []
+    _copy_layer(embedding.graph, "embed/", {"input_ids": "input_ids", "token_type_ids": "token_type_ids"},
+                nodes, initializers)
+    results = layers_from(1, "embed/" + embedding.graph.output[0].name,
+                          {"mask": "mask", "index": "index", "forced": "forced"}, nodes, initializers)
+    nodes += [helper.make_node("Identity", [r], [name], name=name) for r, name in zip(results, _RESULTS)]
+    graph = helper.make_graph(
+        nodes, "eekernels_early_exit",
+        inputs=[helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["rows", "length"]),
+                helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["rows", "length"]),
+                helper.make_tensor_value_info("mask", TensorProto.INT64, ["rows", "length"]),
+                helper.make_tensor_value_info("index", TensorProto.INT64, ["rows"]),
+                helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []),
+                helper.make_tensor_value_info("forced", TensorProto.INT64, ["rows"])],
+        outputs=outputs(_RESULTS), initializer=initializers)
+    opsets = {(o.domain, o.version) for m in (embedding, *layers) for o in m.opset_import}
+    versions: Dict[str, int] = {}
+    for domain, version in opsets:
+        versions[domain] = max(version, versions.get(domain, 0))
+    if not 13 <= versions.get("", 0) < 18:  # ReduceSum's axes an input, ReduceMax's an attribute
+        raise ValueError(f"the layer graphs' opset must be 13-17 (they are exported at 17), got {versions.get('')}")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in versions.items()])
+    model.ir_version = max(m.ir_version for m in (embedding, *layers))
+    return model
+
+
+class _EmbeddingGraph(nn.Module):
+    """What the embedding graph computes: the adapter's ``embed`` of ids and token types."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+        # registered, so that the weights embed reads become the graph's own (the exporter
+        # keeps only those: ALBERT's embedding projection lives in its encoder)
+        self.base = adapter.base
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.adapter.embed(input_ids, token_type_ids)
+
+
+class OrtGraphEngine:
+    """``early_exit(engine="ort-graph")`` for one model and layer executor ("ort" or
+    "ort-int8"): one session per exit rule, built on first use from the executor's layer
+    graphs (each exit point's head inside) and the exported embedding, rebuilt when any
+    weight of the model changes. Sessions run on torch's thread count at build time, their
+    threads spinning only inside a run (:func:`~eekernels.engine.ort.make_session`)."""
+
+    def __init__(self, model, executor: str = "ort"):
+        from .executor_registry import EXECUTORS
+
+        if executor not in ("ort", "ort-int8"):
+            raise ValueError(f"early_exit(engine='ort-graph') composes the layer graphs of executor 'ort' or "
+                             f"'ort-int8', not {executor!r}")
+        self.layers = EXECUTORS[executor](model.adapter)
+        self.layers.attach_exit_heads(model)
+        self._model = weakref.ref(model)
+        self._sessions: Dict[str, object] = {}  # criterion -> session
+        self._slots = [(m, n) for m in model.modules() for n in m._parameters]
+        self._built_from = None  # the weights' identity the sessions were built from
+
+    def graph(self, criterion: str):
+        """The composed ``onnx.ModelProto`` for ``criterion`` (built with its session)."""
+        return self._session(criterion)[1]
+
+    def _session(self, criterion: str):
+        from .ort import OrtExecutor, eager_attention, export_graph, make_session
+
+        identity = OrtExecutor._identity(self._slots)
+        if identity != self._built_from:
+            self._sessions.clear()
+            self.layers._drop_stale()
+            self._built_from = identity
+        entry = self._sessions.get(criterion)
+        if entry is None:
+            model = self._model()
+            adapter = model.adapter
+            embedding = _EmbeddingGraph(adapter)
+            was_training = embedding.base.training
+            embedding.base.eval()
+            ids = torch.ones(2, 3, dtype=torch.long)
+            rows_by_length = {0: "rows", 1: "length"}
+            try:
+                with eager_attention(adapter.config):
+                    embed = export_graph(embedding, (ids, torch.zeros_like(ids)), ("input_ids", "token_type_ids"),
+                                         ("hidden",), {"input_ids": rows_by_length, "token_type_ids": rows_by_length,
+                                                       "hidden": rows_by_length})
+            finally:
+                embedding.base.train(was_training)
+            layers = [self.layers.graph(step) for step in range(1, model.num_layers + 1)]
+            proto = compose_early_exit_graph(embed, layers, model.exit_points, criterion, model.num_labels)
+            session = make_session(proto, torch.get_num_threads(), spin=True, spin_between_runs=False)
+            entry = self._sessions[criterion] = (session, proto, {i.name for i in session.get_inputs()})
+        return entry
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 token_type_ids: Optional[torch.Tensor], criterion: str, threshold: float,
+                 exit_profile: Optional[torch.Tensor] = None, with_metrics: bool = True):
+        """The :class:`~eekernels.engine.loop.EarlyExitOutput` of one batch (inputs checked by
+        the caller); ``exit_profile`` as for the row engine."""
+        from .loop import EarlyExitOutput
+
+        model = self._model()
+        if next(model.parameters()).dtype != torch.float32 or input_ids.device.type != "cpu":
+            raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
+        session, _, inputs = self._session(criterion)
+        b, s = input_ids.shape
+        if exit_profile is None:
+            forced = torch.full((b,), model.num_layers + 1, dtype=torch.int64)
+        else:  # the profile alone decides: a threshold no score meets
+            forced = torch.as_tensor(exit_profile).to(torch.int64)
+            threshold = -math.inf if criterion == "entropy" else math.inf
+        feeds = {
+            "input_ids": input_ids.to(torch.int64),
+            "token_type_ids": torch.zeros_like(input_ids, dtype=torch.int64) if token_type_ids is None
+            else token_type_ids.to(torch.int64),
+            "mask": torch.ones(b, s, dtype=torch.int64) if attention_mask is None else attention_mask.to(torch.int64),
+            "index": torch.arange(b),
+            "threshold": torch.tensor(threshold, dtype=torch.float32),
+            "forced": forced,
+        }
+        index, logits, layer = session.run(None, {k: v.contiguous().numpy() for k, v in feeds.items() if k in inputs})
+        index = torch.from_numpy(index)
+        out_logits = torch.empty(b, model.num_labels)
+        out_layer = torch.empty(b, dtype=torch.int64)
+        out_logits[index] = torch.from_numpy(logits)
+        out_layer[index] = torch.from_numpy(layer)
+        pred = out_logits.argmax(dim=1)
+        if not with_metrics:
+            return EarlyExitOutput(out_logits, out_layer, pred, math.nan, math.nan, -1, {})
+        seq_len = attention_mask.sum(dim=1) if attention_mask is not None else torch.full((b,), s)
+        layer_sp, flops_sp = model.speedups(out_layer, seq_len, {})
+        return EarlyExitOutput(out_logits, out_layer, pred, layer_sp, flops_sp, int(out_layer.sum()), {})
