@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 __all__ = ["encoder_layer_flops", "exit_head_flops", "flops_speedup", "flops_speedup_tokens", "layer_speedup",
@@ -21,19 +22,21 @@ __all__ = ["encoder_layer_flops", "exit_head_flops", "flops_speedup", "flops_spe
 
 
 def layer_speedup(exit_layer: torch.Tensor, num_layers: int) -> float:
-    """Layer speed-up (past-future.txt eq. 15) of 1-based exit layers over ``num_layers``."""
-    exit_layer = torch.as_tensor(exit_layer)
-    if exit_layer.numel() == 0:
+    """Layer speed-up (past-future.txt eq. 15) of 1-based exit layers (a CPU tensor or array)
+    over ``num_layers``."""
+    exit_layer = np.asarray(exit_layer)  # numpy: a few microseconds on the per-call path
+    if exit_layer.size == 0:
         raise ValueError("layer_speedup: no samples")
-    if int(exit_layer.min()) < 1 or int(exit_layer.max()) > num_layers:
+    if exit_layer.min() < 1 or exit_layer.max() > num_layers:
         raise ValueError(f"layer_speedup: exit layers must be in [1, {num_layers}]")
-    return float(num_layers * exit_layer.numel() / exit_layer.double().sum())
+    return float(num_layers * exit_layer.size / exit_layer.sum(dtype=np.float64))
 
 
 def encoder_layer_flops(seq_len: torch.Tensor, hidden: int, intermediate: int) -> torch.Tensor:
     """FLOPs (2 per multiply-add) of one transformer encoder layer per sample of ``seq_len`` tokens:
-    Q/K/V/output projections 8·S·H², the FFN 4·S·H·I, attention scores and weighted sum 4·S²·H."""
-    s = torch.as_tensor(seq_len, dtype=torch.float64)
+    Q/K/V/output projections 8·S·H², the FFN 4·S·H·I, attention scores and weighted sum 4·S²·H.
+    A numpy ``seq_len`` gives a numpy array (the per-call path), anything else a float64 tensor."""
+    s = seq_len.astype(np.float64) if isinstance(seq_len, np.ndarray) else torch.as_tensor(seq_len, dtype=torch.float64)
     return 8 * s * hidden**2 + 4 * s * hidden * intermediate + 4 * s**2 * hidden
 
 

@@ -29,6 +29,7 @@ import math
 import weakref
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -95,7 +96,6 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
     tensor): then what follows each exit point runs inside an ``If`` on "some row is left",
     which costs about 0.1 ms per exit point.
     """
-    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     if criterion not in GRAPH_CRITERIA:
@@ -211,6 +211,11 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
     return model
 
 
+def _int64(t: torch.Tensor):
+    """A contiguous int64 numpy view (or copy) of ``t``."""
+    return t.to(torch.int64).contiguous().numpy()
+
+
 class _EmbeddingGraph(nn.Module):
     """What the embedding graph computes: the adapter's ``embed`` of ids and token types."""
 
@@ -260,6 +265,8 @@ class OrtGraphEngine:
         entry = self._sessions.get(criterion)
         if entry is None:
             model = self._model()
+            if any(p.dtype != torch.float32 for p in model.parameters()):
+                raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
             adapter = model.adapter
             embedding = _EmbeddingGraph(adapter)
             was_training = embedding.base.training
@@ -287,33 +294,32 @@ class OrtGraphEngine:
         from .loop import EarlyExitOutput
 
         model = self._model()
-        if next(model.parameters()).dtype != torch.float32 or input_ids.device.type != "cpu":
+        if input_ids.device.type != "cpu":
             raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
         session, _, inputs = self._session(criterion)
         b, s = input_ids.shape
         if exit_profile is None:
-            forced = torch.full((b,), model.num_layers + 1, dtype=torch.int64)
+            forced = np.full(b, model.num_layers + 1, dtype=np.int64)
         else:  # the profile alone decides: a threshold no score meets
-            forced = torch.as_tensor(exit_profile).to(torch.int64)
+            forced = torch.as_tensor(exit_profile).to(torch.int64).numpy()
             threshold = -math.inf if criterion == "entropy" else math.inf
-        feeds = {
-            "input_ids": input_ids.to(torch.int64),
-            "token_type_ids": torch.zeros_like(input_ids, dtype=torch.int64) if token_type_ids is None
-            else token_type_ids.to(torch.int64),
-            "mask": torch.ones(b, s, dtype=torch.int64) if attention_mask is None else attention_mask.to(torch.int64),
-            "index": torch.arange(b),
-            "threshold": torch.tensor(threshold, dtype=torch.float32),
+        feeds = {  # numpy views of the tensors (each call costs little: this is the B = 1 path)
+            "input_ids": _int64(input_ids),
+            "token_type_ids": np.zeros((b, s), np.int64) if token_type_ids is None else _int64(token_type_ids),
+            "mask": np.ones((b, s), np.int64) if attention_mask is None else _int64(attention_mask),
+            "index": np.arange(b, dtype=np.int64),
+            "threshold": np.array(threshold, np.float32),
             "forced": forced,
         }
-        index, logits, layer = session.run(None, {k: v.contiguous().numpy() for k, v in feeds.items() if k in inputs})
-        index = torch.from_numpy(index)
-        out_logits = torch.empty(b, model.num_labels)
-        out_layer = torch.empty(b, dtype=torch.int64)
-        out_logits[index] = torch.from_numpy(logits)
-        out_layer[index] = torch.from_numpy(layer)
+        index, logits, layer = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        out_logits = np.empty_like(logits)
+        out_layer = np.empty_like(layer)
+        out_logits[index] = logits
+        out_layer[index] = layer
+        out_logits, out_layer = torch.from_numpy(out_logits), torch.from_numpy(out_layer)
         pred = out_logits.argmax(dim=1)
         if not with_metrics:
             return EarlyExitOutput(out_logits, out_layer, pred, math.nan, math.nan, -1, {})
-        seq_len = attention_mask.sum(dim=1) if attention_mask is not None else torch.full((b,), s)
-        layer_sp, flops_sp = model.speedups(out_layer, seq_len, {})
+        seq_len = feeds["mask"].sum(axis=1)
+        layer_sp, flops_sp = model.speedups(out_layer, torch.from_numpy(seq_len), {})
         return EarlyExitOutput(out_logits, out_layer, pred, layer_sp, flops_sp, int(out_layer.sum()), {})

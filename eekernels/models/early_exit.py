@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -183,12 +184,13 @@ class EarlyExitModel(SingleModelBase):
 
     def speedups(self, exit_layer, seq_len, extras) -> Tuple[float, float]:
         hidden, inter, _ = self.adapter.shape()
-        e = torch.as_tensor(exit_layer, dtype=torch.float64)
+        exit_layer, seq_len = _numpy(exit_layer), _numpy(seq_len)  # numpy: this runs on every call
+        e = exit_layer.astype(np.float64)
         per_layer = metrics.encoder_layer_flops(seq_len, hidden, inter)
         head = metrics.exit_head_flops(hidden, self.num_labels)
-        exits = torch.tensor(self.exit_layers, dtype=torch.float64)
-        cost = torch.tensor([head + self.exit_extra_flops(l) for l in self.exit_layers], dtype=torch.float64)
-        heads_run = ((exits[None, :] <= e[:, None]).double() * cost[None, :]).sum(dim=1)
+        exits = np.asarray(self.exit_layers, dtype=np.float64)
+        cost = np.asarray([head + self.exit_extra_flops(l) for l in self.exit_layers], dtype=np.float64)
+        heads_run = (exits[None, :] <= e[:, None]) @ cost
         full = (self.num_layers * per_layer + head + self.full_model_extra_flops()).sum()
         return self.layer_speedup(exit_layer), float(full / (e * per_layer + heads_run).sum())
 
@@ -290,6 +292,10 @@ def _as_classifier(model: nn.Module, num_labels: Optional[int]) -> nn.Module:
     if num_labels is not None and num_labels != model.config.num_labels:
         raise ValueError(f"convert: model has num_labels={model.config.num_labels}, asked for {num_labels}")
     return model
+
+
+def _numpy(t) -> np.ndarray:
+    return t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
 def convert(model: nn.Module, exit_layers: Optional[Sequence[int]] = None, num_labels: Optional[int] = None,
