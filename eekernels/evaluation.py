@@ -110,14 +110,14 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
              target_speedup: Optional[float] = None, batch_size: int = 32, max_length: int = 128,
              text_columns: Optional[str] = None, label_column: Optional[str] = None, backend: Optional[str] = None,
              cpu: bool = False, progress: bool = True, predictions: Optional[str] = None,
-             executor: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+             executor: Optional[str] = None, engine: str = "rows", log: Callable[[str], None] = print) -> dict:
     """Evaluate a saved model on a labelled file (see the module docstring); returns the report.
 
     Exactly one of ``threshold`` and ``target_speedup`` (calibrated on this data, in-sample)
     for methods with an exit rule; neither for methods without one (HashEE). Bad input
     raises ValueError/FileNotFoundError naming the file, option or value. ``executor`` is
     what runs the layers of early exit (``early_exit(executor=...)``: "hf", "ort",
-    "ort-int8", ...; default the method's own).
+    "ort-int8", ...; default the method's own), ``engine`` how it runs (``early_exit(engine=...)``).
     """
     from tqdm import tqdm
 
@@ -212,7 +212,7 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
         return full_model(input_ids=b[0], attention_mask=b[1], token_type_ids=b[2]).logits
 
     def early(b):
-        return model.early_exit(b[0], b[1], b[2], backend=backend, executor=executor, **rule)
+        return model.early_exit(b[0], b[1], b[2], backend=backend, executor=executor, engine=engine, **rule)
 
     try:
         with torch.no_grad():
@@ -271,6 +271,6 @@ def evaluate(model_dir: str, data: str, *, criterion: Optional[str] = None, thre
         "mean_exit_layer": float(el.double().mean()), "layer_speedup": layer_speedup, "flops_speedup": flops_speedup,
         "time_early_exit_s": t_early, "time_full_s": t_full, "wallclock_speedup": wall, "batch_size": batch_size,
         "num_batches": len(batch_list), "max_length": max_length, "num_truncated": enc.num_truncated,
-        "device": str(device), "backend": backend, "executor": executor, "predictions": predictions,
+        "device": str(device), "backend": backend, "executor": executor, "engine": engine, "predictions": predictions,
         "notes": [] if not rules else threshold_notes(hist, points, criterion),
     }

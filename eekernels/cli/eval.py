@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..models.base import ENGINES
 from .errors import guarded
 from .train import add_data_arguments
 
@@ -30,6 +31,10 @@ def add_arguments(p) -> None:
     p.add_argument("--executor", default=None,
                    help="what runs the layers of early exit: hf (the HF modules), ort / ort-int8 (ONNX Runtime, "
                         "fp32 / dynamic INT8, CPU; pip install eekernels[ort]); default: the method's own")
+    p.add_argument("--engine", default="rows", choices=ENGINES,
+                   help="how early exit runs: rows (default: the survivors compacted after each exit), fixed, "
+                        "graphed (CUDA graphs), ort-graph (the whole forward as one ONNX Runtime graph on the CPU: "
+                        "entropy and max_prob; --executor ort or ort-int8 gives its layers)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--plot", default=None, help="write a PNG exit histogram here")
     p.add_argument("--predictions", default=None, metavar="FILE",
@@ -69,7 +74,7 @@ def _eval(args) -> int:
                  target_speedup=args.target_speedup, batch_size=args.batch_size, max_length=args.max_length,
                  text_columns=args.text_columns, label_column=args.label_column, backend=args.backend,
                  cpu=args.cpu, progress=not args.no_progress, predictions=args.predictions,
-                 executor=args.executor)
+                 executor=args.executor, engine=args.engine)
     print_report(r)
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

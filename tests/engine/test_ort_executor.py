@@ -259,7 +259,7 @@ def test_int8_agrees_with_fp32_on_a_real_model():
 
 
 # ---------------------------------------------------------------------- eekernels eval --executor
-def test_eval_executor_option(tmp_path, capsys, monkeypatch):
+def test_eval_executor_and_engine_options(tmp_path, capsys, monkeypatch):
     from eekernels.cli import eval as eval_cmd
     from eekernels.cli import train as train_cmd
 
@@ -280,9 +280,13 @@ def test_eval_executor_option(tmp_path, capsys, monkeypatch):
         assert run(eval_cmd, ["--model", out, "--data", f["dev"], "--threshold", 0.5, "--executor", name,
                               "--report", report, "--cpu", "--no-progress"]) == 0
         reports[name] = json.loads(report.read_text())
-    assert reports["ort"]["executor"] == "ort"
+    report = tmp_path / "graph.json"
+    assert run(eval_cmd, ["--model", out, "--data", f["dev"], "--threshold", 0.5, "--engine", "ort-graph",
+                          "--report", report, "--cpu", "--no-progress"]) == 0
+    reports["ort-graph"] = json.loads(report.read_text())
+    assert reports["ort"]["executor"] == "ort" and reports["ort-graph"]["engine"] == "ort-graph"
     for key in ("accuracy", "exit_histogram", "agreement_with_full"):
-        assert reports["ort"][key] == reports["hf"][key], key
+        assert reports["ort"][key] == reports["hf"][key] == reports["ort-graph"][key], key
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     rc = run(eval_cmd, ["--model", out, "--data", f["dev"], "--threshold", 0.5, "--executor", "ort-int8",
