@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from common import random_bert
-from cpu_e2e import CONTROLLED_2X, EXECUTORS, NO_EXIT, executor_skip_reason, exit_profiles, full_model_paths, rel_err
+from cpu_e2e import (CONTROLLED_2X, EXECUTORS, INT8, NO_EXIT, RUNNERS, executor_skip_reason, exit_profiles,
+                     full_model_paths, rel_err)
 from eekernels.models import convert
 
 B, S, LAYERS = 8, 32, 6
@@ -55,12 +56,13 @@ def test_early_exit(benchmark, setup, executor, profile):
     if why:
         pytest.skip(why)
     layers = exit_profiles(B, B, LAYERS, [])[profile][0]
-    fn = lambda: model.early_exit(*batch, exit_profile=layers, executor=executor)  # noqa: E731
+    engine, name = RUNNERS[executor]
+    fn = lambda: model.early_exit(*batch, exit_profile=layers, engine=engine, executor=name)  # noqa: E731
     with torch.no_grad():
         out = fn()
         assert out.exit_layer.tolist() == layers.tolist()
         if profile == NO_EXIT:
-            assert rel_err(out.logits, ref) < (1e-4 if executor != "ort-int8" else 0.2)
+            assert rel_err(out.logits, ref) < (1e-4 if executor not in INT8 else 0.2)
         benchmark.group = f"cpu-e2e tiny B={B}"
         benchmark.extra_info.update(path=f"ee-{executor}", profile=profile)
         benchmark(fn)

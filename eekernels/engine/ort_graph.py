@@ -235,7 +235,11 @@ class OrtGraphEngine:
     "ort-int8"): one session per exit rule, built on first use from the executor's layer
     graphs (each exit point's head inside) and the exported embedding, rebuilt when any
     weight of the model changes. Sessions run on torch's thread count at build time, their
-    threads spinning only inside a run (:func:`~eekernels.engine.ort.make_session`)."""
+    threads spinning only inside a run (:func:`~eekernels.engine.ort.make_session`).
+
+    Memory: it keeps the layer graphs and each rule's composed graph (for :meth:`graph` and
+    rebuilding), so the weights are held about three times besides the sessions' own copy:
+    ~70 MB for all-MiniLM-L6-v2."""
 
     def __init__(self, model, executor: str = "ort"):
         from .executor_registry import EXECUTORS
