@@ -16,7 +16,8 @@ Paths, all on the same batches:
   ONNX Runtime's default spinning threads);
 - early exit (``model.early_exit(..., executor=X)`` for X in hf, ort, ort-int8, each where it
   is registered; graph-ort and graph-ort-int8: ``engine="ort-graph"``, the whole forward as
-  one ONNX Runtime graph on those layers) under forced exit profiles (``exit_profile=``: every exit head runs, its
+  one ONNX Runtime graph on those layers; ``metrics=False``, as a serving call) under forced
+  exit profiles (``exit_profile=``: every exit head runs, its
   decision is replaced): the controlled 2x profile (half the rows leave after layer 2, half
   after layer 4 of 6: layer speed-up exactly 2.0), the measured exit histograms of trained
   models (every ``eekernels eval --report`` JSON in ``benchmarks/profiles/`` and each
@@ -255,10 +256,12 @@ def grouped_full_path(full: Callable[[Batch], torch.Tensor]) -> Callable[[Batch]
 def early_exit_path(model, executor: str, profile: List[torch.Tensor], grouped: bool = False
                     ) -> Callable[[int, Batch], torch.Tensor]:
     """(batch index, batch) -> logits of ``model.early_exit`` on ``executor`` (a :data:`RUNNERS`
-    name) and the forced per-batch exit layers ``profile`` (``grouped``: ``group_by_length=True``)."""
+    name) and the forced per-batch exit layers ``profile`` (``grouped``: ``group_by_length=True``),
+    as a serving call makes it: ``metrics=False`` (no speed-up bookkeeping, which the full
+    models do not pay either)."""
     engine, name = RUNNERS[executor]
     return lambda i, b: model.early_exit(b[0], b[1], b[2], exit_profile=profile[i], engine=engine, executor=name,
-                                         group_by_length=grouped).logits
+                                         group_by_length=grouped, metrics=False).logits
 
 
 def executor_skip_reason(model, executor: str, batch: Batch) -> Optional[str]:

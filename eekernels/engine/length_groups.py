@@ -15,6 +15,8 @@ for another call.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -83,21 +85,22 @@ def group_rows(attention_mask: torch.Tensor, overhead: Optional[float] = None) -
 
 def run_length_grouped(run: Callable[..., EarlyExitOutput], model, input_ids: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], token_type_ids: Optional[torch.Tensor],
-                       exit_profile: Optional[torch.Tensor], overhead: Optional[float] = None
-                       ) -> EarlyExitOutput:
+                       exit_profile: Optional[torch.Tensor], overhead: Optional[float] = None,
+                       with_metrics: bool = True) -> EarlyExitOutput:
     """``run(ids, mask, token_type_ids, exit_profile, with_metrics)`` (the row engine) on each
     length group of the batch (:func:`group_rows`), merged back into the batch's order; the
     speed-ups over the whole batch.
 
     Raises ValueError for a model whose outputs carry per-call extras (token counts, widths:
     MPEE, HashEE, cascades), which do not merge across groups. ``overhead``: a group's fixed
-    cost in token slots (default :data:`DEFAULT_GROUP_OVERHEAD`)."""
+    cost in token slots (default :data:`DEFAULT_GROUP_OVERHEAD`); ``with_metrics`` False: no
+    speed-ups (NaN, ``layers_run`` -1), as ``run`` itself."""
     if attention_mask is None:  # every row has the full length: nothing to regroup
-        return run(input_ids, attention_mask, token_type_ids, exit_profile, True)
+        return run(input_ids, attention_mask, token_type_ids, exit_profile, with_metrics)
     b = input_ids.shape[0]
     groups = group_rows(attention_mask, overhead)
     if len(groups) <= 1:
-        return run(input_ids, attention_mask, token_type_ids, exit_profile, True)
+        return run(input_ids, attention_mask, token_type_ids, exit_profile, with_metrics)
     dev = input_ids.device
     logits = exit_layer = None
     for idx, width in groups:
@@ -115,6 +118,8 @@ def run_length_grouped(run: Callable[..., EarlyExitOutput], model, input_ids: to
             exit_layer = out.exit_layer.new_empty(b)
         logits[idx] = out.logits
         exit_layer[idx] = out.exit_layer
+    if not with_metrics:
+        return EarlyExitOutput(logits, exit_layer, logits.argmax(dim=1), math.nan, math.nan, -1, {})
     el = exit_layer.cpu()
     layer_sp, flops_sp = model.speedups(el, attention_mask.sum(dim=1).cpu(), {})
     return EarlyExitOutput(logits, exit_layer, logits.argmax(dim=1), layer_sp, flops_sp, int(el.sum()), {})

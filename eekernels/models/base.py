@@ -235,7 +235,7 @@ class EarlyExitBase(nn.Module):
                    threshold: Optional[float] = None, backend: Optional[str] = None,
                    exit_profile: Optional[torch.Tensor] = None, engine: str = "rows",
                    executor: Optional[str] = None, min_bucket: int = 1,
-                   group_by_length: bool = False) -> EarlyExitOutput:
+                   group_by_length: bool = False, metrics: bool = True) -> EarlyExitOutput:
         """Batched early-exit inference: each layer runs on the rows still active only.
 
         Args:
@@ -266,6 +266,10 @@ class EarlyExitBase(nn.Module):
                 saved pays for the extra calls (:mod:`eekernels.engine.length_groups`); the
                 outputs stay in the batch's order. Not for models that report per-call token
                 counts (MPEE, HashEE, cascades).
+            metrics: False skips the speed-up bookkeeping (``layer_speedup`` and
+                ``flops_speedup`` are NaN, ``layers_run`` is -1): a serving call needs only the
+                logits and exit layers, and at B = 1 the bookkeeping costs a few percent of
+                the call.
         """
         if engine not in ENGINES:
             raise ValueError(f"early_exit: engine must be one of {ENGINES}, got {engine!r}")
@@ -274,8 +278,9 @@ class EarlyExitBase(nn.Module):
         if engine not in self.engines:
             raise ValueError(f"early_exit: a {self.method} model runs the engines {', '.join(self.engines)}, "
                              f"not {engine!r}")
-        if not isinstance(group_by_length, bool):
-            raise TypeError(f"early_exit: group_by_length must be a bool, got {type(group_by_length).__name__}")
+        for name, flag in (("group_by_length", group_by_length), ("metrics", metrics)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"early_exit: {name} must be a bool, got {type(flag).__name__}")
         if group_by_length and engine not in ("rows", "ort-graph"):
             raise ValueError(f"early_exit: group_by_length=True runs with engine='rows' or 'ort-graph', not {engine!r}")
         criterion, threshold = self.check_rule(criterion, threshold)
@@ -287,8 +292,9 @@ class EarlyExitBase(nn.Module):
 
             check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile)
             if group_by_length:
-                return run_length_grouped(whole, self, input_ids, attention_mask, token_type_ids, exit_profile)
-            return whole(input_ids, attention_mask, token_type_ids, exit_profile)
+                return run_length_grouped(whole, self, input_ids, attention_mask, token_type_ids, exit_profile,
+                                          with_metrics=metrics)
+            return whole(input_ids, attention_mask, token_type_ids, exit_profile, metrics)
         rule = self.exit_rule(criterion, threshold, backend)
         ex = self._executor(executor, engine)
         if engine == "rows":
@@ -298,8 +304,9 @@ class EarlyExitBase(nn.Module):
 
             if group_by_length:
                 check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile)
-                return run_length_grouped(rows, self, input_ids, attention_mask, token_type_ids, exit_profile)
-            return rows(input_ids, attention_mask, token_type_ids, exit_profile)
+                return run_length_grouped(rows, self, input_ids, attention_mask, token_type_ids, exit_profile,
+                                          with_metrics=metrics)
+            return rows(input_ids, attention_mask, token_type_ids, exit_profile, metrics)
 
         def forward(ids, mask, profile, with_metrics):
             return run_early_exit(self, ids, mask, token_type_ids, rule=rule, executor=ex,
@@ -307,11 +314,11 @@ class EarlyExitBase(nn.Module):
                                   with_metrics=with_metrics)
 
         if engine == "fixed":
-            return forward(input_ids, attention_mask, exit_profile, True)
+            return forward(input_ids, attention_mask, exit_profile, metrics)
         if token_type_ids is not None:
             raise ValueError("early_exit(engine='graphed'): token_type_ids are not captured; pass None")
 
-        def metrics(out):
+        def with_metrics(out):
             el = out.exit_layer.cpu()
             b, s = input_ids.shape
             seq_len = attention_mask.sum(dim=1).cpu() if attention_mask is not None else torch.full((b,), s)
@@ -320,7 +327,7 @@ class EarlyExitBase(nn.Module):
                                    dict(out.extras))
 
         key = (criterion, threshold, backend, executor, min_bucket)
-        return self._graphs(key, forward, input_ids, attention_mask, exit_profile, metrics)
+        return self._graphs(key, forward, input_ids, attention_mask, exit_profile, with_metrics if metrics else None)
 
     # ------------------------------------------------------------------ persistence (written once)
     def _method_state(self) -> Dict[str, torch.Tensor]:

@@ -131,3 +131,20 @@ def test_what_the_graph_cannot_run_is_refused():
         convert_past_future(tiny_classifier("bert")).eval().early_exit(ids, mask, engine="ort-graph")
     with pytest.raises(ValueError, match="input_ids"):
         model.early_exit(ids[0], mask, engine="ort-graph")
+
+
+@pytest.mark.parametrize("engine,grouped", [("rows", False), ("rows", True), ("fixed", False),
+                                            ("ort-graph", False), ("ort-graph", True)])
+def test_metrics_off_skips_only_the_speedups(engine, grouped):
+    """``metrics=False``: the same exits and logits, the speed-ups NaN and ``layers_run`` -1."""
+    model = convert(tiny_classifier("bert")).eval()
+    ids, mask, _ = ragged_batch(7, 11, seed=6)
+    thr = mid_threshold(model, ids, mask, "entropy")
+    kw = dict(threshold=thr, engine=engine, group_by_length=grouped)
+    on, off = model.early_exit(ids, mask, **kw), model.early_exit(ids, mask, metrics=False, **kw)
+    assert torch.equal(on.exit_layer, off.exit_layer) and torch.equal(on.logits, off.logits)
+    assert on.layer_speedup > 1 and on.layers_run > 0
+    assert off.layer_speedup != off.layer_speedup and off.flops_speedup != off.flops_speedup  # NaN
+    assert off.layers_run == -1
+    with pytest.raises(TypeError, match="metrics must be a bool"):
+        model.early_exit(ids, mask, metrics="no", engine=engine)
