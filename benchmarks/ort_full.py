@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from eekernels.engine.ort import (eager_attention, export_graph, fused_op_counts, make_session, optimize_graph,
+from eekernels.engine.ort import (export_in_eval, fused_op_counts, make_session, optimize_graph,
                                   quantize_graph, require_onnxruntime, run_bound)
 
 __all__ = ["OrtFullModel"]
@@ -62,16 +62,10 @@ class OrtFullModel:
         self.int8 = bool(int8)
         ids = torch.ones(2, 4, dtype=torch.long)
         axes = {"rows": {0: "batch", 1: "length"}}
-        was_training = hf_model.training
-        hf_model.eval()
-        try:
-            with eager_attention(cfg):
-                graph = export_graph(_Logits(hf_model), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
-                                     ("input_ids", "attention_mask", "token_type_ids"), ("logits",),
-                                     {"input_ids": axes["rows"], "attention_mask": axes["rows"],
-                                      "token_type_ids": axes["rows"], "logits": {0: "batch"}})
-        finally:
-            hf_model.train(was_training)
+        graph = export_in_eval(_Logits(hf_model), hf_model, cfg, (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                               ("input_ids", "attention_mask", "token_type_ids"), ("logits",),
+                               {"input_ids": axes["rows"], "attention_mask": axes["rows"],
+                                "token_type_ids": axes["rows"], "logits": {0: "batch"}})
         graph = optimize_graph(graph, cfg, raw_mask=False)
         if self.int8:
             graph = quantize_graph(graph)

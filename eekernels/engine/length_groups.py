@@ -16,7 +16,6 @@ for another call.
 from __future__ import annotations
 
 import math
-
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np

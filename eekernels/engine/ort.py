@@ -47,8 +47,8 @@ from ..hf.adapters import EncoderAdapter
 from .executors import LayerExecutor
 from .rows import Rows
 
-__all__ = ["FUSED_OPS", "OrtExecutor", "OrtInt8Executor", "eager_attention", "export_graph", "fused_op_counts",
-           "make_session", "optimize_graph", "quantize_graph", "require_onnxruntime", "run_bound"]
+__all__ = ["FUSED_OPS", "OrtExecutor", "OrtInt8Executor", "eager_attention", "export_graph", "export_in_eval",
+           "fused_op_counts", "make_session", "optimize_graph", "quantize_graph", "require_onnxruntime", "run_bound"]
 
 #: the fused operators the transformer optimizer puts in a BERT-style layer
 FUSED_OPS = ("Attention", "QAttention", "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
@@ -107,6 +107,19 @@ def export_graph(module: nn.Module, args: Tuple[torch.Tensor, ...], input_names:
         torch.onnx.export(module, args, buf, dynamo=False, input_names=list(input_names), output_names=list(output_names),
                           dynamic_axes=dynamic_axes, opset_version=_OPSET, do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
+
+
+def export_in_eval(module: nn.Module, dropout_module: nn.Module, config, args: Tuple[torch.Tensor, ...],
+                   input_names: Sequence[str], output_names: Sequence[str], dynamic_axes: Dict[str, Dict[int, str]]):
+    """:func:`export_graph` of ``module`` with ``dropout_module`` (what holds its dropout) in
+    eval mode and HF's eager attention (what the fusion recognises), both restored after."""
+    was_training = dropout_module.training
+    dropout_module.eval()
+    try:
+        with eager_attention(config):
+            return export_graph(module, args, input_names, output_names, dynamic_axes)
+    finally:
+        dropout_module.train(was_training)
 
 
 def optimize_graph(model, config, raw_mask: bool = True):
@@ -374,13 +387,8 @@ class OrtExecutor(LayerExecutor):
         outputs, axes = ("out",), {"hidden": rows_by_length, "mask": rows_by_length, "out": rows_by_length}
         if graph.exit_logits is not None:
             outputs, axes = outputs + ("logits",), {**axes, "logits": {0: "rows"}}
-        was_training = graph.layer.training
-        graph.layer.eval()  # (the head's exit_logits has no dropout)
-        try:
-            with eager_attention(cfg):
-                proto = export_graph(graph, (hidden, mask), ("hidden", "mask"), outputs, axes)
-        finally:
-            graph.layer.train(was_training)
+        # (the head's exit_logits has no dropout: only the layer switches to eval)
+        proto = export_in_eval(graph, graph.layer, cfg, (hidden, mask), ("hidden", "mask"), outputs, axes)
         proto = optimize_graph(proto, cfg, raw_mask=True)
         return quantize_graph(proto) if self.int8 else proto
 

@@ -259,7 +259,7 @@ class OrtGraphEngine:
         return self._session(criterion)[1]
 
     def _session(self, criterion: str):
-        from .ort import OrtExecutor, eager_attention, export_graph, make_session
+        from .ort import OrtExecutor, export_in_eval, make_session
 
         identity = OrtExecutor._identity(self._slots)
         if identity != self._built_from:
@@ -271,19 +271,13 @@ class OrtGraphEngine:
             model = self._model()
             if any(p.dtype != torch.float32 for p in model.parameters()):
                 raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
-            adapter = model.adapter
-            embedding = _EmbeddingGraph(adapter)
-            was_training = embedding.base.training
-            embedding.base.eval()
+            embedding = _EmbeddingGraph(model.adapter)
             ids = torch.ones(2, 3, dtype=torch.long)
             rows_by_length = {0: "rows", 1: "length"}
-            try:
-                with eager_attention(adapter.config):
-                    embed = export_graph(embedding, (ids, torch.zeros_like(ids)), ("input_ids", "token_type_ids"),
-                                         ("hidden",), {"input_ids": rows_by_length, "token_type_ids": rows_by_length,
-                                                       "hidden": rows_by_length})
-            finally:
-                embedding.base.train(was_training)
+            embed = export_in_eval(embedding, embedding.base, model.adapter.config, (ids, torch.zeros_like(ids)),
+                                   ("input_ids", "token_type_ids"), ("hidden",),
+                                   {"input_ids": rows_by_length, "token_type_ids": rows_by_length,
+                                    "hidden": rows_by_length})
             layers = [self.layers.graph(step) for step in range(1, model.num_layers + 1)]
             proto = compose_early_exit_graph(embed, layers, model.exit_points, criterion, model.num_labels)
             session = make_session(proto, torch.get_num_threads(), spin=True, spin_between_runs=False)

@@ -73,12 +73,18 @@ def head_exit(model, layer: int, rows: Rows, *, criterion: str, threshold: float
         c = logits.shape[1]
         return exit_head(logits, torch.eye(c, dtype=logits.dtype), torch.zeros(c, dtype=logits.dtype),
                          criterion=criterion, threshold=threshold, backend=backend, **kwargs)
-    head = model.head(layer)
     x, pooling = model.exit_input(layer, rows.hidden, rows.valid)
-    return exit_head(x, head.classifier.weight, head.classifier.bias,
-                     pooler_weight=None if head.pooler is None else head.pooler.weight,
-                     pooler_bias=None if head.pooler is None else head.pooler.bias,
-                     criterion=criterion, threshold=threshold, backend=backend, **pooling, **kwargs)
+    return exit_head(x, **head_weights(model.head(layer)), criterion=criterion, threshold=threshold,
+                     backend=backend, **pooling, **kwargs)
+
+
+def head_weights(head) -> Dict[str, Optional[torch.Tensor]]:
+    """The weight keywords of :func:`eekernels.ops.exit_head` (and its reference) for an exit
+    head's pooler and classifier Linear modules (a head without a pooler: None)."""
+    pooler = head.pooler
+    return {"weight": head.classifier.weight, "bias": head.classifier.bias,
+            "pooler_weight": None if pooler is None else pooler.weight,
+            "pooler_bias": None if pooler is None else pooler.bias}
 
 
 class ExitHeadRule(ExitRule):

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import metrics
 from ..engine.executor_registry import EXECUTORS
-from ..engine.rules import ExitHeadRule
+from ..engine.rules import ExitHeadRule, head_weights
 from ..ops import exit_head_reference
 from ..hf.adapters import HeadLinears, adapter_for
 from ..nn.exit_head import POOLINGS, ExitHead, layer_summary
@@ -138,11 +138,8 @@ class EarlyExitModel(SingleModelBase):
         at inference: what the fused exit head computes before its criterion (the op's
         reference on :meth:`exit_input`), so a layer executor can run it inside the layer's
         graph (:meth:`~eekernels.engine.executors.LayerExecutor.attach_exit_heads`)."""
-        head = self.head(layer)
         x, pooling = self.exit_input(layer, hidden, valid)
-        return exit_head_reference(x, head.classifier.weight, head.classifier.bias,
-                                   pooler_weight=None if head.pooler is None else head.pooler.weight,
-                                   pooler_bias=None if head.pooler is None else head.pooler.bias, **pooling).logits
+        return exit_head_reference(x, **head_weights(self.head(layer)), **pooling).logits
 
     def head_parameters(self) -> List[nn.Parameter]:
         """The parameters the method adds or initialises afresh (every exit head, the final
