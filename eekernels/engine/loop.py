@@ -39,6 +39,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
 from ..ops import scatter_exits
@@ -136,19 +137,37 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile,
         _check_values(model, input_ids, attention_mask, token_type_ids, who)
 
 
+def cpu_values(t: torch.Tensor) -> np.ndarray:
+    """The values of CPU tensor ``t`` as a numpy array: its own memory where numpy has the
+    dtype (bfloat16 and other torch-only dtypes are widened to float32). Reading a small
+    tensor through numpy skips torch's per-op dispatch, a few microseconds each."""
+    if t.requires_grad:
+        t = t.detach()
+    try:
+        return t.numpy()
+    except TypeError:
+        return t.float().numpy()
+
+
 def _check_values(model, input_ids, attention_mask, token_type_ids, who: str) -> None:
     for name, t, key in (("input_ids", input_ids, "vocab_size"), ("token_type_ids", token_type_ids, "type_vocab_size")):
         limit = _config_limit(model, key)
         if t is not None and limit is not None:
-            lo, hi = int(t.min()), int(t.max())
+            values = cpu_values(t)
+            lo, hi = int(values.min()), int(values.max())
             if lo < 0 or hi >= limit:
                 raise ValueError(f"{who}: {name} must lie in [0, {limit}) (the model's {key}), got values in "
                                  f"[{lo}, {hi}]")
     if attention_mask is not None:
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        mask = cpu_values(attention_mask)
+        if mask.dtype.kind in "iu":  # integers: a range check
+            not_binary = mask.min() < 0 or mask.max() > 1
+        else:  # floats (a bool mask is 0/1)
+            not_binary = mask.dtype != np.bool_ and not ((mask == 0) | (mask == 1)).all()
+        if not_binary:
             raise ValueError(f"{who}: attention_mask must hold only 0 (padding) and 1 (token)")
-        empty = (attention_mask == 0).all(dim=1).nonzero().flatten()
-        if empty.numel():
+        if not mask.any(axis=1).all():
+            empty = np.flatnonzero(~mask.any(axis=1))
             raise ValueError(f"{who}: attention_mask row {int(empty[0])} has no token; every row needs at least "
                              f"the [CLS] token")
 

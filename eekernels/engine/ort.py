@@ -46,6 +46,7 @@ from torch import nn
 from ..hf.adapters import EncoderAdapter
 from .executors import LayerExecutor
 from .rows import Rows
+from .weight_watch import WeightWatch, parameter_slots
 
 __all__ = ["FUSED_OPS", "OrtExecutor", "OrtInt8Executor", "eager_attention", "export_graph", "export_in_eval",
            "fused_op_counts", "make_session", "optimize_graph", "quantize_graph", "require_onnxruntime", "run_bound"]
@@ -289,8 +290,7 @@ class OrtExecutor(LayerExecutor):
         # a session's key: (id of the layer module, the exit step whose head its graph carries or 0)
         self._sessions: Dict[tuple, object] = {}
         self._graphs: Dict[tuple, object] = {}  # key -> its optimized ModelProto
-        self._params: Dict[tuple, list] = {}  # key -> the (submodule, parameter name) pairs it was built from
-        self._weights: Dict[tuple, tuple] = {}  # key -> those weights' identity when built
+        self._watches: Dict[tuple, WeightWatch] = {}  # key -> the weights it was built from
         self._session_threads = torch.get_num_threads()  # torch's count outside the call: the sessions'
         self._head_model = None  # weak reference to the model whose heads the graphs carry
 
@@ -330,19 +330,12 @@ class OrtExecutor(LayerExecutor):
     def mask(self, rows: Rows) -> torch.Tensor:
         return rows.tensors["mask"]
 
-    @staticmethod
-    def _identity(slots) -> tuple:
-        """Where each weight lives and its version counter (read through the owning module, so
-        a replaced parameter counts as changed): cheaper than ``parameters()`` per call."""
-        params = (m._parameters[n] for m, n in slots)
-        return tuple((p.data_ptr(), p._version) for p in params if p is not None)
-
     def _drop_stale(self) -> None:
         """Forget the graphs and sessions whose weights (the layer's, and the head's it
         carries) changed since they were built (a training step updates them in place,
         ``load_state_dict`` too): checked once per call."""
-        for key, params in self._params.items():
-            if key in self._graphs and self._identity(params) != self._weights[key]:
+        for key, watch in self._watches.items():
+            if watch.changed() and key in self._graphs:
                 del self._graphs[key]
                 self._sessions.pop(key, None)
 
@@ -362,10 +355,9 @@ class OrtExecutor(LayerExecutor):
                 head = model.head(step)
                 graph = _LayerGraph(self.adapter, step - 1, functools.partial(model.exit_logits, step),
                                     [m for m in (head.pooler, head.classifier) if m is not None])
-            slots = [(m, n) for m in graph.modules() for n in m._parameters]
+            self._watches[key] = WeightWatch(parameter_slots(graph))
             proto = self._graphs[key] = self._export(graph)
             self._sessions.pop(key, None)
-            self._params[key], self._weights[key] = slots, self._identity(slots)
         return proto
 
     def session(self, step: int):

@@ -33,16 +33,34 @@ import numpy as np
 import torch
 from torch import nn
 
+from .loop import EarlyExitOutput, cpu_values
+from .weight_watch import WeightWatch, parameter_slots
+
 __all__ = ["EMPTY_UNSAFE_OPS", "GRAPH_CRITERIA", "OrtGraphEngine", "compose_early_exit_graph"]
 
 #: the exit rules the composed graph decides with
 GRAPH_CRITERIA = ("entropy", "max_prob")
 
 
-def _copy_layer(graph, prefix: str, inputs: Dict[str, str], nodes: list, initializers: list) -> None:
+def _mask_casts(graph) -> list:
+    """The nodes of a layer graph that cast its ``mask`` input to int32 (the fused
+    Attention's mask type)."""
+    from onnx import TensorProto
+
+    return [n for n in graph.node if n.op_type == "Cast" and list(n.input) == ["mask"]
+            and any(a.name == "to" and a.i == TensorProto.INT32 for a in n.attribute)]
+
+
+def _copy_layer(graph, prefix: str, inputs: Dict[str, str], nodes: list, initializers: list,
+                mask_int32: Optional[str] = None) -> None:
     """Append ``graph``'s nodes and initializers with every name prefixed, its inputs renamed
-    to ``inputs`` (graph input name -> tensor name in the composed graph)."""
+    to ``inputs`` (graph input name -> tensor name in the composed graph). ``mask_int32``:
+    the composed graph's int32 copy of the mask, which replaces the layer's own cast of it
+    (one cast per forward rather than one per layer)."""
     import onnx
+
+    casts = _mask_casts(graph) if mask_int32 is not None else []
+    inputs = {**inputs, **{n.output[0]: mask_int32 for n in casts}}
 
     def rename(name: str) -> str:
         return name if name == "" else inputs.get(name, prefix + name)
@@ -53,6 +71,8 @@ def _copy_layer(graph, prefix: str, inputs: Dict[str, str], nodes: list, initial
         copy.name = prefix + t.name
         initializers.append(copy)
     for n in graph.node:
+        if any(n is c for c in casts):
+            continue
         copy = onnx.NodeProto()
         copy.CopyFrom(n)
         copy.name = prefix + (n.name or n.op_type)
@@ -63,7 +83,7 @@ def _copy_layer(graph, prefix: str, inputs: Dict[str, str], nodes: list, initial
         nodes.append(copy)
 
 
-_RESULTS = ("exit_index", "exit_logits", "exit_layer")
+_RESULTS = ("exit_index", "exit_logits", "exit_counts")
 
 
 #: operators that fail on zero rows (ONNX Runtime's DynamicQuantizeLinear divides by zero)
@@ -88,7 +108,8 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
     ``forced`` (a threshold no score meets, -inf for entropy or +inf for max-prob, with
     ``forced`` leaves by the profile alone; ``forced`` beyond the last layer, by the
     criterion alone). Outputs, one row per input row in exit order: ``exit_index`` (its
-    batch position), ``exit_logits`` [N, C], ``exit_layer``.
+    batch position) and ``exit_logits`` [N, C]; and ``exit_counts`` (int64 [E]): how many
+    rows left at each exit point, in order.
 
     A layer that no row reaches runs on zero rows (fp32: every operator of the layer and
     head graphs takes them; tested), unless the layers hold an operator of
@@ -106,8 +127,11 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
         raise ValueError(f"the last exit point must be the last layer {last}, got {list(exit_points)}")
     exits = set(exit_points)
     guard = any(n.op_type in EMPTY_UNSAFE_OPS for m in layers for n in m.graph.node)
+    # the layers read their mask only to cast it to int32: cast it once, compress the int32 copy
+    shared_cast = all(len(_mask_casts(m.graph)) == 1 and sum(x == "mask" for n in m.graph.node for x in n.input) == 1
+                      for m in layers)
     types = {"exit_index": (TensorProto.INT64, ["rows"]), "exit_logits": (TensorProto.FLOAT, ["rows", num_labels]),
-             "exit_layer": (TensorProto.INT64, ["rows"])}
+             "exit_counts": (TensorProto.INT64, ["exits"])}
 
     def outputs(names: Sequence[str]) -> list:
         return [helper.make_tensor_value_info(n, *types[r]) for n, r in zip(names, _RESULTS)]
@@ -128,7 +152,8 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
         emitted: List[List[str]] = [[], [], []]
         for i in range(first, last + 1):
             p = f"layer{i}/"
-            _copy_layer(layers[i - 1].graph, p, {"hidden": hidden, "mask": rows["mask"]}, nodes, initializers)
+            _copy_layer(layers[i - 1].graph, p, {"hidden": hidden, "mask": rows["mask"]}, nodes, initializers,
+                        rows["mask"] if shared_cast else None)
             hidden = p + "out"
             if i not in exits:
                 continue
@@ -137,12 +162,11 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
                 leave_index, leave_logits = rows["index"], logits
             else:
                 probs = node("Softmax", [logits], p + "probs", axis=1)
-                if criterion == "entropy":  # deebert.txt: leave when the entropy < S
+                if criterion == "entropy":  # deebert.txt: leave when the entropy < S, i.e. sum p log p > -S
                     plogp = node("Mul", [probs, node("LogSoftmax", [logits], p + "log_probs", axis=1)], p + "plogp")
                     axis = const(p + "classes_axis", np.array([1], np.int64))
-                    score = node("Neg", [node("ReduceSum", [plogp, axis], p + "neg_entropy", keepdims=0)],
-                                 p + "entropy")
-                    by_score = node("Less", [score, "threshold"], p + "by_score")
+                    score = node("ReduceSum", [plogp, axis], p + "neg_entropy", keepdims=0)
+                    by_score = node("Greater", [score, "neg_threshold"], p + "by_score")
                 else:  # opset < 18: ReduceMax's axes are an attribute
                     score = node("ReduceMax", [probs], p + "max_prob", axes=[1], keepdims=0)
                     by_score = node("GreaterOrEqual", [score, "threshold"], p + "by_score")
@@ -152,10 +176,7 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
                 keep = node("Not", [leave], p + "keep")
                 leave_index = node("Compress", [rows["index"], leave], p + "leave_index", axis=0)
                 leave_logits = node("Compress", [logits, leave], p + "leave_logits", axis=0)
-            count = node("Shape", [leave_index], p + "leave_count")
-            for parts, name in zip(emitted, (leave_index, leave_logits,
-                                             node("Expand", [const(p + "layer", np.array(i, np.int64)), count],
-                                                  p + "leave_layer"))):
+            for parts, name in zip(emitted, (leave_index, leave_logits, node("Shape", [leave_index], p + "leave_count"))):
                 parts.append(name)
             if i == last:
                 break
@@ -169,9 +190,10 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
             rest: List = []
             rest_weights: List = []
             rest_results = layers_from(i + 1, hidden, rows, rest, rest_weights)
+            later = sum(e > i for e in exits)
+            none = {"exit_index": ([0], []), "exit_logits": ([0, num_labels], []), "exit_counts": ([later], [0] * later)}
             empty = [helper.make_node("Constant", [], [p + "none_" + r], name=p + "none_" + r,
-                                      value=helper.make_tensor(p + "none_" + r, types[r][0],
-                                                               [0, num_labels] if r == "exit_logits" else [0], []))
+                                      value=helper.make_tensor(p + "none_" + r, types[r][0], *none[r]))
                      for r in _RESULTS]
             names = [p + "rest_" + r for r in _RESULTS]
             nodes.append(helper.make_node(
@@ -186,10 +208,16 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
 
     nodes: List = []
     initializers: List = []
+    if criterion == "entropy":
+        nodes.append(helper.make_node("Neg", ["threshold"], ["neg_threshold"], name="neg_threshold"))
+    mask = "mask"
+    if shared_cast:
+        mask = "mask_int32"
+        nodes.append(helper.make_node("Cast", ["mask"], [mask], name=mask, to=TensorProto.INT32))
     _copy_layer(embedding.graph, "embed/", {"input_ids": "input_ids", "token_type_ids": "token_type_ids"},
                 nodes, initializers)
     results = layers_from(1, "embed/" + embedding.graph.output[0].name,
-                          {"mask": "mask", "index": "index", "forced": "forced"}, nodes, initializers)
+                          {"mask": mask, "index": "index", "forced": "forced"}, nodes, initializers)
     nodes += [helper.make_node("Identity", [r], [name], name=name) for r, name in zip(results, _RESULTS)]
     graph = helper.make_graph(
         nodes, "eekernels_early_exit",
@@ -211,9 +239,9 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
     return model
 
 
-def _int64(t: torch.Tensor):
-    """A contiguous int64 numpy view (or copy) of ``t``."""
-    return t.to(torch.int64).contiguous().numpy()
+def _int64(t: torch.Tensor) -> np.ndarray:
+    """``t``'s values as a contiguous int64 numpy array (its own memory where it is one)."""
+    return np.ascontiguousarray(cpu_values(t), dtype=np.int64)
 
 
 class _EmbeddingGraph(nn.Module):
@@ -235,7 +263,9 @@ class OrtGraphEngine:
     "ort-int8"): one session per exit rule, built on first use from the executor's layer
     graphs (each exit point's head inside) and the exported embedding, rebuilt when any
     weight of the model changes. Sessions run on torch's thread count at build time, their
-    threads spinning only inside a run (:func:`~eekernels.engine.ort.make_session`).
+    idle threads spinning as ONNX Runtime's do by default (:func:`~eekernels.engine.ort.make_session`):
+    the whole forward is one run, and between runs no other work wants the cores (stopping
+    the spin after each run cost ~5% at B = 1; benchmarks/NOTES.md).
 
     Memory: it keeps the layer graphs and each rule's composed graph (for :meth:`graph` and
     rebuilding), so the weights are held about three times besides the sessions' own copy:
@@ -251,21 +281,18 @@ class OrtGraphEngine:
         self.layers.attach_exit_heads(model)
         self._model = weakref.ref(model)
         self._sessions: Dict[str, object] = {}  # criterion -> session
-        self._slots = [(m, n) for m in model.modules() for n in m._parameters]
-        self._built_from = None  # the weights' identity the sessions were built from
+        self._weights = WeightWatch(parameter_slots(model))  # what the sessions were built from
 
     def graph(self, criterion: str):
         """The composed ``onnx.ModelProto`` for ``criterion`` (built with its session)."""
         return self._session(criterion)[1]
 
     def _session(self, criterion: str):
-        from .ort import OrtExecutor, export_in_eval, make_session
+        from .ort import export_in_eval, make_session
 
-        identity = OrtExecutor._identity(self._slots)
-        if identity != self._built_from:
+        if self._weights.changed():
             self._sessions.clear()
             self.layers._drop_stale()
-            self._built_from = identity
         entry = self._sessions.get(criterion)
         if entry is None:
             model = self._model()
@@ -280,8 +307,9 @@ class OrtGraphEngine:
                                     "hidden": rows_by_length})
             layers = [self.layers.graph(step) for step in range(1, model.num_layers + 1)]
             proto = compose_early_exit_graph(embed, layers, model.exit_points, criterion, model.num_labels)
-            session = make_session(proto, torch.get_num_threads(), spin=True, spin_between_runs=False)
-            entry = self._sessions[criterion] = (session, proto, {i.name for i in session.get_inputs()})
+            session = make_session(proto, torch.get_num_threads(), spin=True)
+            entry = self._sessions[criterion] = (session, proto, {i.name for i in session.get_inputs()},
+                                                 np.asarray(model.exit_points, np.int64))
         return entry
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -289,35 +317,33 @@ class OrtGraphEngine:
                  exit_profile: Optional[torch.Tensor] = None, with_metrics: bool = True):
         """The :class:`~eekernels.engine.loop.EarlyExitOutput` of one batch (inputs checked by
         the caller); ``exit_profile`` as for the row engine."""
-        from .loop import EarlyExitOutput
-
         model = self._model()
         if input_ids.device.type != "cpu":
             raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
-        session, _, inputs = self._session(criterion)
+        session, _, inputs, exit_points = self._session(criterion)
         b, s = input_ids.shape
         if exit_profile is None:
             forced = np.full(b, model.num_layers + 1, dtype=np.int64)
         else:  # the profile alone decides: a threshold no score meets
-            forced = torch.as_tensor(exit_profile).to(torch.int64).numpy()
+            forced = _int64(torch.as_tensor(exit_profile))
             threshold = -math.inf if criterion == "entropy" else math.inf
-        feeds = {  # numpy views of the tensors (each call costs little: this is the B = 1 path)
+        mask = np.ones((b, s), np.int64) if attention_mask is None else _int64(attention_mask)
+        feeds = {  # numpy throughout: at B = 1 each torch op would cost a few percent of the call
             "input_ids": _int64(input_ids),
             "token_type_ids": np.zeros((b, s), np.int64) if token_type_ids is None else _int64(token_type_ids),
-            "mask": np.ones((b, s), np.int64) if attention_mask is None else _int64(attention_mask),
+            "mask": mask,
             "index": np.arange(b, dtype=np.int64),
             "threshold": np.array(threshold, np.float32),
             "forced": forced,
         }
-        index, logits, layer = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        index, logits, counts = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
         out_logits = np.empty_like(logits)
-        out_layer = np.empty_like(layer)
+        out_layer = np.empty_like(index)
         out_logits[index] = logits
-        out_layer[index] = layer
+        out_layer[index] = np.repeat(exit_points, counts)
+        pred = torch.from_numpy(out_logits.argmax(axis=1))
         out_logits, out_layer = torch.from_numpy(out_logits), torch.from_numpy(out_layer)
-        pred = out_logits.argmax(dim=1)
         if not with_metrics:
             return EarlyExitOutput(out_logits, out_layer, pred, math.nan, math.nan, -1, {})
-        seq_len = feeds["mask"].sum(axis=1)
-        layer_sp, flops_sp = model.speedups(out_layer, torch.from_numpy(seq_len), {})
+        layer_sp, flops_sp = model.speedups(out_layer, torch.from_numpy(mask.sum(axis=1)), {})
         return EarlyExitOutput(out_logits, out_layer, pred, layer_sp, flops_sp, int(out_layer.sum()), {})
