@@ -264,8 +264,9 @@ class OrtGraphEngine:
     graphs (each exit point's head inside) and the exported embedding, rebuilt when any
     weight of the model changes. Sessions run on torch's thread count at build time, their
     idle threads spinning as ONNX Runtime's do by default (:func:`~eekernels.engine.ort.make_session`):
-    the whole forward is one run, and between runs no other work wants the cores (stopping
-    the spin after each run cost ~5% at B = 1; benchmarks/NOTES.md).
+    the whole forward is one run, and between runs no other work wants the cores. Stopping
+    the spin when a run returns made INT8 graphs ~20% slower at B = 1 (their ``If`` branches
+    wake the threads anew) and changed fp32 by under 1% (benchmarks/NOTES.md).
 
     Memory: it keeps the layer graphs and each rule's composed graph (for :meth:`graph` and
     rebuilding), so the weights are held about three times besides the sessions' own copy:
