@@ -36,6 +36,8 @@ def needs_autograd(*args) -> bool:
 def real_number(who: str, name: str, value) -> float:
     """``value`` as a float when it is a real number (Python, NumPy, or a one-element real
     tensor), else a TypeError naming ``name`` (a string such as "0.3" is not a number)."""
+    if type(value) is float or type(value) is int:  # the common case, before the ABC checks below
+        return float(value)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex \
             and value.dtype != torch.bool:
         return float(value)
