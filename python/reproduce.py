@@ -20,7 +20,9 @@ Methods (``--methods``): deebert, right-tool and pabee (one early-exit model, th
 rules), static (the first k = 2, 3, 4 layers fine-tuned alone), past-future, mpee,
 consistentee, cascadebert (a 2-layer member cut from the model and the 6-layer model,
 with distillation and DAR), hashee (frequency hash). A finished training or measurement is
-not redone (``OUT/runs/<task>/<model>/``), so the grid runs in parts and resumes.
+not redone (``OUT/runs/<task>/<model>/``), so the grid runs in parts and resumes; a training
+killed part-way goes on from its last checkpoint (every 200 steps) where the method trains
+in one Trainer run, and CascadeBERT's DAR fold runs keep their results as each ends.
 """
 
 from __future__ import annotations
@@ -142,7 +144,8 @@ def train(model: Model, task: Task, files: Dict[str, str], backbone: str, run_di
           num_layers: int) -> dict:
     """Fine-tune ``model`` on ``task`` into ``run_dir/model`` unless a finished run is there."""
     from eekernels.data import read_examples
-    from eekernels.training.finetune import TRAIN_RESULTS_FILE, FinetuneConfig, finetune
+    from eekernels.methods.registry import get_method, parse_options
+    from eekernels.training.finetune import TRAIN_RESULTS_FILE, FinetuneConfig, finetune, last_checkpoint
 
     done = run_dir / "model" / TRAIN_RESULTS_FILE
     if done.is_file():
@@ -154,13 +157,21 @@ def train(model: Model, task: Task, files: Dict[str, str], backbone: str, run_di
     options = dict(model.options)
     if options.get("prune_layers") == "scaled":
         options["prune_layers"] = scaled_prune_layers(num_layers)
+    if model.method == "cascadebert":  # DAR's fold runs keep their results: a killed part resumes at the next fold
+        options["difficulty_cache"] = str(run_dir / "difficulty")
+    # a training killed part-way goes on from its last checkpoint where the method allows
+    spec = get_method(model.method)
+    resume = (spec.resume_blocker({**parse_options(spec, []), **options}) is None
+              and last_checkpoint(str(run_dir / "model")) is not None)
     cfg = FinetuneConfig(model=base, train=files["train"], dev=files["dev"], out=str(run_dir / "model"),
                          method=model.method, method_options=options, lr=task.lr, head_lr=task.head_lr,
                          epochs=task.epochs, batch_size=task.batch_size, max_length=task.max_length, seed=0,
-                         max_steps=2 if quick else -1, cpu=True, logging_steps=50)
+                         max_steps=2 if quick else -1, cpu=True, logging_steps=50, save_steps=200,
+                         resume=resume)
     t0 = time.process_time()
     summary = finetune(cfg, log=lambda s: print(f"    {s}")).summary
-    summary["train_cpu_s"] = time.process_time() - t0
+    summary["train_cpu_s"] = time.process_time() - t0  # this process's part when resumed
+    summary["resumed"] = resume
     write_json(done, summary)
     return summary
 

@@ -230,7 +230,8 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
                                    num_train_epochs=targs.num_train_epochs, max_steps=steps,
                                    learning_rate=targs.learning_rate, use_cpu=targs.use_cpu,
                                    remove_unused_columns=False),
-                data_collator=collate, make_optimizer=lambda m: make_optimizer(CascadeModel([m]))).labels
+                data_collator=collate, make_optimizer=lambda m: make_optimizer(CascadeModel([m])),
+                cache_dir=options["difficulty_cache"] or None).labels
             losses["difficult_fraction"] = float(difficulty.float().mean())
         for j in reversed(range(last)):
             model.set_training_member(j)
@@ -326,7 +327,9 @@ METHODS: Dict[str, MethodSpec] = {
          "kd_temperature": (2.0, "KD temperature T"),
          "difficulty_folds": (8, "K of the K-fold difficulty labels for DAR (the paper: 8; 0: train without DAR)"),
          "difficulty_seeds": (5, "seeds per fold for the difficulty labels (the paper: 5)"),
-         "difficulty_steps": (0, "training steps of each fold model (0: as many as the members' own training)")},
+         "difficulty_steps": (0, "training steps of each fold model (0: as many as the members' own training)"),
+         "difficulty_cache": ("", "directory where each fold run keeps its predictions as it ends; a rerun with the "
+                                  "same data and settings reuses them (empty: none)")},
         _cascade_build, _cascade_train,
         resume_blocker=lambda o: "its members are trained one after another (several Trainer runs)",
         notes=["criterion max_prob: a member emits a sample once its max probability > threshold",

@@ -20,6 +20,8 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from .._atomic import write_json
+
 __all__ = [
     "DARTrainer",
     "DifficultyDataset",
@@ -176,11 +178,41 @@ def _row_labels(dataset) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def _run_fingerprint(targets: torch.Tensor, folds: torch.Tensor, k: int, split_seed: int, args: dict) -> str:
+    """What a cached fold run's result depends on besides the model: the instances' labels,
+    the split and the training arguments."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(targets.to(torch.int64).numpy().tobytes())
+    h.update(folds.numpy().tobytes())
+    h.update(json.dumps({"k": k, "split_seed": split_seed, "args": args}, sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def _cached_run(path: Optional[str], fingerprint: str, held: list) -> Optional[torch.Tensor]:
+    """The cached correctness of one fold run (bool [len(held)]), or None when there is no
+    entry for these instances, split and arguments."""
+    import json
+
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if entry.get("fingerprint") != fingerprint or entry.get("held") != held or len(entry.get("correct", ())) != len(held):
+        return None
+    return torch.tensor(entry["correct"], dtype=torch.bool)
+
+
 def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, k: int = 8,
                             seeds: Sequence[int] = (0, 1, 2, 3, 4), training_args: Optional[dict] = None,
                             split_seed: int = 0, output_dir: Optional[str] = None, trainer_cls=None,
                             data_collator=None, make_optimizer: Optional[Callable[[nn.Module], object]] = None,
-                            progress: bool = True) -> DifficultyLabels:
+                            progress: bool = True, cache_dir: Optional[str] = None) -> DifficultyLabels:
     """Difficulty labels by leave-one-fold-out training (cascadebert.txt section 3.2).
 
     The dataset is split once (``split_seed``) into ``k`` folds D_1..D_k of near-equal size.
@@ -208,6 +240,11 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
         make_optimizer: model -> its optimizer (e.g. a larger learning rate for the new
             classifier); default: the trainer's own (AdamW at ``learning_rate``).
         progress: a tqdm bar over the k * len(seeds) runs.
+        cache_dir: keep each run's predictions there, written atomically as the run ends
+            (``seed<s>-fold<i>.json``); a later call with the same instances' labels, fold
+            split, k and training arguments reuses them, so an interrupted labelling goes
+            on at the first run it had not finished. The caller keeps ``make_model`` the
+            same; entries that do not match are trained again and overwritten.
     """
     from tqdm import tqdm
     from transformers import Trainer, TrainingArguments, set_seed
@@ -234,6 +271,7 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
     base_args.setdefault("save_strategy", "no")
     base_args.setdefault("report_to", [])
     base_args.setdefault("disable_tqdm", True)
+    fingerprint = _run_fingerprint(targets, folds, k, split_seed, base_args)
     tmp = None
     if output_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="eekernels-kfold-")
@@ -244,6 +282,13 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
             for fold in range(k):
                 held = (folds == fold).nonzero().reshape(-1).tolist()
                 kept = (folds != fold).nonzero().reshape(-1).tolist()
+                entry = None if cache_dir is None else os.path.join(cache_dir, f"seed{seed}-fold{fold}.json")
+                cached = _cached_run(entry, fingerprint, held)
+                if cached is not None:
+                    correct[si, held] = cached
+                    seen[si, held] = True
+                    bar.update(1)
+                    continue
                 set_seed(seed)  # the fresh model's initialisation follows the seed too
                 model = make_model(seed)
                 args = TrainingArguments(output_dir=os.path.join(output_dir, f"seed{seed}-fold{fold}"), seed=seed,
@@ -262,6 +307,9 @@ def kfold_difficulty_labels(make_model: Callable[[int], nn.Module], dataset, *, 
                 idx = torch.tensor(held, dtype=torch.long)
                 correct[si, idx] = pred.argmax(-1) == targets[idx]
                 seen[si, idx] = True
+                if entry is not None:
+                    write_json(entry, {"fingerprint": fingerprint, "held": held,
+                                       "correct": correct[si, idx].tolist()})
                 del trainer, model
                 bar.update(1)
         bar.close()

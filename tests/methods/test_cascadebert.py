@@ -4,6 +4,7 @@ K-fold difficulty labels, DIS / ECE, HF Trainer, on tiny BERT / RoBERTa / ALBERT
 from __future__ import annotations
 
 import itertools
+import os
 import math
 
 import pytest
@@ -495,3 +496,41 @@ def test_kfold_difficulty_labels_leave_one_fold_out(tmp_path):
         kfold_difficulty_labels(make_model, data, k=1)
     with pytest.raises(ValueError, match="seed"):
         kfold_difficulty_labels(make_model, data, k=2, seeds=())
+
+
+def test_kfold_difficulty_labels_resume_from_cache(tmp_path):
+    """With ``cache_dir`` each fold run's result is kept as it ends: after a run that dies
+    part-way, a second call trains only the runs not finished and returns what one
+    uninterrupted call returns; changed training arguments train everything again."""
+    data = ParityTask(24, seed=23)
+    cache = str(tmp_path / "cache")
+    args = dict(max_steps=3, per_device_train_batch_size=8, learning_rate=1e-3, use_cpu=True)
+    trained = []
+
+    class Dies(RuntimeError):
+        pass
+
+    def make_model(seed, die_after=None):
+        if die_after is not None and len(trained) == die_after:
+            raise Dies("killed")
+        trained.append(seed)
+        return tiny("bert", 1, seed=seed, num_labels=2)
+
+    def label(die_after=None, cache_dir=cache, **overrides):
+        return kfold_difficulty_labels(lambda s: make_model(s, die_after), data, k=3, seeds=(0, 1), progress=False,
+                                       output_dir=str(tmp_path / "runs"), training_args={**args, **overrides},
+                                       cache_dir=cache_dir)
+
+    with pytest.raises(Dies):
+        label(die_after=4)  # 4 of the 6 runs finish
+    assert len(trained) == 4 and len(os.listdir(cache)) == 4
+    trained.clear()
+    resumed = label()
+    assert trained == [1, 1]  # seed 1's last two folds
+    trained.clear()
+    whole = label(cache_dir=None)
+    assert len(trained) == 6
+    assert torch.equal(resumed.correct, whole.correct) and torch.equal(resumed.labels, whole.labels)
+    trained.clear()
+    label(learning_rate=2e-3)  # other settings: nothing cached applies
+    assert len(trained) == 6

@@ -97,3 +97,30 @@ def test_results_table_places_each_point():
     assert cells["static, first 3 layers"][:3] == ["-", "80.0", "-"]
     assert cells["HashEE (frequency hash)"][:3] == ["-", "87.0 (1.90x FLOPs)", "-"]
     assert cells["ConsistentEE (policy)"][:3] == ["-", "87.0 (1.70x, p>0.5)", "-"]
+
+
+def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypatch):
+    """A training that left a checkpoint goes on from it (``resume``) for methods trained in
+    one Trainer run; CascadeBERT (several runs) starts again, its DAR folds cached instead."""
+    import types
+
+    import eekernels.training.finetune as ft
+
+    spec = importlib.util.spec_from_file_location("reproduce_recipe_train", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    calls = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg, log=None: calls.append(cfg) or types.SimpleNamespace(summary={}))
+    checkpoint = {"path": str(tmp_path / "checkpoint-200")}
+    monkeypatch.setattr(ft, "last_checkpoint", lambda out: checkpoint["path"])
+    models = {m.key: m for m in mod.MODELS}
+    task = mod.TASKS["SST-2"]
+    files = {"train": "unused", "dev": "unused"}
+    for key, expected in (("early-exit", True), ("past-future", True), ("cascadebert", False)):
+        summary = mod.train(models[key], task, files, "backbone", tmp_path / key, quick=True, num_layers=6)
+        assert calls[-1].resume is expected and summary["resumed"] is expected, key
+    assert calls[-1].method_options["difficulty_cache"] == str(tmp_path / "cascadebert" / "difficulty")
+    checkpoint["path"] = None  # nothing to go on from
+    mod.train(models["early-exit"], task, files, "backbone", tmp_path / "fresh", quick=True, num_layers=6)
+    assert calls[-1].resume is False
