@@ -87,14 +87,17 @@ def _model_device(model) -> Optional[torch.device]:
     return None if p is None else p.device
 
 
-def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile, who: str = "early_exit") -> None:
+def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile, who: str = "early_exit",
+                 values: bool = True) -> None:
     """Validate a batch for ``model`` with errors that name the argument and say what was
     expected (``who``: the public function, first in every message).
 
     Types, shapes and devices always; on the CPU also the values (token ids and token types
-    within the model's vocabularies, a 0/1 mask with a token in every row), which cost
-    nothing there. On an accelerator no tensor value is read (no host synchronisation,
-    CUDA-graph capture stays possible)."""
+    within the model's vocabularies, a 0/1 mask with a token in every row:
+    :func:`check_values`), unless ``values`` is False: the caller checks them (the
+    ort-graph engine, inside its graph, where they cost less than here after a run has
+    left the caches cold). On an accelerator no tensor value is read (no host
+    synchronisation, CUDA-graph capture stays possible)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{who}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -133,8 +136,8 @@ def check_inputs(model, input_ids, attention_mask, token_type_ids, exit_profile,
             raise ValueError(f"{who}: exit_profile must be [{b}], got {tuple(profile.shape)}")
         if profile.dtype.is_floating_point or profile.dtype.is_complex or profile.dtype == torch.bool:
             raise TypeError(f"{who}: exit_profile must hold integer 1-based layers, got {profile.dtype}")
-    if input_ids.device.type == "cpu":
-        _check_values(model, input_ids, attention_mask, token_type_ids, who)
+    if values and input_ids.device.type == "cpu":
+        check_values(model, input_ids, attention_mask, token_type_ids, who)
 
 
 def cpu_values(t: torch.Tensor) -> np.ndarray:
@@ -149,15 +152,28 @@ def cpu_values(t: torch.Tensor) -> np.ndarray:
         return t.float().numpy()
 
 
-def _check_values(model, input_ids, attention_mask, token_type_ids, who: str) -> None:
-    for name, t, key in (("input_ids", input_ids, "vocab_size"), ("token_type_ids", token_type_ids, "type_vocab_size")):
-        limit = _config_limit(model, key)
-        if t is not None and limit is not None:
+#: integer input -> the config field that bounds its values
+_VOCAB_KEYS = {"input_ids": "vocab_size", "token_type_ids": "type_vocab_size"}
+
+
+def value_limits(model) -> Dict[str, int]:
+    """The exclusive upper bound of each integer input's values that the model knows:
+    ``input_ids`` (its vocabulary) and ``token_type_ids`` (its token-type vocabulary)."""
+    limits = {name: _config_limit(model, key) for name, key in _VOCAB_KEYS.items()}
+    return {name: limit for name, limit in limits.items() if limit is not None}
+
+
+def check_values(model, input_ids, attention_mask, token_type_ids, who: str) -> None:
+    """A ValueError naming the first bad value of a CPU batch: a token id or token type
+    outside the model's vocabularies, a mask entry other than 0 / 1, a row without a token."""
+    limits = value_limits(model)
+    for name, t in (("input_ids", input_ids), ("token_type_ids", token_type_ids)):
+        if t is not None and name in limits:
             values = cpu_values(t)
             lo, hi = int(values.min()), int(values.max())
-            if lo < 0 or hi >= limit:
-                raise ValueError(f"{who}: {name} must lie in [0, {limit}) (the model's {key}), got values in "
-                                 f"[{lo}, {hi}]")
+            if lo < 0 or hi >= limits[name]:
+                raise ValueError(f"{who}: {name} must lie in [0, {limits[name]}) (the model's {_VOCAB_KEYS[name]}), "
+                                 f"got values in [{lo}, {hi}]")
     if attention_mask is not None:
         mask = cpu_values(attention_mask)
         if mask.dtype.kind in "iu":  # integers: a range check

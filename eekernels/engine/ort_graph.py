@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .loop import EarlyExitOutput, cpu_values
+from .loop import EarlyExitOutput, check_values, cpu_values, value_limits
 from .weight_watch import WeightWatch, parameter_slots
 
 __all__ = ["EMPTY_UNSAFE_OPS", "GRAPH_CRITERIA", "OrtGraphEngine", "compose_early_exit_graph"]
@@ -90,8 +90,42 @@ _RESULTS = ("exit_index", "exit_logits", "exit_counts")
 EMPTY_UNSAFE_OPS = ("DynamicQuantizeLinear",)
 
 
+def _inputs_ok_nodes(limits: Dict[str, int]) -> list:
+    """Nodes computing ``inputs_ok`` from the graph inputs (see :func:`compose_early_exit_graph`)."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+
+    def node(op: str, inputs: Sequence[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, list(inputs), [output], name=output, **attrs))
+        return output
+
+    def const(name: str, value: int) -> str:
+        nodes.append(helper.make_node("Constant", [], [name], name=name,
+                                      value=helper.make_tensor(name, TensorProto.INT64, [], [value])))
+        return name
+
+    def within(tensor: str, low: int, high: int) -> str:  # low <= every value < high
+        lo = node("ReduceMin", [tensor], f"check/{tensor}_min", keepdims=0)
+        hi = node("ReduceMax", [tensor], f"check/{tensor}_max", keepdims=0)
+        return node("And", [node("GreaterOrEqual", [lo, const(f"check/{tensor}_low", low)], f"check/{tensor}_low_ok"),
+                            node("Less", [hi, const(f"check/{tensor}_high", high)], f"check/{tensor}_high_ok")],
+                    f"check/{tensor}_ok")
+
+    oks = [within(name, 0, limit) for name, limit in sorted(limits.items())]
+    oks.append(within("mask", 0, 2))
+    row_has_token = node("ReduceMax", ["mask"], "check/row_max", axes=[1], keepdims=0)
+    oks.append(node("GreaterOrEqual", [node("ReduceMin", [row_has_token], "check/rows_min", keepdims=0),
+                                       const("check/one", 1)], "check/rows_ok"))
+    ok = oks[0]
+    for i, other in enumerate(oks[1:]):
+        ok = node("And", [ok, other], f"check/all_{i}")
+    nodes.append(helper.make_node("Identity", [ok], ["inputs_ok"], name="inputs_ok"))
+    return nodes
+
+
 def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[int], criterion: str,
-                             num_labels: int):
+                             num_labels: int, limits: Optional[Dict[str, int]] = None):
     """One ``onnx.ModelProto`` of the early-exit forward (see the module docstring).
 
     Args:
@@ -101,6 +135,8 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
         exit_points: the 1-based exit layers (the last is the last layer).
         criterion: "entropy" (leave when the entropy < threshold) or "max_prob" (>=).
         num_labels: C.
+        limits: the exclusive upper bound of ``input_ids`` and of ``token_type_ids``
+            (:func:`~eekernels.engine.loop.value_limits`; an input not named is not checked).
 
     Graph inputs: ``input_ids``, ``token_type_ids``, ``mask`` (int64 [N, S]), ``index``
     (int64 [N], each row's batch position), ``threshold`` (float []) and ``forced`` (int64
@@ -109,7 +145,10 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
     ``forced`` leaves by the profile alone; ``forced`` beyond the last layer, by the
     criterion alone). Outputs, one row per input row in exit order: ``exit_index`` (its
     batch position) and ``exit_logits`` [N, C]; and ``exit_counts`` (int64 [E]): how many
-    rows left at each exit point, in order.
+    rows left at each exit point, in order. And ``inputs_ok`` (bool []): every token id and
+    token type within ``limits`` and >= 0, the mask all 0 / 1 with a 1 in every row (the
+    values :func:`~eekernels.engine.loop.check_values` checks, here a few operators instead
+    of a few numpy passes per call).
 
     A layer that no row reaches runs on zero rows (fp32: every operator of the layer and
     head graphs takes them; tested), unless the layers hold an operator of
@@ -219,6 +258,7 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
     results = layers_from(1, "embed/" + embedding.graph.output[0].name,
                           {"mask": mask, "index": "index", "forced": "forced"}, nodes, initializers)
     nodes += [helper.make_node("Identity", [r], [name], name=name) for r, name in zip(results, _RESULTS)]
+    nodes += _inputs_ok_nodes(limits or {})
     graph = helper.make_graph(
         nodes, "eekernels_early_exit",
         inputs=[helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["rows", "length"]),
@@ -227,7 +267,8 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
                 helper.make_tensor_value_info("index", TensorProto.INT64, ["rows"]),
                 helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []),
                 helper.make_tensor_value_info("forced", TensorProto.INT64, ["rows"])],
-        outputs=outputs(_RESULTS), initializer=initializers)
+        outputs=outputs(_RESULTS) + [helper.make_tensor_value_info("inputs_ok", TensorProto.BOOL, [])],
+        initializer=initializers)
     opsets = {(o.domain, o.version) for m in (embedding, *layers) for o in m.opset_import}
     versions: Dict[str, int] = {}
     for domain, version in opsets:
@@ -307,7 +348,8 @@ class OrtGraphEngine:
                                    {"input_ids": rows_by_length, "token_type_ids": rows_by_length,
                                     "hidden": rows_by_length})
             layers = [self.layers.graph(step) for step in range(1, model.num_layers + 1)]
-            proto = compose_early_exit_graph(embed, layers, model.exit_points, criterion, model.num_labels)
+            proto = compose_early_exit_graph(embed, layers, model.exit_points, criterion, model.num_labels,
+                                             value_limits(model))
             session = make_session(proto, torch.get_num_threads(), spin=True)
             entry = self._sessions[criterion] = (session, proto, {i.name for i in session.get_inputs()},
                                                  np.asarray(model.exit_points, np.int64))
@@ -315,9 +357,12 @@ class OrtGraphEngine:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                  token_type_ids: Optional[torch.Tensor], criterion: str, threshold: float,
-                 exit_profile: Optional[torch.Tensor] = None, with_metrics: bool = True):
-        """The :class:`~eekernels.engine.loop.EarlyExitOutput` of one batch (inputs checked by
-        the caller); ``exit_profile`` as for the row engine."""
+                 exit_profile: Optional[torch.Tensor] = None, with_metrics: bool = True, who: str = "early_exit"):
+        """The :class:`~eekernels.engine.loop.EarlyExitOutput` of one batch; ``exit_profile``
+        as for the row engine. The caller checks types and shapes
+        (:func:`~eekernels.engine.loop.check_inputs` with ``values=False``); the values are
+        checked here, by the graph (``inputs_ok``), and named by
+        :func:`~eekernels.engine.loop.check_values` when they are wrong."""
         model = self._model()
         if input_ids.device.type != "cpu":
             raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
@@ -337,7 +382,16 @@ class OrtGraphEngine:
             "threshold": np.array(threshold, np.float32),
             "forced": forced,
         }
-        index, logits, counts = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.5 would read as 0
+            check_values(model, input_ids, attention_mask, token_type_ids, who)
+        try:
+            index, logits, counts, inputs_ok = session.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        except Exception:  # e.g. a Gather past the vocabulary: say which input is wrong, if one is
+            check_values(model, input_ids, attention_mask, token_type_ids, who)
+            raise
+        if not inputs_ok:
+            check_values(model, input_ids, attention_mask, token_type_ids, who)
+            raise ValueError(f"{who}: the inputs hold values the model cannot take")
         out_logits = np.empty_like(logits)
         out_layer = np.empty_like(index)
         out_logits[index] = logits

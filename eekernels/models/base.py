@@ -290,7 +290,8 @@ class EarlyExitBase(nn.Module):
             def whole(ids, mask, types, profile, with_metrics=True):
                 return graph(ids, mask, types, criterion, threshold, profile, with_metrics)
 
-            check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile)
+            # the graph checks the values itself, except where length groups read the mask first
+            check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile, values=group_by_length)
             if group_by_length:
                 return run_length_grouped(whole, self, input_ids, attention_mask, token_type_ids, exit_profile,
                                           with_metrics=metrics)

@@ -116,6 +116,38 @@ def test_consistentee_classic_rules_run_in_the_graph():
         model.early_exit(ids, mask, criterion="policy", engine="ort-graph")
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_graph_checks_the_input_values(arch):
+    """The graph checks the values (early_exit leaves them to it) and check_values names the
+    problem: the same messages as the other engines, for every kind of bad value, and a
+    good batch with a bool or float mask still runs."""
+    model = convert(tiny_classifier(arch), exit_pooling="cls").eval()
+    ids, mask, _ = ragged_batch(4, 9, seed=3)
+    vocab = model.hf.config.vocab_size
+    types_limit = model.hf.config.type_vocab_size
+    bad_ids_high, bad_ids_low, bad_mask, empty_row = ids.clone(), ids.clone(), mask.clone(), mask.clone()
+    bad_ids_high[1, 2] = vocab
+    bad_ids_low[2, 1] = -1  # ONNX Gather would wrap a negative index silently
+    bad_mask[0, 1] = 2
+    empty_row[3] = 0
+    cases = [(dict(input_ids=bad_ids_high), "input_ids must lie in"),
+             (dict(input_ids=bad_ids_low), "input_ids must lie in"),
+             (dict(token_type_ids=torch.full_like(ids, types_limit)), "token_type_ids must lie in"),
+             (dict(attention_mask=bad_mask), "only 0 \\(padding\\) and 1"),
+             (dict(attention_mask=empty_row), "row 3 has no token"),
+             (dict(attention_mask=mask.float() * 0.5 + (mask == 1).float() * 0.5 - 0.25 * (mask == 0).float()),
+              "only 0 \\(padding\\) and 1")]
+    for engine in ("ort-graph", "rows"):
+        for change, message in cases:
+            batch = {"input_ids": ids, "attention_mask": mask, **change}
+            with pytest.raises(ValueError, match=message):
+                model.early_exit(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                 engine=engine, threshold=0.3)
+    ref = model.early_exit(ids, mask, threshold=0.3, executor="hf")
+    for good in (mask.bool(), mask.float()):
+        _same(model.early_exit(ids, good, threshold=0.3, engine="ort-graph"), ref)
+
+
 def test_what_the_graph_cannot_run_is_refused():
     from eekernels.methods.past_future import convert as convert_past_future
 
