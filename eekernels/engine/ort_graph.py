@@ -11,13 +11,16 @@ what the skipped layers save. Here one graph holds it all, and one ``Run`` does 
         if i is an exit point:
             leave = score(logits) < threshold          # entropy (DeeBERT; max-prob: >=)
                     or forced <= i                     # (a benchmark's profile)
-            emit index[leave], logits[leave], i        # the leavers' results, in exit order
+            emit index[leave], logits[leave], count    # the leavers' results, in exit order
             h, mask, index, forced = rows[~leave]      # Compress: later layers see the rest
+    inputs_ok = ids, token types and mask hold values the model takes
 
 The layers are the ORT executor's transformer-optimized layer graphs, copied in with their
 names prefixed; the leavers' results come out concatenated in exit order and are put back
-in batch order in torch. A layer that no row reaches runs on zero rows (INT8 layers, whose
-quantizer cannot, sit in an ``If`` on "a row is left").
+in batch order in numpy (each row's exit layer from the per-exit counts). A layer that no
+row reaches runs on zero rows (INT8 layers, whose quantizer cannot, sit in an ``If`` on "a
+row is left"). The input values are checked by the graph itself: Python reads one flag,
+and names the bad value only when it is false.
 
 Exit rules: entropy and max-prob on each exit's own head (models whose
 ``plain_exit_heads`` is True); fp32 on the CPU.
