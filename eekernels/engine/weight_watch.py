@@ -24,9 +24,9 @@ class WeightWatch:
     """Whether any parameter in some slots changed since the last look.
 
     A look reads each slot's tensor through its module (so a replaced parameter counts) and
-    each tensor's version counter: two list passes in C, ~10 us for all-MiniLM-L6-v2's 125
-    weights, where a tuple of (pointer, version) pairs took ~30 us (and ~4x that with the
-    caches cold after a session's run: the B = 1 path asks once per call).
+    each tensor's version counter: two list passes in C, ~15 us warm for all-MiniLM-L6-v2's
+    125 weights, where a tuple of (pointer, version) pairs took ~32 us (and several times
+    that with the caches cold after a session's run: the B = 1 path asks once per call).
     """
 
     def __init__(self, slots: Iterable[Tuple[nn.Module, str]]):
