@@ -1,6 +1,9 @@
 // Argument checks of the exit_head op shared by the CPU and CUDA implementations.
-// The Python wrapper validates first with friendlier messages; these guard direct
-// torch.ops.eekernels.exit_head calls so a bad call errors instead of crashing a kernel.
+// They refuse every call the Python wrapper's validation refuses (and non-contiguous
+// weights, which the wrapper copies): the wrapper's eager CPU calls go to the kernel
+// unvalidated and, when these refuse, take the validated path, whose message names the
+// problem (eekernels/ops/exit_head.py). They also guard direct torch.ops.eekernels.exit_head
+// calls, so a bad call errors instead of crashing a kernel.
 #pragma once
 
 #include <torch/library.h>
@@ -26,6 +29,15 @@ inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& wei
                                  const std::optional<at::Tensor>& policy_out_weight,
                                  const std::optional<at::Tensor>& policy_out_bias,
                                  const std::optional<at::Tensor>& token_mask, int64_t pooling) {
+  // Sparse or other layouts would be read as dense memory.
+  for (const auto* t : {&hidden, &weight, &bias}) {
+    TORCH_CHECK(t->layout() == at::kStrided, "exit_head: tensors must be dense (strided), got layout ", t->layout());
+  }
+  for (const auto* t : {&pooler_weight, &pooler_bias, &memory, &prev_pred, &counter, &policy_weight, &policy_bias,
+                        &policy_out_weight, &policy_out_bias, &token_mask}) {
+    TORCH_CHECK(!t->has_value() || (*t)->layout() == at::kStrided,
+                "exit_head: tensors must be dense (strided), got layout ", (*t)->layout());
+  }
   TORCH_CHECK(pooling == kPoolCls || pooling == kPoolMean, "exit_head: pooling must be 0 (cls) or 1 (mean), got ",
               pooling);
   if (pooling == kPoolCls) {
@@ -58,6 +70,7 @@ inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& wei
   };
   same(weight, "weight");
   same(bias, "bias");
+  TORCH_CHECK(h >= 1, "exit_head: hidden must have H >= 1, got ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == h && weight.size(0) >= 1,
               "exit_head: weight must be [C, ", h, "], got ", weight.sizes());
   const int64_t c = weight.size(0);
@@ -110,6 +123,8 @@ inline void check_exit_head_args(const at::Tensor& hidden, const at::Tensor& wei
     TORCH_CHECK(given == 0, "exit_head: policy parameters are given only with criterion 3 (policy), got criterion ",
                 criterion);
   }
+  TORCH_CHECK(criterion == 2 || (!prev_pred.has_value() && !counter.has_value()),
+              "exit_head: prev_pred and counter are patience state, given only with criterion 2 (patience)");
   if (prev_pred.has_value()) {
     same(*prev_pred, "prev_pred");
     TORCH_CHECK(prev_pred->scalar_type() == at::kLong && prev_pred->dim() == 1 && prev_pred->size(0) == n,

@@ -357,6 +357,12 @@ def exit_head(
     runs whatever the backend, so training through the same modules gets true gradients
     (the policy network's parameters included).
     """
+    if type(hidden) is torch.Tensor and hidden.is_cpu:
+        out = _cpu_kernel_call(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda, tanh_logits,
+                               criterion, threshold, prev_pred, counter, policy_weight, policy_bias,
+                               policy_out_weight, policy_out_bias, token_mask, pooling, backend)
+        if out is not None:
+            return out
     a = ExitHeadArgs(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda, tanh_logits,
                      criterion, threshold, prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
                      policy_out_bias, token_mask, pooling)
@@ -377,20 +383,52 @@ def exit_head(
 
 def _exit_head_compiled(a: ExitHeadArgs) -> ExitHeadOutput:
     a = a.for_kernels()
-    args = a.op_args()
-    if _eager_cpu_call(a.hidden):
-        # The same C++ kernel, bound without the dispatcher: boxing 16 arguments costs more
-        # than the whole head at a few rows (benchmarks/NOTES.md, "CPU exit head through BLAS").
-        return ExitHeadOutput.from_op(_extension.load().exit_head_cpu(*args), a.criterion)
     # The overload itself, not the packet: the packet resolves the overload on every call.
-    return ExitHeadOutput.from_op(torch.ops.eekernels.exit_head.default(*args), a.criterion)
+    return ExitHeadOutput.from_op(torch.ops.eekernels.exit_head.default(*a.op_args()), a.criterion)
 
 
-def _eager_cpu_call(hidden: torch.Tensor) -> bool:
-    """Whether a CPU call may skip the dispatcher: a plain CPU tensor, with nothing tracing
-    (torch.compile, a dispatch mode such as make_fx or FakeTensorMode) that must see the op."""
-    return (type(hidden) is torch.Tensor and hidden.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch._C._len_torch_dispatch_stack() == 0)
+#: Types of the numbers the CPU fast path passes on as they are (others take the full path,
+#: where :func:`real_number` reads them or names the problem).
+_PLAIN_NUMBERS = (float, int)
+
+
+def _cpu_kernel_call(hidden, weight, bias, pooler_weight, pooler_bias, memory, memory_lambda, tanh_logits,
+                     criterion, threshold, prev_pred, counter, policy_weight, policy_bias, policy_out_weight,
+                     policy_out_bias, token_mask, pooling, backend) -> Optional[ExitHeadOutput]:
+    """The C++ kernel called straight through its pybind binding, for the common eager CPU
+    call (:func:`exit_head`'s arguments, ``hidden`` a plain CPU tensor); or None, and the call
+    takes the full path.
+
+    At a few rows the Python validation, the dispatcher's boxing of 18 arguments and the
+    argument tuples cost as much as the head itself (benchmarks/NOTES.md, "CPU exit head
+    through BLAS"). The kernel checks every argument itself (csrc/common/exit_head_checks.h
+    refuses all that :func:`validate_exit_head_args` refuses), so nothing is validated here
+    first: when the kernel refuses, the full path validates and names the problem, or serves
+    a call the kernel does not take as it is (a strided weight, which it copies). None too
+    for another backend, autograd, a tracer (which must see the op) and arguments of other
+    types (a NumPy threshold, say).
+    """
+    code = CRITERIA.get(criterion) if type(criterion) is str else None
+    pool = POOLINGS.get(pooling) if type(pooling) is str else None
+    if (code is None or pool is None or type(tanh_logits) is not bool or type(memory_lambda) not in _PLAIN_NUMBERS
+            or (threshold is not None and type(threshold) not in _PLAIN_NUMBERS)):
+        return None
+    if (backend if backend is not None else backends.resolve(None, hidden.device)) != "cpu":
+        return None
+    ext = _extension.load()
+    if ext is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
+        return None
+    if torch.is_grad_enabled() and needs_autograd(hidden, weight, bias, pooler_weight, pooler_bias, memory,
+                                                  policy_weight, policy_bias, policy_out_weight, policy_out_bias):
+        return None
+    try:
+        out = ext.exit_head_cpu(hidden, weight, bias, pooler_weight, pooler_bias, memory, float(memory_lambda),
+                                tanh_logits, code, float(DEFAULT_THRESHOLD[criterion] if threshold is None
+                                                         else threshold), prev_pred, counter, policy_weight,
+                                policy_bias, policy_out_weight, policy_out_bias, token_mask, pool)
+    except (RuntimeError, TypeError):
+        return None
+    return ExitHeadOutput.from_op(out, criterion)
 
 
 register_op("exit_head", _exit_head_compiled, "eekernels.triton.exit_head:exit_head_triton", exit_head_fake)

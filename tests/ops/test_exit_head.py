@@ -337,11 +337,71 @@ def test_entropy_matches_definition():
          "memory"),
     ],
 )
-def test_bad_input_clear_error(mutate, exc, match):
-    a = dict(hidden=torch.randn(4, 8), weight=torch.randn(3, 8), bias=torch.randn(3))
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends("cpu"))
+def test_bad_input_clear_error(backend, mutate, exc, match):
+    """Every backend names the problem; on "cpu" the kernel's own checks refuse the call
+    first (eager CPU calls are not validated in Python until the kernel refuses)."""
+    a = dict(hidden=torch.randn(4, 8), weight=torch.randn(3, 8), bias=torch.randn(3), backend=backend)
     mutate(a)
     with pytest.raises(exc, match=match):
         exit_head(**a)
+
+
+@pytest.mark.parametrize("case", ["sparse hidden", "sparse weight", "H=0", "prev_pred with entropy",
+                                  "counter with max_prob", "bool threshold"])
+def test_bad_input_the_kernel_refuses_alone(case):
+    """Bad calls that only the C++ checks stand between and a kernel reading garbage: the
+    op refuses them when called directly, and the wrapper names them."""
+    if "cpu" not in eekernels.available_backends():
+        pytest.skip("C++ extension unavailable")
+    a = dict(hidden=torch.randn(4, 8), weight=torch.randn(3, 8), bias=torch.randn(3))
+    mutate, exc, match = {
+        "sparse hidden": (dict(hidden=torch.randn(4, 8).to_sparse()), TypeError, "dense"),
+        "sparse weight": (dict(weight=torch.randn(3, 8).to_sparse()), TypeError, "dense"),
+        "H=0": (dict(hidden=torch.randn(4, 0), weight=torch.randn(3, 0)), ValueError, "H >= 1"),
+        "prev_pred with entropy": (dict(prev_pred=torch.zeros(4, dtype=torch.long)), ValueError, "patience"),
+        "counter with max_prob": (dict(counter=torch.zeros(4, dtype=torch.int32), criterion="max_prob"), ValueError,
+                                  "patience"),
+        "bool threshold": (dict(threshold=True), TypeError, "threshold must be a real number"),
+    }[case]
+    a.update(mutate)
+    with pytest.raises(exc, match=match):
+        exit_head(**a, backend="cpu")
+    if case != "bool threshold":
+        op = ExitHeadArgs(a["hidden"], a["weight"], a["bias"], None, None, None, 1.0, False, a.get("criterion", "entropy"),
+                          0.5, a.get("prev_pred"), a.get("counter"))
+        with pytest.raises(RuntimeError):
+            torch.ops.eekernels.exit_head.default(*op.op_args())
+
+
+@pytest.mark.parametrize("case", ["strided weight", "strided bias", "strided pooler", "numpy threshold",
+                                  "tensor threshold", "int memory_lambda", "column hidden"])
+def test_cpu_calls_the_kernel_refuses_as_given_still_run(case):
+    """What the contract takes and the kernel does not take as it is (non-contiguous
+    weights, which the full path copies; numbers of other types) gives the reference's
+    result through the wrapper."""
+    if "cpu" not in eekernels.available_backends():
+        pytest.skip("C++ extension unavailable")
+    import numpy as np
+
+    g = torch.Generator().manual_seed(5)
+    a = dict(hidden=torch.randn(6, 8, generator=g), weight=torch.randn(3, 8, generator=g),
+             bias=torch.randn(3, generator=g), threshold=0.7, memory=torch.randn(6, 3, generator=g),
+             memory_lambda=0.5)
+    a.update({
+        "strided weight": dict(weight=torch.randn(8, 3, generator=g).t()),
+        "strided bias": dict(bias=torch.randn(3, 2, generator=g)[:, 0]),
+        "strided pooler": dict(pooler_weight=torch.randn(8, 8, generator=g).t(), pooler_bias=torch.randn(8, generator=g)),
+        "numpy threshold": dict(threshold=np.float32(0.7)),
+        "tensor threshold": dict(threshold=torch.tensor(0.7)),
+        "int memory_lambda": dict(memory_lambda=1),
+        "column hidden": dict(hidden=torch.randn(8, 6, generator=g).t()),
+    }[case])
+    got = exit_head(**a, backend="cpu")
+    want = exit_head(**a, backend="torch")
+    torch.testing.assert_close(got.logits, want.logits, rtol=RTOL[torch.float32], atol=1e-6)
+    torch.testing.assert_close(got.score, want.score, rtol=RTOL[torch.float32], atol=1e-6)
+    assert torch.equal(got.pred, want.pred)
 
 
 def test_compiled_op_checks_direct_calls():
