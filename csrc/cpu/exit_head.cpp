@@ -117,6 +117,44 @@ SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
   return SoftmaxStats{m, lane_sum(e, c), lane_sum(ed, c), arg, true};
 }
 
+// 1 + erf(z), branch-free so that a loop of it vectorizes: erfc(|z|) by Abramowitz & Stegun
+// 7.1.26 (|error| <= 1.5e-7; ATen's vectorized erf, which at::gelu uses on CPU, is the same
+// approximation), then 2 - erfc for z >= 0. For z < 0 the result is erfc(|z|) itself, with
+// no cancellation. NaN stays NaN; +-inf give 2 and 0.
+inline float one_plus_erf(float z) {
+  const float a = __builtin_fabsf(z);  // std::fabs would be a call: it is compiled without the pragma above
+  const float t = 1.f / (1.f + 0.3275911f * a);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float q = p * t * exp_nonpositive(-a * a);
+  return z >= 0.f ? 2.f - q : q;
+}
+
+// ConsistentEE's policy logit of one row, wo . GELU(u) + bo (consistentee.txt), u the row's
+// P hidden units: exact (erf) GELU x / 2 (1 + erf(x / sqrt 2)), summed in kLanes interleaved
+// lanes so that the loop vectorizes (an x86-64-v3 clone where the CPU has AVX2 + FMA).
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+float policy_logit(const float* u, const float* wo, int64_t p, float bo) {
+  constexpr float kSqrtHalf = 0.70710678118654752f;
+  float acc[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t k = 0;
+  for (; k + kLanes <= p; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float x = u[k + j];
+      acc[j] += 0.5f * x * one_plus_erf(x * kSqrtHalf) * wo[k + j];
+    }
+  for (int64_t j = 0; k + j < p; ++j) {
+    const float x = u[k + j];
+    acc[j] += 0.5f * x * one_plus_erf(x * kSqrtHalf) * wo[k + j];
+  }
+  float s = bo;
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
 // Pooling "mean": float32 [N, H], row r the mean of hidden[r, t, :] over the tokens t with
 // token_mask[r, t] (every token without a mask), 0 for a row without one. Tokens outside the
 // mask are never read. hidden [N, S, H] has any row and token strides and a contiguous last
@@ -188,31 +226,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   }
   at::addmm_out(logits, as_float(bias), x, as_float(weight).t());
   // ConsistentEE policy network, p(exit) = sigmoid(wo . GELU(Wq x + bq) + bo)
-  // (consistentee.txt): the hidden layer is one more SGEMM. At a few rows its GELU and
-  // output unit run in the row pass (scalar erf); past kRowGelu values, ATen's vectorized
-  // exact GELU and a GEMV, whose fixed cost (~7 us for at::gelu here) no longer dominates.
-  constexpr int64_t kRowGelu = 1024;
+  // (consistentee.txt): the hidden layer is one more SGEMM, its GELU and output unit run in
+  // the row pass (policy_logit), so no [N, P] GELU output is written and read again.
   const bool has_policy = criterion == kPolicy;
-  at::Tensor u, qo, policy_logit;
+  at::Tensor u, qo;
   float qob = 0.f;
   if (has_policy) {
     u = at::addmm(as_float(*policy_bias), x, as_float(*policy_weight).t());
     qo = as_float(*policy_out_weight);
-    if (u.numel() > kRowGelu) {
-      policy_logit = at::addmv(as_float(*policy_out_bias), at::gelu(u), qo);
-    } else {
-      qob = as_float(*policy_out_bias).item<float>();
-    }
+    qob = as_float(*policy_out_bias).item<float>();
   }
   const int64_t np = has_policy ? u.size(1) : 0;
-  const float* pu = policy_logit.defined() || !has_policy ? nullptr : u.data_ptr<float>();
-  const float* pqo = pu != nullptr ? qo.data_ptr<float>() : nullptr;
+  const float* pu = has_policy ? u.data_ptr<float>() : nullptr;
+  const float* pqo = has_policy ? qo.data_ptr<float>() : nullptr;
 
   const float lam = static_cast<float>(memory_lambda);
   const float* mem = memory.has_value() ? memory->data_ptr<float>() : nullptr;
   const int64_t* prev = prev_pred.has_value() ? prev_pred->data_ptr<int64_t>() : nullptr;
   const int32_t* cnt = counter.has_value() ? counter->data_ptr<int32_t>() : nullptr;
-  const float* pa = policy_logit.defined() ? policy_logit.data_ptr<float>() : nullptr;
   float* out_logits = logits.data_ptr<float>();
   float* out_score = score.data_ptr<float>();
   bool* out_exit = exit_mask.data_ptr<bool>();
@@ -224,8 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
   // row's finiteness and argmax alone.
   const bool sums = criterion == kEntropy || criterion == kMaxProb;
   // A thread's share is worth waking it only past a few microseconds of work, so small
-  // batches run on the calling thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / (c + 16));
+  // batches run on the calling thread (a policy unit costs about 8 logits' work).
+  const int64_t grain = std::max<int64_t>(1, 16384 / (c + 16 + 8 * np));
   at::parallel_for(0, n, grain, [&](int64_t rb, int64_t re) {
     std::vector<float> scratch(sums ? 2 * c : 0);
     for (int64_t row = rb; row < re; ++row) {
@@ -233,14 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> exit_head
       if (transform)
         for (int64_t k = 0; k < c; ++k)
           z[k] = transform_logit(z[k], tanh_logits, mem != nullptr, mem ? mem[row * c + k] : 0.f, lam);
-      float policy_score = 0.f;
-      if (pa != nullptr) {
-        policy_score = stable_sigmoid(pa[row]);
-      } else if (pu != nullptr) {
-        float a = qob;
-        for (int64_t j = 0; j < np; ++j) a += gelu_erf(pu[row * np + j]) * pqo[j];
-        policy_score = stable_sigmoid(a);
-      }
+      const float policy_score = pu != nullptr ? stable_sigmoid(policy_logit(pu + row * np, pqo, np, qob)) : 0.f;
       const Decision d = decide(row_stats(z, c, sums ? scratch.data() : nullptr), criterion, threshold,
                                 prev ? prev[row] : -1, cnt ? cnt[row] : 0, policy_score);
       out_score[row] = d.score;
