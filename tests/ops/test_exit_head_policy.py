@@ -107,8 +107,10 @@ def policy_cases(extra=()):
 
 
 # Large P (tiled policy loop in Triton, more than one chunk of units in CUDA), C > 64
-# (Triton's scratch pooler path) and H not a power of two.
-EXTRA_CPU = [(5, 40, 2, 256, True), (5, 40, 70, 33, True), (17, 24, 3, 100, False)]
+# (Triton's scratch pooler path) and H not a power of two; on CPU also a few hundred rows
+# (the row pass split over threads).
+EXTRA_CPU = [(5, 40, 2, 256, True), (5, 40, 70, 33, True), (17, 24, 3, 100, False), (300, 40, 2, 32, True),
+             (128, 24, 16, 7, False), (129, 33, 17, 5, True)]
 EXTRA_GPU = [(512, 768, 2, 32, True), (128, 768, 2, 32, True), (1000, 1000, 1000, 33, True),
              (3000, 768, 3, 256, False), (600, 3, 65, 33, True), (4096, 1024, 2, 64, False)]
 
