@@ -43,7 +43,11 @@ def extensions():
               "compiled with ninja on first use (install with --no-build-isolation to prebuild).")
         return [], {}
     sources = ["csrc/register.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cpu").glob("*.cpp"))
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for runs its chunks on OpenMP threads only where _OPENMP is
+    # defined; without it every loop here would run on the calling thread. The library it
+    # links, libgomp.so.1, is the one torch has already loaded (same soname), so ours and
+    # torch's loops share one thread pool and torch.set_num_threads.
+    cxx = ["-O3", "-fopenmp"]
     with_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
@@ -58,12 +62,13 @@ def extensions():
             include_dirs=[str(CSRC)],
             extra_compile_args={
                 "cxx": cxx + ["-DEEKERNELS_WITH_CUDA"],
-                "nvcc": ["-O3", "-lineinfo", "-DEEKERNELS_WITH_CUDA"],
+                "nvcc": ["-O3", "-lineinfo", "-DEEKERNELS_WITH_CUDA", "-Xcompiler", "-fopenmp"],
             },
+            extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension("eekernels._C", sources, include_dirs=[str(CSRC)],
-                                         extra_compile_args={"cxx": cxx})
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     print(f"eekernels setup: building eekernels._C (CPU kernels{' + CUDA kernels' if with_cuda else ''})")
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 

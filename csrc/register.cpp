@@ -3,8 +3,12 @@
 // dispatch key next to their code: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
 // Each schema is written again in its op module of eekernels/ops (the Triton ops reuse it;
 // tests/test_extension.py checks the two agree), next to its fake (meta) implementation.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
 
 #include "cpu/exit_head.h"
 
@@ -51,9 +55,20 @@ static bool with_cuda() {
 #endif
 }
 
+// How many threads one at::parallel_for of this library runs its chunks on. ATen's
+// parallel_for is a header template: in a library compiled without OpenMP it runs on the
+// calling thread whatever torch.get_num_threads() says, so this is the build's check.
+static int64_t parallel_for_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) { seen |= uint64_t{1} << (at::get_thread_num() % 64); });
+  return __builtin_popcountll(seen.load());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "eekernels compiled ops (registered under torch.ops.eekernels)";
   m.def("with_cuda", &with_cuda, "True if the CUDA kernels were compiled in");
+  m.def("parallel_for_threads", &parallel_for_threads,
+        "Threads one at::parallel_for of the CPU kernels runs on (torch.get_num_threads() when built with OpenMP)");
   // torch.ops.eekernels.exit_head's CPU kernel without the dispatcher: same arguments and
   // checks, for eager calls from eekernels.ops.exit_head (traced calls use the op).
   m.def("exit_head_cpu", &eekernels::exit_head_cpu, "CPU exit head (see eekernels.ops.exit_head)");

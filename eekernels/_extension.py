@@ -65,12 +65,14 @@ def _jit_build():
         file=sys.stderr,
         flush=True,
     )
-    cflags = ["-O3"] + (["-DEEKERNELS_WITH_CUDA"] if want_cuda else [])
+    # -fopenmp, as in setup.py: at::parallel_for is serial in a library built without it.
+    cflags = ["-O3", "-fopenmp"] + (["-DEEKERNELS_WITH_CUDA"] if want_cuda else [])
     return cpp_extension.load(
         name="eekernels_C" + ("_cuda" if want_cuda else "_cpu"),
         sources=_sources(root, want_cuda),
         extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "-lineinfo", "-DEEKERNELS_WITH_CUDA"],
+        extra_cuda_cflags=["-O3", "-lineinfo", "-DEEKERNELS_WITH_CUDA", "-Xcompiler", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(root)],
         with_cuda=want_cuda,
         verbose=False,

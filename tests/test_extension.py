@@ -49,6 +49,9 @@ def test_jit_build_on_first_use(tmp_path):
         h, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)
         a = exit_head(h, w, b, backend="cpu"); r = exit_head(h, w, b, backend="torch")
         assert torch.allclose(a.logits, r.logits, atol=1e-5)
+        from eekernels import _extension
+        torch.set_num_threads(2)
+        assert _extension.load().parallel_for_threads() == 2  # built with OpenMP, as setup.py
         print("JIT OK")
         """,
         {"TORCH_EXTENSIONS_DIR": str(tmp_path), "EEKERNELS_JIT_CUDA": "0", "TRITON_INTERPRET": "0", "MAX_JOBS": "2"},
@@ -56,6 +59,29 @@ def test_jit_build_on_first_use(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "JIT OK" in r.stdout
     assert "compiling the C++ ops with ninja" in r.stderr
+
+
+def test_cpu_kernels_loop_on_torch_threads():
+    """The C++ kernels' row loops (at::parallel_for) use torch's threads: the library is built
+    with OpenMP and shares torch's runtime, so torch.set_num_threads governs both."""
+    import torch
+
+    from eekernels import _extension
+
+    ext = _extension.load()
+    if ext is None:
+        pytest.skip(f"no compiled extension: {_extension.load_error()}")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert ext.parallel_for_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    if os.path.exists("/proc/self/maps"):  # Linux
+        with open("/proc/self/maps") as maps:
+            gomp = {line.split()[-1] for line in maps if "libgomp" in line}
+        assert len(gomp) <= 1, f"two OpenMP runtimes loaded: {sorted(gomp)}"
 
 
 def test_python_schemas_match_the_cpp_ops():

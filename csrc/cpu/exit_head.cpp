@@ -36,7 +36,7 @@ at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat 
 // polynomial (relative error < 2e-7 before rounding), times 2^n built in the exponent bits.
 // Below -87 (2^n would be subnormal) the result is flushed to 0; against the row's sum,
 // which is >= 1, such a term is below float32 resolution anyway.
-inline float exp_nonpositive(float x) {
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
   const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
   const float kRound = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float xc = x < -87.f ? -87.f : x;
@@ -55,36 +55,36 @@ inline float exp_nonpositive(float x) {
   return x < -87.f ? 0.f : p * scale;
 }
 
-// Sum of v[0..n) in kLanes interleaved partial sums: an order the compiler may vectorize
+// Sum of v[0..n) in `Lanes` interleaved partial sums: an order the compiler may vectorize
 // (a single running sum it may not reorder without -ffast-math).
 constexpr int64_t kLanes = 8;
-inline float lane_sum(const float* v, int64_t n) {
-  float acc[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+template <int64_t Lanes>
+__attribute__((always_inline)) inline float lane_sum(const float* v, int64_t n) {
+  float acc[Lanes];
+  for (int64_t j = 0; j < Lanes; ++j) acc[j] = 0.f;
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += v[k + j];
+  for (; k + Lanes <= n; k += Lanes)
+    for (int64_t j = 0; j < Lanes; ++j) acc[j] += v[k + j];
   for (int64_t j = 0; k + j < n; ++j) acc[j] += v[k + j];
   float s = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  for (int64_t j = 0; j < Lanes; ++j) s += acc[j];
   return s;
 }
 
-// Softmax statistics (exit_head_epilogue.h's SoftmaxStats) of one row of final logits:
-// max, its first index, then s = sum exp(z - m) and t = sum exp(z - m) * (z - m), with
-// `scratch` (2C floats) holding the terms; without scratch only max and argmax (s = 1, t = 0). Every pass is a loop without branches, in
-// kLanes interleaved lanes where it reduces, so that it vectorizes; an AVX2 + FMA (x86-64-v3) clone
-// is picked at load time where the CPU has them. A row with a NaN or +-inf is marked
-// non-finite and not summed (decide() rejects it).
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
-  float mx[kLanes], chk[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) {
+// Max of z[0..c) and a finiteness check (0 for finite values, NaN when any is NaN or
+// +-inf), in `Lanes` interleaved lanes: loops without branches that vectorize. Each lane is
+// a dependency chain, so many classes want more lanes (32: four AVX2 registers per chain)
+// than a few do (8: less to set up and reduce).
+template <int64_t Lanes>
+__attribute__((always_inline)) inline void max_and_check(const float* z, int64_t c, float& m, float& bad) {
+  float mx[Lanes], chk[Lanes];
+  for (int64_t j = 0; j < Lanes; ++j) {
     mx[j] = -INFINITY;
     chk[j] = 0.f;
   }
   int64_t k = 0;
-  for (; k + kLanes <= c; k += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) {
+  for (; k + Lanes <= c; k += Lanes)
+    for (int64_t j = 0; j < Lanes; ++j) {
       const float v = z[k + j];
       mx[j] = v > mx[j] ? v : mx[j];
       chk[j] += v - v;  // 0 for a finite v, NaN for NaN or +-inf
@@ -94,18 +94,46 @@ SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
     mx[j] = v > mx[j] ? v : mx[j];
     chk[j] += v - v;
   }
-  float m = mx[0], bad = chk[0];
-  for (int64_t j = 1; j < kLanes; ++j) {
+  m = mx[0];
+  bad = chk[0];
+  for (int64_t j = 1; j < Lanes; ++j) {
     m = mx[j] > m ? mx[j] : m;
     bad += chk[j];
   }
+}
+
+// Rows at least this long take the wide lanes and the block search below.
+constexpr int64_t kWideLanes = 32;
+
+// The first index of z holding m (m occurs in z): whole blocks compared at once (a count of
+// hits, which vectorizes where a loop that stops at the first hit does not), then the block
+// with the hit scanned. Ties go to the lowest index.
+__attribute__((always_inline)) inline int64_t first_index_of(const float* z, int64_t c, float m) {
+  int64_t k = 0;
+  if (c >= kWideLanes)
+    for (; k + kWideLanes <= c; k += kWideLanes) {
+      int32_t hits = 0;
+      for (int64_t j = 0; j < kWideLanes; ++j) hits += z[k + j] == m;
+      if (hits != 0) break;
+    }
+  while (z[k] != m) ++k;
+  return k;
+}
+
+// Softmax statistics (exit_head_epilogue.h's SoftmaxStats) of one row of final logits:
+// max, its first index, then s = sum exp(z - m) and t = sum exp(z - m) * (z - m), with
+// `scratch` (2C floats) holding the terms; without scratch only max and argmax (s = 1, t = 0).
+// A row with a NaN or +-inf is marked non-finite and not summed (decide() rejects it).
+template <int64_t Lanes>
+__attribute__((always_inline)) inline SoftmaxStats stats_in_lanes(const float* z, int64_t c, float* scratch) {
+  float m, bad;
+  max_and_check<Lanes>(z, c, m, bad);
   SoftmaxStats st = stats_init();
   if (bad != 0.f) {  // NaN != 0 too
     st.finite = false;
     return st;
   }
-  int64_t arg = 0;
-  while (z[arg] != m) ++arg;  // the first index holding the max: ties go to the lowest
+  const int64_t arg = first_index_of(z, c, m);
   if (scratch == nullptr) return SoftmaxStats{m, 1.f, 0.f, arg, true};
   float* e = scratch;
   float* ed = scratch + c;
@@ -114,14 +142,24 @@ SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
     e[q] = exp_nonpositive(d);
     ed[q] = e[q] * d;
   }
-  return SoftmaxStats{m, lane_sum(e, c), lane_sum(ed, c), arg, true};
+  return SoftmaxStats{m, lane_sum<Lanes>(e, c), lane_sum<Lanes>(ed, c), arg, true};
+}
+
+// stats_in_lanes with as many lanes as the row fills: one for a few classes (nothing to set
+// up and reduce), kLanes, kWideLanes for many. Every pass vectorizes where it has lanes; an
+// AVX2 + FMA (x86-64-v3) clone is picked at load time where the CPU has them.
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+SoftmaxStats row_stats(const float* z, int64_t c, float* scratch) {
+  if (c >= kWideLanes) return stats_in_lanes<kWideLanes>(z, c, scratch);
+  if (c >= kLanes) return stats_in_lanes<kLanes>(z, c, scratch);
+  return stats_in_lanes<1>(z, c, scratch);
 }
 
 // 1 + erf(z), branch-free so that a loop of it vectorizes: erfc(|z|) by Abramowitz & Stegun
 // 7.1.26 (|error| <= 1.5e-7; ATen's vectorized erf, which at::gelu uses on CPU, is the same
 // approximation), then 2 - erfc for z >= 0. For z < 0 the result is erfc(|z|) itself, with
 // no cancellation. NaN stays NaN; +-inf give 2 and 0.
-inline float one_plus_erf(float z) {
+__attribute__((always_inline)) inline float one_plus_erf(float z) {
   const float a = __builtin_fabsf(z);  // std::fabs would be a call: it is compiled without the pragma above
   const float t = 1.f / (1.f + 0.3275911f * a);
   float p = 1.061405429f;

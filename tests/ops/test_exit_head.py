@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eekernels
+from eekernels.demo import default_policy
 from eekernels.ops import exit_head, exit_head_reference
 from eekernels.ops.exit_head import ExitHeadArgs, ExitHeadOutput
 
@@ -204,6 +205,45 @@ def test_non_finite_rows(device, crit):
         else:
             assert torch.isnan(out.score.cpu()[bad]).all(), backend
             assert torch.isfinite(out.score.cpu()[~bad]).all(), backend
+
+
+@pytest.mark.parametrize("c", [5, 8, 31, 32, 33, 64, 95, 1000])
+@pytest.mark.parametrize("crit", CRITERIA + ("policy",))
+def test_argmax_ties_and_non_finite_at_every_lane(c, crit):
+    """Logits set value by value (identity classifier: x I + 0 is exact): the prediction is
+    the first of tied maxima, and one NaN / +-inf anywhere in a row, first lane, last lane
+    of a block or the tail, makes it non-finite; around the row scan's lane widths."""
+    positions = sorted({0, 1, 7, 8, 31, 32, 33, c // 2, c - 2, c - 1} & set(range(c)))
+    rows = []
+    for p in positions:
+        row = torch.linspace(-3.0, 2.0, c)[torch.randperm(c, generator=torch.Generator().manual_seed(p))]
+        row[p] = 5.0
+        rows.append(row.clone())  # a single maximum at p
+        for q in (p + 1, c - 1):
+            if q < c and q != p:
+                tied = row.clone()
+                tied[q] = 5.0  # tied with a later one: pred stays p
+                rows.append(tied)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            poisoned = row.clone()
+            poisoned[p] = bad
+            rows.append(poisoned)
+    hidden = torch.stack(rows)
+    n = hidden.shape[0]
+    args = dict(hidden=hidden, weight=torch.eye(c), bias=torch.zeros(c))
+    if crit == "patience":
+        args.update(prev_pred=torch.zeros(n, dtype=torch.long), counter=torch.zeros(n, dtype=torch.int32))
+    if crit == "policy":
+        qw, qb, qo, qob = default_policy(c, 4, "cpu", torch.float32)
+        args.update(policy_weight=qw, policy_bias=qb, policy_out_weight=qo, policy_out_bias=qob)
+    thr = 0.5 if crit in ("max_prob", "policy") else 1.0
+    ref = spec(args, criterion=crit, threshold=thr)
+    finite = torch.isfinite(hidden).all(1)
+    assert torch.equal(ref.pred[finite], hidden[finite].argmax(1)) and (ref.pred[~finite] == -1).all()
+    for backend in ["torch"] + kernel_backends("cpu"):
+        out = exit_head(**args, criterion=crit, threshold=thr, backend=backend)
+        assert torch.equal(out.pred, ref.pred), backend
+        assert not out.exit[~finite].any(), backend
 
 
 @pytest.mark.parametrize("device", _devices())
