@@ -73,8 +73,8 @@ __attribute__((always_inline)) inline float lane_sum(const float* v, int64_t n) 
 
 // Max of z[0..c) and a finiteness check (0 for finite values, NaN when any is NaN or
 // +-inf), in `Lanes` interleaved lanes: loops without branches that vectorize. Each lane is
-// a dependency chain, so many classes want more lanes (32: four AVX2 registers per chain)
-// than a few do (8: less to set up and reduce).
+// a dependency chain, so many classes want more lanes (32: four AVX2 registers) than a few
+// do (8 or 1: less to set up and reduce); row_stats picks.
 template <int64_t Lanes>
 __attribute__((always_inline)) inline void max_and_check(const float* z, int64_t c, float& m, float& bad) {
   float mx[Lanes], chk[Lanes];
@@ -102,7 +102,7 @@ __attribute__((always_inline)) inline void max_and_check(const float* z, int64_t
   }
 }
 
-// Rows at least this long take the wide lanes and the block search below.
+// Rows at least this long take the wide lanes; the block search below needs as many values.
 constexpr int64_t kWideLanes = 32;
 
 // The first index of z holding m (m occurs in z): whole blocks compared at once (a count of
@@ -110,12 +110,11 @@ constexpr int64_t kWideLanes = 32;
 // with the hit scanned. Ties go to the lowest index.
 __attribute__((always_inline)) inline int64_t first_index_of(const float* z, int64_t c, float m) {
   int64_t k = 0;
-  if (c >= kWideLanes)
-    for (; k + kWideLanes <= c; k += kWideLanes) {
-      int32_t hits = 0;
-      for (int64_t j = 0; j < kWideLanes; ++j) hits += z[k + j] == m;
-      if (hits != 0) break;
-    }
+  for (; k + kWideLanes <= c; k += kWideLanes) {
+    int32_t hits = 0;
+    for (int64_t j = 0; j < kWideLanes; ++j) hits += z[k + j] == m;
+    if (hits != 0) break;
+  }
   while (z[k] != m) ++k;
   return k;
 }
