@@ -423,6 +423,11 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    try:
+        overrides = schedule_overrides(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in GRID_METHODS]
@@ -443,11 +448,6 @@ def main(argv=None) -> int:
 
     full_layers = AutoConfig.from_pretrained(backbone, local_files_only=True).num_hidden_layers
     out = Path(args.out)
-    try:
-        overrides = schedule_overrides(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     jobs = [(t, m) for t in tasks for m in MODELS if set(m.rules) & set(methods)]
     bar = tqdm(jobs, desc="reproduce", unit="model")
     try:

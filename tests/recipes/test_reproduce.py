@@ -108,10 +108,7 @@ def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypa
 
     import eekernels.training.finetune as ft
 
-    spec = importlib.util.spec_from_file_location("reproduce_recipe_train", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = _recipe_module("reproduce_recipe_train")
     calls = []
     monkeypatch.setattr(ft, "finetune", lambda cfg, log=None: calls.append(cfg) or types.SimpleNamespace(summary={}))
     checkpoint = {"path": str(tmp_path / "checkpoint-200")}
@@ -135,3 +132,39 @@ def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypa
     checkpoint["path"] = None  # nothing to go on from
     mod.train(models["early-exit"], task, files, "backbone", tmp_path / "fresh", quick=True, num_layers=6)
     assert calls[-1].resume is False
+
+
+def _recipe_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
+    """--train-rows / --epochs replace the task's subset and epochs; bad values are named; a
+    folder made with one schedule refuses another (its cached subset and runs would be reused)."""
+    mod = _recipe_module("reproduce_recipe_schedule")
+
+    def overrides(*argv):
+        return mod.schedule_overrides(mod.parse_args(["--out", str(tmp_path), *argv]))
+
+    assert overrides() == {}
+    assert overrides("--train-rows", "all", "--epochs", "2") == {"train_rows": None, "epochs": 2.0}
+    assert overrides("--train-rows", "5000") == {"train_rows": 5000}
+    for argv, message in ((("--train-rows", "0"), "--train-rows"), (("--train-rows", "-3"), "--train-rows"),
+                          (("--train-rows", "half"), "--train-rows"), (("--epochs", "0"), "--epochs"),
+                          (("--epochs", "nan"), "--epochs")):
+        with pytest.raises(ValueError, match=message):
+            overrides(*argv)
+    sst2 = mod.TASKS["SST-2"]
+    mod.check_schedule(tmp_path, sst2)
+    mod.check_schedule(tmp_path, sst2)  # the same schedule again: fine
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="use another --out"):
+        mod.check_schedule(tmp_path, replace(sst2, train_rows=None, epochs=2.0))
+    r = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--train-rows", "half"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "error: --train-rows must be" in r.stderr and "Traceback" not in r.stderr
