@@ -22,6 +22,16 @@ from ..text_task import make_files  # noqa: E402
 RECIPE = Path(__file__).resolve().parents[2] / "python" / "reproduce.py"
 
 
+def _recipe_module(name: str):
+    """The recipe imported as module ``name`` (registered first: its dataclasses look their
+    module up)."""
+    spec = importlib.util.spec_from_file_location(name, RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_reproduce_quick_grid_runs_and_resumes(tmp_path):
     f = make_files(tmp_path / "files")
     data = tmp_path / "data" / "TINY"
@@ -74,10 +84,7 @@ def test_results_table_places_each_point():
     """results_table: calibrated points in their column with the reached speed-up where it
     differs, a static model by its layer speed-up, HashEE by its FLOPs speed-up, ConsistentEE
     at the paper's p > 0.5 first, MRPC by F1."""
-    spec = importlib.util.spec_from_file_location("reproduce_recipe", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = _recipe_module("reproduce_recipe")
 
     def row(task, method, point, acc, layer, flops=None, f1=None, full=0.9):
         return dict(task=task, method=method, point=point, accuracy=acc, f1=f1, full_accuracy=full,
@@ -132,14 +139,6 @@ def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypa
     checkpoint["path"] = None  # nothing to go on from
     mod.train(models["early-exit"], task, files, "backbone", tmp_path / "fresh", quick=True, num_layers=6)
     assert calls[-1].resume is False
-
-
-def _recipe_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
