@@ -21,7 +21,8 @@ Paths, all on the same batches:
   decision is replaced): the controlled 2x profile (half the rows leave after layer 2, half
   after layer 4 of 6: layer speed-up exactly 2.0), the measured exit histograms of trained
   models (every ``eekernels eval --report`` JSON in ``benchmarks/profiles/`` and each
-  ``--measured-profile``), and no exits (every row runs every layer: the engine's overhead);
+  ``--measured-profile``), and no exits (no profile, a threshold no row meets: every exit head
+  runs and no row leaves, the engine's overhead over its full model);
 - with ``--group-by-length``: every early-exit path again with ``group_by_length=True``
   (rows sorted by length, run in groups that cut padding) and the ORT full models run on
   the same length groups ("... grouped"): the speed-up stays against the fastest full model,
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import math
 import os
 import random
 import statistics
@@ -85,6 +87,9 @@ INT8 = ("ort-int8", "graph-ort-int8")
 #: the controlled profile: half the rows leave after layer 2, half after layer 4 (of 6)
 CONTROLLED_2X = ("2x (half exit at 2, half at 4)", {2: 1, 4: 1}, 6)
 NO_EXIT = "no exits"
+#: per criterion, a threshold no row meets (the exit-head op's contract: entropy < 0 and p(exit) > 1
+#: never hold, max_prob >= inf and patience >= inf never do): exits disabled, every head still runs
+NEVER = {"entropy": 0.0, "max_prob": math.inf, "patience": math.inf, "policy": 1.0}
 
 Batch = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
@@ -253,13 +258,19 @@ def grouped_full_path(full: Callable[[Batch], torch.Tensor]) -> Callable[[Batch]
     return run
 
 
-def early_exit_path(model, executor: str, profile: List[torch.Tensor], grouped: bool = False
+def early_exit_path(model, executor: str, profile: Optional[List[torch.Tensor]], grouped: bool = False
                     ) -> Callable[[int, Batch], torch.Tensor]:
     """(batch index, batch) -> logits of ``model.early_exit`` on ``executor`` (a :data:`RUNNERS`
-    name) and the forced per-batch exit layers ``profile`` (``grouped``: ``group_by_length=True``),
-    as a serving call makes it: ``metrics=False`` (no speed-up bookkeeping, which the full
-    models do not pay either)."""
+    name) under the forced per-batch exit layers ``profile``, or with exits disabled where
+    ``profile`` is None (its first criterion at the :data:`NEVER` threshold, no profile: a
+    serving call that turns exits off); ``grouped``: ``group_by_length=True``. As a serving
+    call makes it: ``metrics=False`` (no speed-up bookkeeping, which the full models do not
+    pay either)."""
     engine, name = RUNNERS[executor]
+    if profile is None:
+        rule = {"criterion": model.criteria[0], "threshold": NEVER[model.criteria[0]]}
+        return lambda i, b: model.early_exit(b[0], b[1], b[2], engine=engine, executor=name, group_by_length=grouped,
+                                             metrics=False, **rule).logits
     return lambda i, b: model.early_exit(b[0], b[1], b[2], exit_profile=profile[i], engine=engine, executor=name,
                                          group_by_length=grouped, metrics=False).logits
 
@@ -407,7 +418,8 @@ def run(model, tok, tasks: Sequence[str], data_dir: str, rows: int, batch_sizes:
                 profiles = exit_profiles(len(first[task]), b, n, measured)
                 ideal = {label: metrics.layer_speedup(torch.cat(p), n) for label, p in profiles.items()}
                 paths = [Path(name, "full model", lambda i, bt, f=fn: f(bt)) for name, fn in full.items()]
-                paths += [Path(f"ee-{ex}" + (GROUPED if g else ""), label, early_exit_path(model, ex, prof, g), ex)
+                paths += [Path(f"ee-{ex}" + (GROUPED if g else ""), label,
+                               early_exit_path(model, ex, None if label == NO_EXIT else prof, g), ex)
                           for ex in live for label, prof in profiles.items()
                           for g in ((False, True) if group_by_length else (False,))]
                 errs = warm_up(paths, data, hf_logits)
@@ -517,7 +529,6 @@ def headline_table(doc: dict) -> str:
     (grouped by length where timed), and the no-exit overhead of each one's executor (in dev
     order, against that executor's own full model)."""
     res = doc["results"]
-    two = CONTROLLED_2X[0]
     out = []
     for task in dict.fromkeys(r["task"] for r in res):
         out.append(f"**{task}**, controlled 2x profile (speed-up against the full model in dev order / against "

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from common import random_bert
-from cpu_e2e import (CONTROLLED_2X, EXECUTORS, INT8, NO_EXIT, RUNNERS, executor_skip_reason, exit_profiles,
-                     full_model_paths, rel_err)
+from cpu_e2e import (CONTROLLED_2X, EXECUTORS, INT8, NEVER, NO_EXIT, RUNNERS, early_exit_path, executor_skip_reason,
+                     exit_profiles, full_model_paths, rel_err)
 from eekernels.models import convert
 
 B, S, LAYERS = 8, 32, 6
@@ -56,11 +56,14 @@ def test_early_exit(benchmark, setup, executor, profile):
     if why:
         pytest.skip(why)
     layers = exit_profiles(B, B, LAYERS, [])[profile][0]
-    engine, name = RUNNERS[executor]
-    fn = lambda: model.early_exit(*batch, exit_profile=layers, engine=engine, executor=name)  # noqa: E731
+    path = early_exit_path(model, executor, None if profile == NO_EXIT else [layers])
+    fn = lambda: path(0, batch)  # noqa: E731
     with torch.no_grad():
-        out = fn()
+        engine, name = RUNNERS[executor]
+        out = model.early_exit(*batch, exit_profile=None if profile == NO_EXIT else layers, engine=engine,
+                               executor=name, **({"threshold": NEVER[model.criteria[0]]} if profile == NO_EXIT else {}))
         assert out.exit_layer.tolist() == layers.tolist()
+        assert torch.equal(fn(), out.logits)
         if profile == NO_EXIT:
             assert rel_err(out.logits, ref) < (1e-4 if executor not in INT8 else 0.2)
         benchmark.group = f"cpu-e2e tiny B={B}"

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ def _inputs_ok_nodes(limits: Dict[str, int]) -> list:
 
 
 def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[int], criterion: str,
-                             num_labels: int, limits: Optional[Dict[str, int]] = None):
+                             num_labels: int, limits: Optional[Dict[str, int]] = None, forced: bool = True):
     """One ``onnx.ModelProto`` of the early-exit forward (see the module docstring).
 
     Args:
@@ -140,10 +140,12 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
         num_labels: C.
         limits: the exclusive upper bound of ``input_ids`` and of ``token_type_ids``
             (:func:`~eekernels.engine.loop.value_limits`; an input not named is not checked).
+        forced: with the ``forced`` input (exit profiles); without it the rows leave by the
+            criterion alone, three operators fewer per exit point (what serving calls run).
 
     Graph inputs: ``input_ids``, ``token_type_ids``, ``mask`` (int64 [N, S]), ``index``
-    (int64 [N], each row's batch position), ``threshold`` (float []) and ``forced`` (int64
-    [N]): a row leaves at an exit point where the criterion says so or that is >= its
+    (int64 [N], each row's batch position), ``threshold`` (float []) and, where ``forced``,
+    ``forced`` (int64 [N]): a row leaves at an exit point where the criterion says so or that is >= its
     ``forced`` (a threshold no score meets, -inf for entropy or +inf for max-prob, with
     ``forced`` leaves by the profile alone; ``forced`` beyond the last layer, by the
     criterion alone). Outputs, one row per input row in exit order: ``exit_index`` (its
@@ -212,9 +214,11 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
                 else:  # opset < 18: ReduceMax's axes are an attribute
                     score = node("ReduceMax", [probs], p + "max_prob", axes=[1], keepdims=0)
                     by_score = node("GreaterOrEqual", [score, "threshold"], p + "by_score")
-                step = const(p + "step", np.array(i, np.int64))
-                leave = node("Or", [by_score, node("LessOrEqual", [rows["forced"], step], p + "by_force")],
-                             p + "leave")
+                leave = by_score
+                if forced:
+                    step = const(p + "step", np.array(i, np.int64))
+                    leave = node("Or", [by_score, node("LessOrEqual", [rows["forced"], step], p + "by_force")],
+                                 p + "leave")
                 keep = node("Not", [leave], p + "keep")
                 leave_index = node("Compress", [rows["index"], leave], p + "leave_index", axis=0)
                 leave_logits = node("Compress", [logits, leave], p + "leave_logits", axis=0)
@@ -258,8 +262,8 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
         nodes.append(helper.make_node("Cast", ["mask"], [mask], name=mask, to=TensorProto.INT32))
     _copy_layer(embedding.graph, "embed/", {"input_ids": "input_ids", "token_type_ids": "token_type_ids"},
                 nodes, initializers)
-    results = layers_from(1, "embed/" + embedding.graph.output[0].name,
-                          {"mask": mask, "index": "index", "forced": "forced"}, nodes, initializers)
+    rows = {"mask": mask, "index": "index", **({"forced": "forced"} if forced else {})}
+    results = layers_from(1, "embed/" + embedding.graph.output[0].name, rows, nodes, initializers)
     nodes += [helper.make_node("Identity", [r], [name], name=name) for r, name in zip(results, _RESULTS)]
     nodes += _inputs_ok_nodes(limits or {})
     graph = helper.make_graph(
@@ -269,7 +273,7 @@ def compose_early_exit_graph(embedding, layers: Sequence, exit_points: Sequence[
                 helper.make_tensor_value_info("mask", TensorProto.INT64, ["rows", "length"]),
                 helper.make_tensor_value_info("index", TensorProto.INT64, ["rows"]),
                 helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []),
-                helper.make_tensor_value_info("forced", TensorProto.INT64, ["rows"])],
+                *([helper.make_tensor_value_info("forced", TensorProto.INT64, ["rows"])] if forced else [])],
         outputs=outputs(_RESULTS) + [helper.make_tensor_value_info("inputs_ok", TensorProto.BOOL, [])],
         initializer=initializers)
     opsets = {(o.domain, o.version) for m in (embedding, *layers) for o in m.opset_import}
@@ -304,7 +308,8 @@ class _EmbeddingGraph(nn.Module):
 
 class OrtGraphEngine:
     """``early_exit(engine="ort-graph")`` for one model and layer executor ("ort" or
-    "ort-int8"): one session per exit rule, built on first use from the executor's layer
+    "ort-int8"): one session per exit rule (and another for calls with an exit profile, whose
+    graph takes it), built on first use from the executor's layer
     graphs (each exit point's head inside) and the exported embedding, rebuilt when any
     weight of the model changes. Sessions run on torch's thread count at build time, their
     idle threads spinning as ONNX Runtime's do by default (:func:`~eekernels.engine.ort.make_session`):
@@ -325,20 +330,21 @@ class OrtGraphEngine:
         self.layers = EXECUTORS[executor](model.adapter)
         self.layers.attach_exit_heads(model)
         self._model = weakref.ref(model)
-        self._sessions: Dict[str, object] = {}  # criterion -> session
+        self._sessions: Dict[Tuple[str, bool], object] = {}  # (criterion, forced) -> session
         self._weights = WeightWatch(parameter_slots(model))  # what the sessions were built from
 
-    def graph(self, criterion: str):
-        """The composed ``onnx.ModelProto`` for ``criterion`` (built with its session)."""
-        return self._session(criterion)[1]
+    def graph(self, criterion: str, forced: bool = False):
+        """The composed ``onnx.ModelProto`` for ``criterion`` (built with its session); ``forced``:
+        the one that takes exit profiles."""
+        return self._session(criterion, forced)[1]
 
-    def _session(self, criterion: str):
+    def _session(self, criterion: str, forced: bool):
         from .ort import export_in_eval, make_session
 
         if self._weights.changed():
             self._sessions.clear()
             self.layers._drop_stale()
-        entry = self._sessions.get(criterion)
+        entry = self._sessions.get((criterion, forced))
         if entry is None:
             model = self._model()
             if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -352,9 +358,9 @@ class OrtGraphEngine:
                                     "hidden": rows_by_length})
             layers = [self.layers.graph(step) for step in range(1, model.num_layers + 1)]
             proto = compose_early_exit_graph(embed, layers, model.exit_points, criterion, model.num_labels,
-                                             value_limits(model))
+                                             value_limits(model), forced)
             session = make_session(proto, torch.get_num_threads(), spin=True)
-            entry = self._sessions[criterion] = (session, proto, {i.name for i in session.get_inputs()},
+            entry = self._sessions[(criterion, forced)] = (session, proto, {i.name for i in session.get_inputs()},
                                                  np.asarray(model.exit_points, np.int64))
         return entry
 
@@ -369,11 +375,11 @@ class OrtGraphEngine:
         model = self._model()
         if input_ids.device.type != "cpu":
             raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
-        session, _, inputs, exit_points = self._session(criterion)
+        # a serving call runs the graph without the profile's operators
+        session, _, inputs, exit_points = self._session(criterion, exit_profile is not None)
         b, s = input_ids.shape
-        if exit_profile is None:
-            forced = np.full(b, model.num_layers + 1, dtype=np.int64)
-        else:  # the profile alone decides: a threshold no score meets
+        forced = None
+        if exit_profile is not None:  # the profile alone decides: a threshold no score meets
             forced = _int64(torch.as_tensor(exit_profile))
             threshold = -math.inf if criterion == "entropy" else math.inf
         mask = np.ones((b, s), np.int64) if attention_mask is None else _int64(attention_mask)
@@ -383,8 +389,9 @@ class OrtGraphEngine:
             "mask": mask,
             "index": np.arange(b, dtype=np.int64),
             "threshold": np.array(threshold, np.float32),
-            "forced": forced,
         }
+        if forced is not None:
+            feeds["forced"] = forced
         if attention_mask is not None and attention_mask.dtype.is_floating_point:  # 0.5 would read as 0
             check_values(model, input_ids, attention_mask, token_type_ids, who)
         try:

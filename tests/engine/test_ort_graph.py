@@ -64,6 +64,17 @@ def test_exit_points_forced_profiles_and_zero_rows_left():
     one = model.early_exit(ids[:1], None, threshold=0.0, engine="ort-graph")
     assert int(one.exit_layer) == N_LAYERS
     _same(one, model.early_exit(ids[:1], None, threshold=0.0, executor="hf"))
+    # calls without a profile run a graph without its operators: three fewer per internal exit point
+    engine = model._ort_graph("ort")
+    serving, profiled = engine.graph("entropy"), engine.graph("entropy", forced=True)
+    assert [i.name for i in profiled.graph.input if i.name == "forced"] == ["forced"]
+    assert not any(i.name == "forced" for i in serving.graph.input)
+    assert len(profiled.graph.node) - len(serving.graph.node) == 3 * (len(model.exit_points) - 1)
+    # and the same profile through a graph whose weights changed since: both rebuilt
+    with torch.no_grad():
+        model.head(2).classifier.bias.add_(0.25)
+    _same(model.early_exit(ids, mask, threshold=0.0, exit_profile=profile, engine="ort-graph"),
+          model.early_exit(ids, mask, threshold=0.0, exit_profile=profile, executor="hf"))
 
 
 def test_length_groups_and_changed_weights():
