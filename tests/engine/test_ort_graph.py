@@ -108,7 +108,7 @@ def test_int8_layers_compose():
     rows = model.early_exit(ids, mask, threshold=0.0, executor="ort-int8")
     assert (out.exit_layer == N_LAYERS).all()
     assert torch.allclose(out.logits, rows.logits, rtol=1e-4, atol=1e-5)
-    # every row leaves at layer 1: ORT's INT8 kernels divide by zero on zero rows, so the
+    # every row leaves at layer 1: ORT's QAttention divides by zero on zero rows, so the
     # layers after an exit point must not run once no row is left
     gone = model.early_exit(ids, mask, threshold=float("inf"), engine="ort-graph", executor="ort-int8")
     assert (gone.exit_layer == 1).all()
