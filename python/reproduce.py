@@ -22,8 +22,9 @@ rules), static (the first k = 2, 3, 4 layers fine-tuned alone), past-future, mpe
 consistentee, cascadebert (a 2-layer member cut from the model and the 6-layer model,
 with distillation and DAR), hashee (frequency hash). A finished training or measurement is
 not redone (``OUT/runs/<task>/<model>/``), so the grid runs in parts and resumes; a training
-killed part-way goes on from its last checkpoint (every 200 steps; ConsistentEE from the last
-finished step of its schedule), and CascadeBERT's DAR fold runs keep their results as each ends.
+killed part-way goes on from its last checkpoint (every 200 steps; ConsistentEE and CascadeBERT,
+trained in several Trainer runs, from the last finished run and that run's own checkpoint), and
+CascadeBERT's DAR fold runs keep their results as each ends.
 ``--train-rows`` and ``--epochs`` replace every chosen task's training subset and schedule
 (SST-2 trains on a 20,000-row subset for one epoch by default, to fit the grid's budget);
 a folder keeps the schedule it was made with and refuses another.

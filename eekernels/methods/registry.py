@@ -113,12 +113,23 @@ def _ee_build(hf, exit_layers, options, corpus=None):
 
 
 def _ee_train(model, targs, dataset, collate, options, make_optimizer):
-    """Joint training, or DeeBERT's two stages (backbone + final head, then the internal
-    exits with the backbone frozen, started from the trained final head)."""
+    """Joint training (one Trainer run), or DeeBERT's two stages (backbone + final head,
+    then the internal exits with the backbone frozen, started from the trained final head):
+    two steps of a :class:`~eekernels.training.schedule.StepSchedule`, resumed when
+    ``targs.resume_from_checkpoint`` is set."""
+    import dataclasses
+
     import torch
 
-    losses = {}
-    for stage in (["final", "internal"] if options["two_stage"] else ["joint"]):
+    from ..training.schedule import StepSchedule
+
+    if not options["two_stage"]:
+        model.set_training_stage("joint")
+        return {"joint": _trainer(model, targs, dataset, collate, make_optimizer)}
+    schedule = StepSchedule(targs.output_dir, TWO_STAGE_PROGRESS_FILE, model, targs.resume_from_checkpoint is not None)
+    for stage in ("final", "internal"):
+        if schedule.finished(stage):
+            continue
         if stage == "internal":
             final = model.head(model.num_layers)
             with torch.no_grad():
@@ -126,9 +137,24 @@ def _ee_train(model, targs, dataset, collate, options, make_optimizer):
                     h.pooler.load_state_dict(final.pooler.state_dict())
                     h.classifier.load_state_dict(final.classifier.state_dict())
         model.set_training_stage(stage)
-        losses[stage] = _trainer(model, targs, dataset, collate, make_optimizer)
+        args = dataclasses.replace(targs, output_dir=schedule.step_dir(stage),
+                                   resume_from_checkpoint=schedule.checkpoint(stage))
+        schedule.state[stage] = _trainer(model, args, dataset, collate, make_optimizer)
+        schedule.finish(stage)
     model.set_training_stage("joint")
-    return losses
+    return dict(schedule.state)
+
+
+#: DeeBERT two-stage training's schedule record in the staging area
+TWO_STAGE_PROGRESS_FILE = "two-stage-progress.pt"
+
+
+def _ee_resume_point(area):
+    from ..training.checkpoints import last_checkpoint_in
+    from ..training.schedule import schedule_resume_point
+
+    # a two-stage run's record or its first stage's checkpoint, else a joint run's checkpoint
+    return schedule_resume_point(area, TWO_STAGE_PROGRESS_FILE, "final") or last_checkpoint_in(area)
 
 
 def _plain_train(model, targs, dataset, collate, options, make_optimizer):
@@ -214,10 +240,18 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
     """Each member on its own (cascadebert.txt 4.2): the complete model first, then the
     smaller ones, largest first, each distilled from the complete model (5.4) and the
     smallest regularized by DAR (3.2) with K-fold difficulty labels from fresh copies of
-    itself (K = ``difficulty_folds`` folds x ``difficulty_seeds`` seeds)."""
+    itself (K = ``difficulty_folds`` folds x ``difficulty_seeds`` seeds).
+
+    Each member is a step of a :class:`~eekernels.training.schedule.StepSchedule` in the
+    staging area (resumed when ``targs.resume_from_checkpoint`` is set), and the fold runs
+    keep their predictions in ``difficulty_cache`` (default: the staging area's
+    ``difficulty``), so an interrupted training loses at most the run it was in."""
     import copy
+    import dataclasses
+    import os
 
     from ..training.cascadebert import DARTrainer, kfold_difficulty_labels
+    from ..training.schedule import StepSchedule
     from .cascadebert import CascadeModel
 
     folds, seeds = options["difficulty_folds"], options["difficulty_seeds"]
@@ -228,13 +262,28 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
         raise ValueError(f"cascadebert: difficulty_steps must be >= 0, got {options['difficulty_steps']}")
     # the fold models start from the smallest member as built, before any training
     fresh_small = copy.deepcopy(model.members[0]) if folds > 0 else None
+    schedule = StepSchedule(targs.output_dir, CASCADE_PROGRESS_FILE, model, targs.resume_from_checkpoint is not None)
+    losses = schedule.state
     last = len(model.members) - 1
-    losses = {}
+
+    def member_step(j, **kwargs):
+        name = f"member{j}"
+        if schedule.finished(name):
+            return
+        model.set_training_member(j)
+        args = dataclasses.replace(targs, output_dir=schedule.step_dir(name),
+                                   resume_from_checkpoint=schedule.checkpoint(name))
+        history: list = []
+        losses[name] = _trainer(model, args, dataset, collate, make_optimizer, log_history=history, **kwargs)
+        dar = [h["dar_loss"] for h in history if "dar_loss" in h]
+        if dar:
+            losses[f"{name}-dar"] = sum(dar) / len(dar)
+        schedule.finish(name)
+
     try:
-        model.set_training_member(last)
-        losses[f"member{last}"] = _trainer(model, targs, dataset, collate, make_optimizer)
+        member_step(last)
         difficulty = None
-        if folds > 0:
+        if folds > 0 and not schedule.finished("member0"):
             steps = options["difficulty_steps"] or targs.max_steps
             difficulty = kfold_difficulty_labels(
                 lambda seed: copy.deepcopy(fresh_small), dataset, k=folds, seeds=range(seeds),
@@ -243,19 +292,30 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
                                    learning_rate=targs.learning_rate, use_cpu=targs.use_cpu,
                                    remove_unused_columns=False),
                 data_collator=collate, make_optimizer=lambda m: make_optimizer(CascadeModel([m])),
-                cache_dir=options["difficulty_cache"] or None).labels
+                cache_dir=options["difficulty_cache"] or os.path.join(targs.output_dir, "difficulty")).labels
             losses["difficult_fraction"] = float(difficulty.float().mean())
         for j in reversed(range(last)):
-            model.set_training_member(j)
-            history: list = []
-            losses[f"member{j}"] = _trainer(model, targs, dataset, collate, make_optimizer, trainer_cls=DARTrainer,
-                                            difficulty=difficulty if j == 0 else None, log_history=history)
-            dar = [h["dar_loss"] for h in history if "dar_loss" in h]
-            if dar:
-                losses[f"member{j}-dar"] = sum(dar) / len(dar)
+            member_step(j, trainer_cls=DARTrainer, difficulty=difficulty if j == 0 else None)
     finally:
         model.set_training_member(None)
-    return losses
+    return dict(losses)
+
+
+#: CascadeBERT's schedule record in the staging area (:class:`~eekernels.training.schedule.StepSchedule`)
+CASCADE_PROGRESS_FILE = "cascadebert-progress.pt"
+
+
+def _cascade_resume_point(area):
+    import os
+    import re
+
+    from ..training.schedule import schedule_resume_point
+
+    # before the first member ends there is no record, and only that member's folder: the
+    # largest member, which trains first
+    members = [int(m.group(1)) for m in map(re.compile(r"member(\d+)").fullmatch,
+                                             os.listdir(area) if os.path.isdir(area) else []) if m]
+    return schedule_resume_point(area, CASCADE_PROGRESS_FILE, f"member{max(members, default=0)}")
 
 
 # ---------------------------------------------------------------------- hashee
@@ -290,8 +350,7 @@ METHODS: Dict[str, MethodSpec] = {
         {"loss_weighting": ("weighted", "weighted (w_i = i / sum j) or sum (DeeBERT)"),
          "exit_pooling": EXIT_POOLING,
          "two_stage": (False, "DeeBERT: backbone + final head first, then the internal exits, backbone frozen")},
-        _ee_build, _ee_train,
-        resume_blocker=lambda o: "two_stage trains in two Trainer runs" if o["two_stage"] else None),
+        _ee_build, _ee_train, resume_point=_ee_resume_point),
     "past-future": MethodSpec(
         "past-future", "Past-Future: pooled past states + imitated future states, merging gate (past-future.txt)",
         "eekernels.methods.past_future:PastFutureModel",
@@ -341,9 +400,10 @@ METHODS: Dict[str, MethodSpec] = {
          "difficulty_seeds": (5, "seeds per fold for the difficulty labels (the paper: 5)"),
          "difficulty_steps": (0, "training steps of each fold model (0: as many as the members' own training)"),
          "difficulty_cache": ("", "directory where each fold run keeps its predictions as it ends; a rerun with the "
-                                  "same data and settings reuses them (empty: none)")},
+                                  "same data and settings reuses them (empty: the training's staging area, "
+                                  "until the training ends)")},
         _cascade_build, _cascade_train,
-        resume_blocker=lambda o: "its members are trained one after another (several Trainer runs)",
+        resume_point=_cascade_resume_point,
         notes=["criterion max_prob: a member emits a sample once its max probability > threshold",
                "training: the complete model, then each smaller member distilled from it (KD) with DAR",
                "cost of DAR: difficulty_folds x difficulty_seeds trainings of the smallest member on (K-1)/K of "

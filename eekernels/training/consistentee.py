@@ -23,7 +23,6 @@ with the policy frozen. Every step is an HF ``Trainer`` run on the same model.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -303,8 +302,7 @@ class ConsistentEETrainingResult:
         return len(self.exit_distributions)
 
 
-#: the schedule's record in ``args.output_dir``: the finished steps, the result so far and the
-#: model after the last of them, rewritten (atomically) after every step
+#: the schedule's record in ``args.output_dir`` (:class:`~eekernels.training.schedule.StepSchedule`)
 PROGRESS_FILE = "consistentee-progress.pt"
 
 
@@ -315,41 +313,27 @@ def _step_name(rnd: int, phase: str) -> str:
 def resume_point(output_dir: str) -> Optional[str]:
     """What an interrupted :func:`train_consistentee` into ``output_dir`` left to go on from:
     its progress record, else a complete Trainer checkpoint of its first step (None: nothing)."""
-    from .checkpoints import last_checkpoint_in
+    from .schedule import schedule_resume_point
 
-    record = os.path.join(output_dir, PROGRESS_FILE)
-    if os.path.isfile(record):
-        return record
-    return last_checkpoint_in(os.path.join(output_dir, _step_name(0, "init")))
+    return schedule_resume_point(output_dir, PROGRESS_FILE, _step_name(0, "init"))
 
 
-def _save_progress(output_dir: str, model, result: "ConsistentEETrainingResult", done: List[str]) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, PROGRESS_FILE)
-    torch.save({"done": list(done), "result": dataclasses.asdict(result), "model": model.state_dict()},
-               path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def _load_progress(output_dir: str, model) -> "tuple[ConsistentEETrainingResult, List[str]]":
-    path = os.path.join(output_dir, PROGRESS_FILE)
-    if not os.path.isfile(path):
-        return ConsistentEETrainingResult(), []
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(record["model"])
-    fields = dict(record["result"])
+def _result_from(state: Dict[str, Any]) -> "ConsistentEETrainingResult":
+    """The result a schedule's record holds (an empty one for a fresh run)."""
+    if not state:
+        return ConsistentEETrainingResult()
+    fields = dict(state)
     fields["phases"] = [PhaseRecord(**ph) for ph in fields["phases"]]
-    return ConsistentEETrainingResult(**fields), list(record["done"])
+    return ConsistentEETrainingResult(**fields)
 
 
 def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator, callbacks, make_optimizer,
-               resume=False):
+               schedule):
     from transformers import Trainer
 
-    from .checkpoints import drop_torn_checkpoints, last_checkpoint_in
-
+    name = _step_name(rnd, phase)
     model.set_phase(phase)
-    sub = dataclasses.replace(args, output_dir=os.path.join(args.output_dir, _step_name(rnd, phase)),
+    sub = dataclasses.replace(args, output_dir=schedule.step_dir(name),
                               **{k: v for k, v in overrides.items() if v is not None})
     # The policy phase freezes all but the policy nets, so make_optimizer's head group holds
     # them alone (at the head learning rate); an explicit policy learning rate takes over.
@@ -357,11 +341,7 @@ def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator,
     optimizer = make_optimizer(model) if make_optimizer is not None and not own_lr else None
     trainer = Trainer(model=model, args=sub, train_dataset=train_dataset, data_collator=data_collator,
                       callbacks=list(callbacks or []), optimizers=(optimizer, None))
-    checkpoint = None
-    if resume:
-        drop_torn_checkpoints(sub.output_dir)
-        checkpoint = last_checkpoint_in(sub.output_dir)
-    out = trainer.train(resume_from_checkpoint=checkpoint)
+    out = trainer.train(resume_from_checkpoint=schedule.checkpoint(name))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return PhaseRecord(rnd, phase, losses, getattr(out, "training_loss", None), trainer.state.global_step)
 
@@ -404,12 +384,12 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
     policy step the trainer's own optimizer at that rate. Without either, every step
     trains at ``args.learning_rate``.
 
-    Resuming: after each step the model, the result so far and the finished steps are
-    written to ``args.output_dir``/``PROGRESS_FILE``. With ``resume=True`` a run loads that
-    record (when there is one), skips the finished steps and continues the interrupted one
-    from its last complete Trainer checkpoint. Each step's Trainer seeds itself from
-    ``args.seed``, so a run resumed between steps ends with the weights an uninterrupted run
-    would have. Without ``resume`` the record is ignored and overwritten.
+    Resuming (:class:`~eekernels.training.schedule.StepSchedule`): after each step the
+    model, the result so far and the finished steps are written to
+    ``args.output_dir``/``PROGRESS_FILE``. With ``resume=True`` a run loads that record (when
+    there is one), skips the finished steps and continues the interrupted one from its last
+    complete Trainer checkpoint; a run resumed between steps ends with the weights an
+    uninterrupted run would have. Without ``resume`` the record is ignored and overwritten.
 
     Returns:
         :class:`ConsistentEETrainingResult`; the model is trained in place and left in
@@ -425,27 +405,33 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
         raise ValueError(f"train_consistentee: probe_size must be >= 1, got {probe_size}")
     if not hasattr(model, "set_phase"):
         raise TypeError("train_consistentee: model must be a ConsistentEEModel (eekernels.methods.consistentee)")
-    result, done = _load_progress(args.output_dir, model) if resume else (ConsistentEETrainingResult(), [])
+    from .schedule import StepSchedule
+
+    schedule = StepSchedule(args.output_dir, PROGRESS_FILE, model, resume)
+    result = _result_from(schedule.state)
     probe = torch.utils.data.Subset(train_dataset, range(min(probe_size, len(train_dataset))))
 
     def step(rnd, phase, overrides, data):
-        name = _step_name(rnd, phase)
-        if name in done:
+        if schedule.finished(_step_name(rnd, phase)):
             return False
         result.phases.append(_run_phase(model, phase, rnd, args, overrides, data, data_collator, callbacks,
-                                        make_optimizer, resume=resume))
+                                        make_optimizer, schedule))
         return True
 
+    def finish(rnd, phase):
+        schedule.state = dataclasses.asdict(result)
+        schedule.finish(_step_name(rnd, phase))
+
     if init and step(0, "init", {"max_steps": init_steps}, train_dataset):
-        done.append(_step_name(0, "init"))
-        _save_progress(args.output_dir, model, result, done)
+        finish(0, "init")
     bar = tqdm(range(1, max_rounds + 1), desc="ConsistentEE rounds", disable=not progress)
     for rnd in bar:
         if result.converged:
             break
-        if _step_name(rnd, "classifier") in done:
+        if schedule.finished(_step_name(rnd, "classifier")):
             continue
-        if model.reward == "hardness" and (_step_name(rnd, "policy") not in done or result.memorized_layers is None):
+        if model.reward == "hardness" and (not schedule.finished(_step_name(rnd, "policy"))
+                                           or result.memorized_layers is None):
             bar.set_postfix_str(f"round {rnd}: memorized layers")
             result.memorized_layers = compute_memorized_layers(
                 model, train_dataset, memorized_batch_size, data_collator, progress=progress)
@@ -453,8 +439,7 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
         if result.memorized_layers is not None:
             data = WithMemorizedLayer(train_dataset, result.memorized_layers)
         if step(rnd, "policy", {"max_steps": policy_steps, "learning_rate": policy_learning_rate}, data):
-            done.append(_step_name(rnd, "policy"))
-            _save_progress(args.output_dir, model, result, done)
+            finish(rnd, "policy")
         step(rnd, "classifier", {"max_steps": classifier_steps}, data)
         if eval_dataset is not None:
             result.evals.append(evaluate_early_exit(model, eval_dataset, memorized_batch_size, data_collator))
@@ -466,7 +451,6 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
             result.changes.append(change)
             bar.set_postfix_str(f"round {rnd}: exit distribution moved {change:.3f}")
             result.converged = change < tolerance
-        done.append(_step_name(rnd, "classifier"))
-        _save_progress(args.output_dir, model, result, done)
+        finish(rnd, "classifier")
     bar.close()
     return result

@@ -534,3 +534,61 @@ def test_kfold_difficulty_labels_resume_from_cache(tmp_path):
     trained.clear()
     label(learning_rate=2e-3)  # other settings: nothing cached applies
     assert len(trained) == 6
+
+
+# --------------------------------------------------------------------------- resuming the member schedule
+
+
+@pytest.mark.parametrize("stop, first_steps", [((2, 0), [1]), ((1, 6), [5, 1])],
+                         ids=["between-members", "inside-a-member"])
+def test_member_schedule_resumes_where_it_was_stopped(tmp_path, monkeypatch, stop, first_steps):
+    """The registry's CascadeBERT training (the complete model, the K-fold difficulty labels,
+    the small member with KD and DAR) stopped part-way and run again with a resume point
+    skips the finished members, reuses the fold runs, continues the interrupted member from
+    its last checkpoint and ends with the uninterrupted run's weights."""
+    from eekernels.methods import registry
+    from eekernels.training.schedule import StepSchedule
+
+    from ..trainer_stops import FirstSteps, StopAtStep
+
+    spec = registry.get_method("cascadebert")
+    options = {**registry.parse_options(spec, []), "small_layers": (1,), "difficulty_folds": 2,
+               "difficulty_seeds": 1}
+    data = ParityTask(64, seed=3)
+    callbacks: list = []
+    real_trainer = registry._trainer
+    monkeypatch.setattr(registry, "_trainer", lambda *a, **kw: real_trainer(*a, callbacks=callbacks, **kw))
+
+    def run(area, resume_from=None):
+        model = spec.build(tiny("bert", 2, seed=7, num_labels=2), None, options)
+        args = transformers.TrainingArguments(
+            output_dir=str(area), per_device_train_batch_size=16, max_steps=10, learning_rate=3e-3,
+            logging_steps=5, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="steps",
+            save_steps=4, resume_from_checkpoint=resume_from)
+        losses = spec.train(model, args, data, None, options, lambda m: None)
+        return model, losses
+
+    whole, whole_losses = run(tmp_path / "whole")
+    area = tmp_path / "stopped"
+    assert spec.resume_point(str(area)) is None
+    callbacks[:] = [StopAtStep(*stop)]
+    with pytest.raises(KeyboardInterrupt):
+        run(area)
+    point = spec.resume_point(str(area))
+    assert point is not None
+    folds = os.listdir(area / "difficulty") if (area / "difficulty").is_dir() else []
+    assert len(folds) == (2 if stop[0] == 2 else 0)  # the labels come after the complete model
+    seen = FirstSteps()
+    callbacks[:] = [seen]
+    model, losses = run(area, point)
+    assert seen.first == first_steps  # finished members skipped, the stopped one from its checkpoint
+    assert sorted(os.listdir(area / "difficulty")) == sorted(os.listdir(tmp_path / "whole" / "difficulty"))
+    assert set(losses) == set(whole_losses) and losses["difficult_fraction"] == whole_losses["difficult_fraction"]
+    want = whole.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+    record = StepSchedule(str(area), registry.CASCADE_PROGRESS_FILE, model, resume=True)
+    assert record.done == ["member1", "member0"]
+    seen.first.clear()
+    run(area, point)  # everything finished: no member trains again
+    assert seen.first == []

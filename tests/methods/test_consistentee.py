@@ -22,6 +22,7 @@ from eekernels.training import consistentee as ct  # noqa: E402
 
 from ..helpers import kernel_backends, rel_err, threshold_between  # noqa: E402
 from ..tiny import ParityTask  # noqa: E402
+from ..trainer_stops import FirstSteps, StopAtStep  # noqa: E402
 
 N_LAYERS = 3
 
@@ -383,36 +384,6 @@ def test_iterative_loop_stops_once_the_policy_settles(tmp_path):
     assert res.rounds == 3 and not res.converged and len(res.changes) == 2
 
 
-class _StopAtStep(transformers.TrainerCallback):
-    """Raises inside the ``run``-th Trainer run of the schedule (1-based) once it has reached
-    ``step``: a kill, as far as the schedule's record is concerned."""
-
-    def __init__(self, run: int, step: int = 0):
-        self.run, self.step, self.runs = run, step, 0
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.runs += 1
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.runs == self.run and state.global_step >= self.step:
-            raise KeyboardInterrupt(f"stopped in run {self.run} at step {state.global_step}")
-
-
-class _FirstSteps(transformers.TrainerCallback):
-    """The first step each Trainer run of the schedule ends (a run continued from checkpoint-k
-    ends step k + 1 first)."""
-
-    def __init__(self):
-        self.first = []
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.first.append(None)
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.first[-1] is None:
-            self.first[-1] = state.global_step
-
-
 @pytest.mark.parametrize("stop, first_steps", [((4, 0), [1, 1]), ((3, 6), [5, 1, 1])],
                          ids=["between-steps", "inside-a-step"])
 def test_iterative_loop_resumes_where_it_was_stopped(tmp_path, stop, first_steps):
@@ -433,10 +404,10 @@ def test_iterative_loop_resumes_where_it_was_stopped(tmp_path, stop, first_steps
     model, out = fresh(), tmp_path / "stopped"
     assert ct.resume_point(str(out)) is None
     with pytest.raises(KeyboardInterrupt):
-        run(model, out, callbacks=[_StopAtStep(*stop)])
+        run(model, out, callbacks=[StopAtStep(*stop)])
     assert ct.resume_point(str(out)) is not None
     model = fresh()  # a new process: only what is on disk survives
-    seen = _FirstSteps()
+    seen = FirstSteps()
     got = run(model, out, callbacks=[seen], resume=True)
     assert seen.first == first_steps  # the finished steps skipped, the stopped one from its checkpoint
     assert [(r.round, r.phase, r.global_step) for r in got.phases] == \

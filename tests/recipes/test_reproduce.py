@@ -109,36 +109,44 @@ def test_results_table_places_each_point():
 
 def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypatch):
     """A training that left a checkpoint goes on from it (``resume``) for methods trained in
-    one Trainer run, ConsistentEE from its schedule's progress record; CascadeBERT (several
-    runs) starts again, its DAR folds cached instead."""
+    one Trainer run, ConsistentEE and CascadeBERT (several runs) from their schedule's
+    progress record; CascadeBERT's DAR folds are cached in the part's folder besides."""
     import types
 
     import eekernels.training.finetune as ft
+    from eekernels.methods.registry import CASCADE_PROGRESS_FILE
+    from eekernels.training.consistentee import PROGRESS_FILE
 
     mod = _recipe_module("reproduce_recipe_train")
     calls = []
     monkeypatch.setattr(ft, "finetune", lambda cfg, log=None: calls.append(cfg) or types.SimpleNamespace(summary={}))
-    checkpoint = {"path": str(tmp_path / "checkpoint-200")}
-    monkeypatch.setattr(ft, "last_checkpoint", lambda out: checkpoint["path"])
+
+    def stopped(run_dir, record=None):
+        """``run_dir`` as a killed training leaves it: a complete Trainer checkpoint in its
+        staging area, or a schedule's ``record`` there."""
+        area = ft.checkpoints_dir(str(run_dir / "model"))
+        os.makedirs(os.path.join(area, "checkpoint-200"))
+        with open(os.path.join(area, "checkpoint-200", "trainer_state.json"), "w") as f:
+            json.dump({"global_step": 200}, f)
+        if record is not None:
+            open(os.path.join(area, record), "wb").close()
+        return run_dir
+
     models = {m.key: m for m in mod.MODELS}
     task = mod.TASKS["SST-2"]
     files = {"train": "unused", "dev": "unused"}
-    for key, expected in (("early-exit", True), ("past-future", True), ("cascadebert", False)):
-        summary = mod.train(models[key], task, files, "backbone", tmp_path / key, quick=True, num_layers=6)
-        assert calls[-1].resume is expected and summary["resumed"] is expected, key
-    assert calls[-1].method_options["difficulty_cache"] == str(tmp_path / "cascadebert" / "difficulty")
-    from eekernels.training.consistentee import PROGRESS_FILE
-
-    mod.train(models["consistentee"], task, files, "backbone", tmp_path / "cee-fresh", quick=True, num_layers=6)
-    assert calls[-1].resume is False  # the Trainer checkpoint above is not the schedule's record
-    area = ft.checkpoints_dir(str(tmp_path / "cee-stopped" / "model"))
-    os.makedirs(area)
-    open(os.path.join(area, PROGRESS_FILE), "wb").close()
-    mod.train(models["consistentee"], task, files, "backbone", tmp_path / "cee-stopped", quick=True, num_layers=6)
-    assert calls[-1].resume is True
-    checkpoint["path"] = None  # nothing to go on from
+    for key in ("early-exit", "past-future"):
+        summary = mod.train(models[key], task, files, "backbone", stopped(tmp_path / key), quick=True, num_layers=6)
+        assert calls[-1].resume is True and summary["resumed"] is True, key
+    for key, record in (("consistentee", PROGRESS_FILE), ("cascadebert", CASCADE_PROGRESS_FILE)):
+        mod.train(models[key], task, files, "backbone", stopped(tmp_path / f"{key}-fresh"), quick=True, num_layers=6)
+        assert calls[-1].resume is False, key  # a Trainer checkpoint outside its steps is not the schedule's
+        mod.train(models[key], task, files, "backbone", stopped(tmp_path / f"{key}-stopped", record), quick=True,
+                  num_layers=6)
+        assert calls[-1].resume is True, key
+    assert calls[-1].method_options["difficulty_cache"] == str(tmp_path / "cascadebert-stopped" / "difficulty")
     mod.train(models["early-exit"], task, files, "backbone", tmp_path / "fresh", quick=True, num_layers=6)
-    assert calls[-1].resume is False
+    assert calls[-1].resume is False  # nothing to go on from
 
 
 def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
