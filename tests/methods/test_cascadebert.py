@@ -549,37 +549,20 @@ def test_member_schedule_resumes_where_it_was_stopped(tmp_path, monkeypatch, sto
     from eekernels.methods import registry
     from eekernels.training.schedule import StepSchedule
 
-    from ..trainer_stops import FirstSteps, StopAtStep
+    from ..trainer_stops import FirstSteps, MethodTraining
 
     spec = registry.get_method("cascadebert")
     options = {**registry.parse_options(spec, []), "small_layers": (1,), "difficulty_folds": 2,
                "difficulty_seeds": 1}
-    data = ParityTask(64, seed=3)
-    callbacks: list = []
-    real_trainer = registry._trainer
-    monkeypatch.setattr(registry, "_trainer", lambda *a, **kw: real_trainer(*a, callbacks=callbacks, **kw))
-
-    def run(area, resume_from=None):
-        model = spec.build(tiny("bert", 2, seed=7, num_labels=2), None, options)
-        args = transformers.TrainingArguments(
-            output_dir=str(area), per_device_train_batch_size=16, max_steps=10, learning_rate=3e-3,
-            logging_steps=5, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="steps",
-            save_steps=4, resume_from_checkpoint=resume_from)
-        losses = spec.train(model, args, data, None, options, lambda m: None)
-        return model, losses
-
+    run = MethodTraining(monkeypatch, spec, options, lambda: tiny("bert", 2, seed=7, num_labels=2),
+                         ParityTask(64, seed=3))
     whole, whole_losses = run(tmp_path / "whole")
     area = tmp_path / "stopped"
-    assert spec.resume_point(str(area)) is None
-    callbacks[:] = [StopAtStep(*stop)]
-    with pytest.raises(KeyboardInterrupt):
-        run(area)
-    point = spec.resume_point(str(area))
-    assert point is not None
+    point = run.stopped(area, stop)
     folds = os.listdir(area / "difficulty") if (area / "difficulty").is_dir() else []
     assert len(folds) == (2 if stop[0] == 2 else 0)  # the labels come after the complete model
     seen = FirstSteps()
-    callbacks[:] = [seen]
+    run.callbacks[:] = [seen]
     model, losses = run(area, point)
     assert seen.first == first_steps  # finished members skipped, the stopped one from its checkpoint
     assert sorted(os.listdir(area / "difficulty")) == sorted(os.listdir(tmp_path / "whole" / "difficulty"))

@@ -14,7 +14,7 @@ from eekernels.methods import registry  # noqa: E402
 from eekernels.training.schedule import StepSchedule, schedule_resume_point  # noqa: E402
 
 from ..tiny import ParityTask, tiny_classifier  # noqa: E402
-from ..trainer_stops import FirstSteps, StopAtStep  # noqa: E402
+from ..trainer_stops import FirstSteps, MethodTraining  # noqa: E402
 
 
 def test_record_keeps_steps_state_and_weights(tmp_path):
@@ -45,29 +45,12 @@ def test_two_stage_training_resumes_where_it_was_stopped(tmp_path, monkeypatch, 
     one goes on from its checkpoint, and the weights equal an uninterrupted run's."""
     spec = registry.get_method("early-exit")
     options = {**registry.parse_options(spec, []), "two_stage": True, "exit_pooling": "cls"}
-    data = ParityTask(64, seed=3)
-    callbacks: list = []
-    real_trainer = registry._trainer
-    monkeypatch.setattr(registry, "_trainer", lambda *a, **kw: real_trainer(*a, callbacks=callbacks, **kw))
-
-    def run(area, resume_from=None):
-        model = spec.build(tiny_classifier("bert", seed=4), None, options)
-        args = transformers.TrainingArguments(
-            output_dir=str(area), per_device_train_batch_size=16, max_steps=10, learning_rate=3e-3,
-            logging_steps=5, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, save_strategy="steps",
-            save_steps=4, resume_from_checkpoint=resume_from)
-        return model, spec.train(model, args, data, None, options, lambda m: None)
-
+    run = MethodTraining(monkeypatch, spec, options, lambda: tiny_classifier("bert", seed=4), ParityTask(64, seed=3))
     whole, whole_losses = run(tmp_path / "whole")
     area = tmp_path / "stopped"
-    assert spec.resume_point(str(area)) is None
-    callbacks[:] = [StopAtStep(*stop)]
-    with pytest.raises(KeyboardInterrupt):
-        run(area)
-    point = spec.resume_point(str(area))
-    assert point is not None
+    point = run.stopped(area, stop)
     seen = FirstSteps()
-    callbacks[:] = [seen]
+    run.callbacks[:] = [seen]
     model, losses = run(area, point)
     assert seen.first == first_steps
     assert set(losses) == set(whole_losses) == {"final", "internal"}
