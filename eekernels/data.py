@@ -24,7 +24,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 __all__ = ["LABEL_COLUMNS", "TEXT_COLUMNS", "Encoded", "EncodedDataset", "LabelledTexts", "batches", "check_labels",
            "collate_trimmed", "encode", "encode_quietly", "load_tokenizer", "max_length_for", "read_examples"]

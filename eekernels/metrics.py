@@ -188,7 +188,6 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
         raise ValueError("expected_calibration_error: confidences must be in [0, 1]")
     # bin k (0-based) holds (k/n_bins, (k+1)/n_bins]; ceil(c * n_bins) - 1, with 0 in bin 0
     b = (torch.ceil(c * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(c))
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, c)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, ok)
     # sum_k (b_k/n)|acc_k - conf_k| = sum_k |acc_sum_k - conf_sum_k| / n

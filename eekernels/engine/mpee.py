@@ -36,7 +36,6 @@ from .. import backends
 from ..ops import mpee_prune
 from ..ops.tokens import mpee_kept_width
 from .executors import PartsExecutor
-from .rows import Rows
 
 __all__ = ["MPEEExecutor", "TokenPruning", "class_attention_memory"]
 

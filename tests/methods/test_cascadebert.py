@@ -382,7 +382,7 @@ def test_dis_hand_examples():
     c = torch.randperm(30, generator=g).double() / 30
     d = torch.randint(0, 2, (30,), generator=g)
     order = c.argsort()
-    cs, ds = c[order], d[order]
+    ds = d[order]
     di_sum = sum(1 for i in range(30) for j in range(i) if ds[i] > ds[j])  # more confident one is difficult
     k = int((d == 0).sum()) * int((d == 1).sum())
     assert metrics.difficulty_inversion_score(c, d) == pytest.approx(1 - di_sum / k)
