@@ -318,6 +318,10 @@ class OrtGraphEngine:
     the spin when a run returns made INT8 graphs ~20% slower at B = 1 (their ``If`` branches
     wake the threads anew) and changed fp32 by under 1% (benchmarks/NOTES.md).
 
+    The sessions run on their own copy of the weights: writing or replacing a weight
+    rebuilds them (:class:`~eekernels.engine.weight_watch.WeightWatch`); moving or casting
+    the model (``.to()``) after they are built does not reach them.
+
     Memory: it keeps the layer graphs and each rule's composed graph (for :meth:`graph` and
     rebuilding), so the weights are held about three times besides the sessions' own copy:
     ~70 MB for all-MiniLM-L6-v2."""
@@ -348,7 +352,7 @@ class OrtGraphEngine:
         entry = self._sessions.get((criterion, forced))
         if entry is None:
             model = self._model()
-            if any(p.dtype != torch.float32 for p in model.parameters()):
+            if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
                 raise ValueError("early_exit(engine='ort-graph') runs float32 models on the CPU")
             embedding = _EmbeddingGraph(model.adapter)
             ids = torch.ones(2, 3, dtype=torch.long)

@@ -56,6 +56,8 @@ FORMAT = "eekernels/1"
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 #: ``early_exit(engine=...)``: row compaction, fixed capacity, fixed capacity as one CUDA graph
 ENGINES = ("rows", "fixed", "graphed", "ort-graph")
+#: where engine="ort-graph" runs (and so where its inputs must be), whatever device the model is on
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -291,7 +293,8 @@ class EarlyExitBase(nn.Module):
                 return graph(ids, mask, types, criterion, threshold, profile, with_metrics)
 
             # the graph checks the values itself, except where length groups read the mask first
-            check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile, values=group_by_length)
+            check_inputs(self, input_ids, attention_mask, token_type_ids, exit_profile, values=group_by_length,
+                         device=_CPU)
             if group_by_length:
                 return run_length_grouped(whole, self, input_ids, attention_mask, token_type_ids, exit_profile,
                                           with_metrics=metrics)

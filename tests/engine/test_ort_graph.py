@@ -174,6 +174,10 @@ def test_what_the_graph_cannot_run_is_refused():
         convert_past_future(tiny_classifier("bert")).eval().early_exit(ids, mask, engine="ort-graph")
     with pytest.raises(ValueError, match="input_ids"):
         model.early_exit(ids[0], mask, engine="ort-graph")
+    with pytest.raises(ValueError, match="runs on cpu, but input_ids is on meta"):
+        model.early_exit(ids.to("meta"), mask.to("meta"), engine="ort-graph")
+    with pytest.raises(ValueError, match="float32 models on the CPU"):  # a model elsewhere: no graph of it
+        convert(tiny_classifier("bert")).to("meta").eval().early_exit(ids, mask, engine="ort-graph")
 
 
 @pytest.mark.parametrize("engine,grouped", [("rows", False), ("rows", True), ("fixed", False),
