@@ -55,7 +55,11 @@ class StepSchedule:
         self.state: Dict[str, Any] = {}
         if resume and os.path.isfile(self.path):
             record = torch.load(self.path, map_location="cpu", weights_only=True)
-            model.load_state_dict(record["model"])
+            try:
+                model.load_state_dict(record["model"])
+            except RuntimeError as e:  # another model's weights (other options, another method)
+                raise ValueError(f"{self.path} holds the weights of another model than this training's "
+                                 f"({str(e).splitlines()[0]}); train again without resuming") from None
             # ("result": ConsistentEE's records before this module held the same dict)
             self.done, self.state = list(record["done"]), dict(record.get("state", record.get("result", {})))
 

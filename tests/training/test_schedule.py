@@ -35,6 +35,8 @@ def test_record_keeps_steps_state_and_weights(tmp_path):
     assert resumed.checkpoint("second") is None  # the step never saved one
     fresh = StepSchedule(area, "record.pt", torch.nn.Linear(3, 2), resume=False)
     assert fresh.done == [] and fresh.state == {} and fresh.checkpoint("first") is None
+    with pytest.raises(ValueError, match="another model than this training's"):
+        StepSchedule(area, "record.pt", torch.nn.Linear(4, 2), resume=True)
 
 
 @pytest.mark.parametrize("stop, first_steps", [((2, 0), [1]), ((2, 6), [5])],
