@@ -117,8 +117,6 @@ def _ee_train(model, targs, dataset, collate, options, make_optimizer):
     then the internal exits with the backbone frozen, started from the trained final head):
     two steps of a :class:`~eekernels.training.schedule.StepSchedule`, resumed when
     ``targs.resume_from_checkpoint`` is set."""
-    import dataclasses
-
     import torch
 
     from ..training.schedule import StepSchedule
@@ -137,9 +135,7 @@ def _ee_train(model, targs, dataset, collate, options, make_optimizer):
                     h.pooler.load_state_dict(final.pooler.state_dict())
                     h.classifier.load_state_dict(final.classifier.state_dict())
         model.set_training_stage(stage)
-        args = dataclasses.replace(targs, output_dir=schedule.step_dir(stage),
-                                   resume_from_checkpoint=schedule.checkpoint(stage))
-        schedule.state[stage] = _trainer(model, args, dataset, collate, make_optimizer)
+        schedule.state[stage] = _trainer(model, schedule.step_args(targs, stage), dataset, collate, make_optimizer)
         schedule.finish(stage)
     model.set_training_stage("joint")
     return dict(schedule.state)
@@ -154,7 +150,7 @@ def _ee_resume_point(area):
     from ..training.schedule import schedule_resume_point
 
     # a two-stage run's record or its first stage's checkpoint, else a joint run's checkpoint
-    return schedule_resume_point(area, TWO_STAGE_PROGRESS_FILE, "final") or last_checkpoint_in(area)
+    return schedule_resume_point(area, TWO_STAGE_PROGRESS_FILE) or last_checkpoint_in(area)
 
 
 def _plain_train(model, targs, dataset, collate, options, make_optimizer):
@@ -247,7 +243,6 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
     keep their predictions in ``difficulty_cache`` (default: the staging area's
     ``difficulty``), so an interrupted training loses at most the run it was in."""
     import copy
-    import dataclasses
     import os
 
     from ..training.cascadebert import DARTrainer, kfold_difficulty_labels
@@ -271,10 +266,9 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
         if schedule.finished(name):
             return
         model.set_training_member(j)
-        args = dataclasses.replace(targs, output_dir=schedule.step_dir(name),
-                                   resume_from_checkpoint=schedule.checkpoint(name))
         history: list = []
-        losses[name] = _trainer(model, args, dataset, collate, make_optimizer, log_history=history, **kwargs)
+        losses[name] = _trainer(model, schedule.step_args(targs, name), dataset, collate, make_optimizer,
+                                log_history=history, **kwargs)
         dar = [h["dar_loss"] for h in history if "dar_loss" in h]
         if dar:
             losses[f"{name}-dar"] = sum(dar) / len(dar)
@@ -306,16 +300,9 @@ CASCADE_PROGRESS_FILE = "cascadebert-progress.pt"
 
 
 def _cascade_resume_point(area):
-    import os
-    import re
-
     from ..training.schedule import schedule_resume_point
 
-    # before the first member ends there is no record, and only that member's folder: the
-    # largest member, which trains first
-    members = [int(m.group(1)) for m in map(re.compile(r"member(\d+)").fullmatch,
-                                             os.listdir(area) if os.path.isdir(area) else []) if m]
-    return schedule_resume_point(area, CASCADE_PROGRESS_FILE, f"member{max(members, default=0)}")
+    return schedule_resume_point(area, CASCADE_PROGRESS_FILE)
 
 
 # ---------------------------------------------------------------------- hashee

@@ -315,7 +315,7 @@ def resume_point(output_dir: str) -> Optional[str]:
     its progress record, else a complete Trainer checkpoint of its first step (None: nothing)."""
     from .schedule import schedule_resume_point
 
-    return schedule_resume_point(output_dir, PROGRESS_FILE, _step_name(0, "init"))
+    return schedule_resume_point(output_dir, PROGRESS_FILE)
 
 
 def _result_from(state: Dict[str, Any]) -> "ConsistentEETrainingResult":
@@ -333,15 +333,14 @@ def _run_phase(model, phase, rnd, args, overrides, train_dataset, data_collator,
 
     name = _step_name(rnd, phase)
     model.set_phase(phase)
-    sub = dataclasses.replace(args, output_dir=schedule.step_dir(name),
-                              **{k: v for k, v in overrides.items() if v is not None})
+    sub = schedule.step_args(args, name, **{k: v for k, v in overrides.items() if v is not None})
     # The policy phase freezes all but the policy nets, so make_optimizer's head group holds
     # them alone (at the head learning rate); an explicit policy learning rate takes over.
     own_lr = phase == "policy" and overrides.get("learning_rate") is not None
     optimizer = make_optimizer(model) if make_optimizer is not None and not own_lr else None
     trainer = Trainer(model=model, args=sub, train_dataset=train_dataset, data_collator=data_collator,
                       callbacks=list(callbacks or []), optimizers=(optimizer, None))
-    out = trainer.train(resume_from_checkpoint=schedule.checkpoint(name))
+    out = trainer.train(resume_from_checkpoint=sub.resume_from_checkpoint)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return PhaseRecord(rnd, phase, losses, getattr(out, "training_loss", None), trainer.state.global_step)
 

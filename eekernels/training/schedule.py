@@ -12,6 +12,7 @@ would have.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict, List, Optional
 
@@ -22,13 +23,16 @@ from .checkpoints import drop_torn_checkpoints, last_checkpoint_in
 __all__ = ["StepSchedule", "schedule_resume_point"]
 
 
-def schedule_resume_point(output_dir: str, record_file: str, first_step: str) -> Optional[str]:
+def schedule_resume_point(output_dir: str, record_file: str) -> Optional[str]:
     """What an interrupted schedule in ``output_dir`` left to go on from: its record
-    ``record_file``, else a complete Trainer checkpoint of its first step (None: nothing)."""
+    ``record_file``, else a complete Trainer checkpoint in a step's folder (before the first
+    step ends there is no record, and only that step has a folder; None: nothing)."""
     record = os.path.join(output_dir, record_file)
     if os.path.isfile(record):
         return record
-    return last_checkpoint_in(os.path.join(output_dir, first_step))
+    steps = sorted(os.scandir(output_dir), key=lambda e: e.name) if os.path.isdir(output_dir) else []
+    found = (last_checkpoint_in(e.path) for e in steps if e.is_dir())
+    return next((c for c in found if c is not None), None)
 
 
 class StepSchedule:
@@ -77,6 +81,12 @@ class StepSchedule:
             return None
         drop_torn_checkpoints(self.step_dir(step))
         return last_checkpoint_in(self.step_dir(step))
+
+    def step_args(self, args, step: str, **overrides):
+        """``args`` (``TrainingArguments``) for ``step``'s Trainer: its own folder, its
+        checkpoint to continue from (``resume_from_checkpoint``), and ``overrides``."""
+        return dataclasses.replace(args, output_dir=self.step_dir(step),
+                                   resume_from_checkpoint=self.checkpoint(step), **overrides)
 
     def finish(self, step: str) -> None:
         """Record ``step`` as finished, with the model and :attr:`state` as they are now."""

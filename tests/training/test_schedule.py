@@ -23,10 +23,10 @@ def test_record_keeps_steps_state_and_weights(tmp_path):
     area = str(tmp_path / "area")
     model = torch.nn.Linear(3, 2)
     schedule = StepSchedule(area, "record.pt", model, resume=False)
-    assert schedule_resume_point(area, "record.pt", "first") is None
+    assert schedule_resume_point(area, "record.pt") is None
     schedule.state["first"] = 0.5
     schedule.finish("first")
-    assert schedule_resume_point(area, "record.pt", "first") == os.path.join(area, "record.pt")
+    assert schedule_resume_point(area, "record.pt") == os.path.join(area, "record.pt")
     assert not os.path.exists(os.path.join(area, "record.pt.tmp"))
     other = torch.nn.Linear(3, 2)
     resumed = StepSchedule(area, "record.pt", other, resume=True)
