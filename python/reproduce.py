@@ -33,6 +33,12 @@ CascadeBERT's DAR fold runs keep their results as each ends.
 stages (deebert.txt: the backbone and final head fine-tuned first, then the internal exits
 with the backbone frozen), so its full model is a plain fine-tune of the backbone, each
 stage for the task's epochs. A folder keeps the schedule it was made with and refuses another.
+
+``--merge DIR ...`` adds the outputs of other folders (their ``results.json`` and
+``curves.json``, e.g. a committed copy whose runs are gone, or parts run on other machines)
+to this call's: a (task, method) measured in several places is taken from the last folder
+given, and from ``--out``'s own finished runs before any. ``--tasks ... --methods ""`` with
+``--merge`` trains nothing and only merges.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGETS = (1.0, 2.0, 3.0)
@@ -381,6 +387,52 @@ def collect(out: Path):
     return rows, curves
 
 
+def merge_results(folders: List[Path], quick: bool) -> Tuple[List[dict], Dict[str, Dict[str, list]]]:
+    """(rows, curves) of the outputs in ``folders`` (each with ``results.json``; ``curves.json``
+    where it has one): a (task, method) in several folders is taken whole from the last.
+    ``ValueError`` names a folder without results, or a ``--quick`` one mixed with a real one."""
+    by_pair: Dict[Tuple[str, str], List[dict]] = {}
+    curves: Dict[str, Dict[str, list]] = {}
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise ValueError(f"--merge {folder}: no results.json there (give a folder reproduce.py wrote)")
+        try:
+            doc = json.loads(path.read_text())
+            rows = doc["rows"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--merge {folder}: {path} is not a results.json of reproduce.py ({e})") from None
+        if bool(doc.get("quick")) != quick:
+            raise ValueError(f"--merge {folder}: its results are {'' if doc.get('quick') else 'not '}from a --quick "
+                             f"run and this call's are {'' if quick else 'not'}; they do not mix")
+        mine: Dict[Tuple[str, str], List[dict]] = {}
+        for r in rows:
+            mine.setdefault((r["task"], r["method"]), []).append(r)
+        by_pair.update(mine)
+        if (Path(folder) / "curves.json").is_file():
+            for task, per_method in json.loads((Path(folder) / "curves.json").read_text()).items():
+                curves.setdefault(task, {}).update(per_method)
+    return [r for pair_rows in by_pair.values() for r in pair_rows], curves
+
+
+def combined(merged: Tuple[List[dict], Dict[str, Dict[str, list]]], own: Tuple[List[dict], Dict[str, Dict[str, list]]]
+             ) -> Tuple[List[dict], Dict[str, Dict[str, list]]]:
+    """``own`` results over ``merged`` ones (a (task, method) of ``own`` replaces the merged rows
+    and curve), rows in the grid's order: tasks as :data:`TASKS` lists them (others after, by
+    name), methods as :data:`MODELS` does."""
+    own_pairs = {(r["task"], r["method"]) for r in own[0]}
+    rows = [r for r in merged[0] if (r["task"], r["method"]) not in own_pairs] + own[0]
+    task_rank = {t: i for i, t in enumerate(TASKS)}
+    method_rank = {m + (f"-{model.static_layers}" if model.static_layers is not None else ""): i
+                   for i, (model, m) in enumerate((model, m) for model in MODELS for m in model.rules)}
+    rows = sorted(rows, key=lambda r: (task_rank.get(r["task"], len(task_rank)), r["task"],
+                                       method_rank.get(r["method"], len(method_rank))))
+    curves = {task: dict(per_method) for task, per_method in merged[1].items()}
+    for task, per_method in own[1].items():
+        curves.setdefault(task, {}).update(per_method)
+    return rows, curves
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -394,6 +446,9 @@ def parse_args(argv=None):
                    help="train on N random rows of each task's train file (seed 0), or all of them, instead of "
                         "the task's default (SST-2: 20000); use a fresh --out, the runs are cached by folder")
     p.add_argument("--epochs", type=float, default=None, help="epochs for every task instead of its default")
+    p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                   help="also write the results of these folders' results.json / curves.json (later folders, "
+                        "then --out's own runs, win for a task and method measured in several)")
     p.add_argument("--two-stage", action="store_true",
                    help=f"train the early-exit model ({', '.join(TWO_STAGE_METHODS)}) in DeeBERT's two stages: "
                         "backbone and final head first, then the internal exits with the backbone frozen")
@@ -448,6 +503,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         overrides = schedule_overrides(args)
+        merged = merge_results([Path(d) for d in args.merge], args.quick)  # before any training: fail fast
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -503,7 +559,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    all_rows, all_curves = collect(out)
+    all_rows, all_curves = combined(merged, collect(out))
     write_json(out / "results.json", {"backbone": backbone, "quick": args.quick, "rows": all_rows})
     write_json(out / "curves.json", all_curves)
     keys = ["task", "method", "criterion", "point", "threshold", "accuracy", "f1", "full_accuracy", "layer_speedup",

@@ -192,3 +192,56 @@ def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
     r = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--train-rows", "half"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "error: --train-rows must be" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_merge_writes_the_outputs_of_several_folders(tmp_path):
+    """--merge: the outputs of other folders join this call's; a (task, method) in several is
+    taken whole from the last folder, and from --out's own runs before any; a folder without
+    results, or a --quick one among real ones, is a one-line error before any training."""
+    mod = _recipe_module("reproduce_recipe_merge")
+    f = make_files(tmp_path / "files")
+
+    def row(task, method, point, acc, layer):
+        return dict(task=task, method=method, criterion="entropy", point=point, threshold=0.1, accuracy=acc,
+                    f1=acc if task == "MRPC" else None,
+                    full_accuracy=0.9, layer_speedup=layer, flops_speedup=layer, wallclock_speedup=layer,
+                    mean_exit_layer=6 / layer, exit_histogram={}, train_seconds=1.0, train_cpu_s=1.0)
+
+    def folder(name, rows, curves, quick=False):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"backbone": "b", "quick": quick, "rows": rows}))
+        (d / "curves.json").write_text(json.dumps(curves))
+        return str(d)
+
+    curve = [{"threshold": 0.1, "layer_speedup": 1.0, "accuracy": 0.9}, {"threshold": 0.5, "layer_speedup": 2.0,
+                                                                         "accuracy": 0.85}]
+    a = folder("a", [row("SST-2", "deebert", "1x", 0.90, 1.0), row("SST-2", "deebert", "2x", 0.88, 2.0),
+                     row("MRPC", "pabee", "1x", 0.80, 1.0)], {"SST-2": {"deebert": curve}, "MRPC": {"pabee": curve}})
+    b = folder("b", [row("SST-2", "deebert", "1x", 0.91, 1.0), row("RTE", "cascadebert", "1x", 0.6, 1.0)],
+               {"SST-2": {"deebert": curve[:1]}})
+    out = tmp_path / "out"
+    base = [sys.executable, str(RECIPE), "--out", str(out), "--model", str(f["clf"]), "--methods", ""]
+    r = subprocess.run(base + ["--merge", a, b], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    got = [(r["task"], r["method"], r["point"], r["accuracy"]) for r in rows]
+    # SST-2's deebert whole from b (its 2x point, only in a, is gone); the grid's task order
+    assert got == [("SST-2", "deebert", "1x", 0.91), ("MRPC", "pabee", "1x", 0.80), ("RTE", "cascadebert", "1x", 0.6)]
+    curves = json.loads((out / "curves.json").read_text())
+    assert curves["SST-2"]["deebert"] == curve[:1] and curves["MRPC"]["pabee"] == curve
+    assert "| DeeBERT (entropy) | 91.0 |" in (out / "results.md").read_text()
+    assert all((out / f"{t}.png").stat().st_size > 1000 for t in ("SST-2", "MRPC", "RTE"))
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 3
+
+    # --out's own runs win over every merged folder
+    own = ([row("MRPC", "pabee", "1x", 0.7, 1.0)], {"MRPC": {"pabee": curve[:1]}})
+    rows, curves = mod.combined(mod.merge_results([Path(a)], quick=False), own)
+    assert [(r["task"], r["method"], r["accuracy"]) for r in rows] == [
+        ("SST-2", "deebert", 0.90), ("SST-2", "deebert", 0.88), ("MRPC", "pabee", 0.7)]
+    assert curves["MRPC"]["pabee"] == curve[:1] and curves["SST-2"]["deebert"] == curve
+
+    quick = folder("q", [row("SST-2", "deebert", "1x", 0.5, 1.0)], {}, quick=True)
+    for argv, message in (([str(tmp_path / "files")], "no results.json there"), ([a, quick], "--quick")):
+        r = subprocess.run(base + ["--merge", *argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
