@@ -166,6 +166,8 @@ def _load_for_training(cfg: FinetuneConfig, spec, options, label_names: List[str
                              f"{cfg.exit_layers} differs (start from the base model to change them)")
         if "loss_weighting" in options and hasattr(model, "loss_weighting"):
             model.loss_weighting = options["loss_weighting"]
+        if options.get("exit_pooling") == "auto":  # the saved model's own, which it keeps
+            options["exit_pooling"] = getattr(model, "exit_pooling", "auto")
         log(f"continuing training of the {spec.name} model in {cfg.model}")
         return model
     if options.get("exit_pooling") == "auto":

@@ -360,7 +360,9 @@ def test_real_unlabeled_test_files_are_refused():
 def test_train_continues_from_an_eekernels_dir(trained, files, tmp_path, capsys):
     out = tmp_path / "more"
     rc = train(["--model", trained, "--train", files["train"], "--out", out, "--max-steps", 1, "--cpu"])
-    assert rc == 0 and "continuing training" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert rc == 0 and "continuing training" in log
+    assert "'exit_pooling': 'auto'" not in log and "'exit_pooling': 'cls'" in log  # the model's own, kept
     assert json.loads((out / "eekernels.json").read_text())["options"]["exit_layers"] == [1, 2, 3, 4]
     # A three-class task does not fit the trained two-class heads.
     rc = train(["--model", trained, "--train", files["nli_train"], "--out", tmp_path / "x", "--max-steps", 1, "--cpu"])
