@@ -37,8 +37,8 @@ stage for the task's epochs. A folder keeps the schedule it was made with and re
 ``--merge DIR ...`` adds the outputs of other folders (their ``results.json`` and
 ``curves.json``, e.g. a committed copy whose runs are gone, or parts run on other machines)
 to this call's: a (task, method) measured in several places is taken from the last folder
-given, and from ``--out``'s own finished runs before any. ``--tasks ... --methods ""`` with
-``--merge`` trains nothing and only merges.
+given, and from ``--out``'s own finished runs before any. With ``--methods ""`` a call trains
+nothing and only writes the outputs.
 """
 
 from __future__ import annotations
