@@ -110,6 +110,11 @@ MODELS = [
 GRID_METHODS = list(dict.fromkeys(m for model in MODELS for m in model.rules))
 
 
+def row_method(model: Model, grid_method: str) -> str:
+    """The method a result row names: the grid method, with k for a static k-layer model."""
+    return grid_method + (f"-{model.static_layers}" if model.static_layers is not None else "")
+
+
 def write_json(path: Path, data) -> None:
     """Atomically: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +254,7 @@ def points_for(model: Model, grid_method: str, criterion: str, model_dir: str, d
         layer_speedup = r["layer_speedup"]
         if model.static_layers is not None:  # a k-layer model against the full depth
             layer_speedup = full_layers / model.static_layers
-        out.append({"task": task.name, "method": grid_method + (f"-{model.static_layers}" if model.static_layers
-                                                                else ""),
+        out.append({"task": task.name, "method": row_method(model, grid_method),
                     "criterion": criterion, "point": point, "threshold": r["threshold"], "accuracy": r["accuracy"],
                     "f1": r["f1"] if task.positive_f1 else None, "full_accuracy": r["full_accuracy"],
                     "layer_speedup": layer_speedup, "flops_speedup": r["flops_speedup"],
@@ -423,8 +427,8 @@ def combined(merged: Tuple[List[dict], Dict[str, Dict[str, list]]], own: Tuple[L
     own_pairs = {(r["task"], r["method"]) for r in own[0]}
     rows = [r for r in merged[0] if (r["task"], r["method"]) not in own_pairs] + own[0]
     task_rank = {t: i for i, t in enumerate(TASKS)}
-    method_rank = {m + (f"-{model.static_layers}" if model.static_layers is not None else ""): i
-                   for i, (model, m) in enumerate((model, m) for model in MODELS for m in model.rules)}
+    order = [row_method(model, m) for model in MODELS for m in model.rules]
+    method_rank = {m: i for i, m in enumerate(order)}
     rows = sorted(rows, key=lambda r: (task_rank.get(r["task"], len(task_rank)), r["task"],
                                        method_rank.get(r["method"], len(method_rank))))
     curves = {task: dict(per_method) for task, per_method in merged[1].items()}
@@ -459,12 +463,17 @@ def parse_args(argv=None):
 TWO_STAGE_METHODS = ("deebert", "right-tool", "pabee")
 
 
+def names(arg: str) -> List[str]:
+    """The non-empty, stripped items of a comma-separated option (``--tasks``, ``--methods``)."""
+    return [n.strip() for n in arg.split(",") if n.strip()]
+
+
 def schedule_overrides(args) -> Dict[str, object]:
     """``--train-rows`` / ``--epochs`` / ``--two-stage`` as ``Task`` fields; ``ValueError`` names a
     bad value."""
     out: Dict[str, object] = {}
     if args.two_stage:
-        others = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() not in TWO_STAGE_METHODS]
+        others = [m for m in names(args.methods) if m not in TWO_STAGE_METHODS]
         if others:
             raise ValueError(f"--two-stage trains the early-exit model of {', '.join(TWO_STAGE_METHODS)} only, "
                              f"not {', '.join(others)}; give --methods {','.join(TWO_STAGE_METHODS)}")
@@ -507,8 +516,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    tasks = names(args.tasks)
+    methods = names(args.methods)
     unknown = [m for m in methods if m not in GRID_METHODS]
     if unknown:
         print(f"error: unknown method(s) {unknown}; choose from {', '.join(GRID_METHODS)}", file=sys.stderr)
