@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .evaluation import binary_f1
 from .ops import exit_head_reference
 from .ops._checks import real_number
 
@@ -31,7 +32,8 @@ class CalibrationResult:
         threshold: the threshold (the patience for "patience").
         layer_speedup: past-future.txt eq. 15 on the set.
         accuracy: accuracy with early exit; ``full_accuracy`` of the last layer alone.
-        table: (threshold, layer_speedup, accuracy) for every candidate examined.
+        table: (threshold, layer_speedup, accuracy) for every candidate examined, and the F1
+            of class ``positive_label`` as a fourth entry when :func:`calibrate` was given one.
     """
 
     criterion: str
@@ -121,7 +123,8 @@ def exit_accuracies(model, enc, batch_size: int = 64, progress: bool = False) ->
 
 def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None, *, criterion: Optional[str] = None,
               target_speedup: Optional[float] = None, max_accuracy_drop: Optional[float] = None,
-              batch_size: int = 64, candidates: int = 200, progress: bool = True) -> CalibrationResult:
+              batch_size: int = 64, candidates: int = 200, positive_label: Optional[int] = None,
+              progress: bool = True) -> CalibrationResult:
     """Pick the threshold for ``criterion`` (default: the model's own) on a labelled dev set.
 
     Works for every method with an exit threshold: one training forward gives every exit's
@@ -131,6 +134,9 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
     Exactly one of:
         target_speedup: the most accurate threshold whose layer speed-up is >= this.
         max_accuracy_drop: the fastest threshold whose accuracy is >= full accuracy - this.
+
+    ``positive_label``: also score every candidate by the F1 of that class (GLUE's MRPC
+    metric: class 1), as a fourth entry of each ``table`` row; the choice stays by accuracy.
     """
     from .engine.loop import check_inputs
     if not all(callable(getattr(model, name, None)) for name in ("early_exit", "simulate_exits")):
@@ -155,6 +161,10 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
     if target_speedup is not None and not (1.0 <= target_speedup <= best_possible):
         raise ValueError(f"calibrate: target_speedup must be in [1, {best_possible:g}] for this model "
                          f"(1: the full model; {best_possible:g}: every row at the first exit), got {target_speedup}")
+    if positive_label is not None and (isinstance(positive_label, bool) or not isinstance(positive_label, int)
+                                       or not 0 <= positive_label < model.num_labels):
+        raise ValueError(f"calibrate: positive_label must be a class id in [0, {model.num_labels}), "
+                         f"got {positive_label!r}")
     if max_accuracy_drop is not None and not (0.0 <= max_accuracy_drop <= 1.0):
         raise ValueError(f"calibrate: max_accuracy_drop must be in [0, 1], got {max_accuracy_drop}")
     check_inputs(model, input_ids, attention_mask, token_type_ids, None, who="calibrate")
@@ -183,7 +193,9 @@ def calibrate(model, input_ids, labels, attention_mask=None, token_type_ids=None
     table = []
     for t in cands:
         el, lg = model.simulate_exits(z, criterion, t)
-        table.append((t, model.layer_speedup(el), float((lg.argmax(-1) == labels).float().mean())))
+        pred = lg.argmax(-1)
+        row = (t, model.layer_speedup(el), float((pred == labels).float().mean()))
+        table.append(row if positive_label is None else row + (binary_f1(pred, labels, positive_label),))
     best = choose_threshold(table, full_acc, target_speedup, max_accuracy_drop, "calibrate")
     return CalibrationResult(criterion, best[0], best[1], best[2], full_acc, table)
 

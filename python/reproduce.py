@@ -15,8 +15,9 @@ the engine: accuracy (F1 for MRPC), layer speed-up, FLOPs speed-up and the CPU w
 speed-up over the full model at batch 32 (dynamic padding, dev order). It writes
 
 - ``OUT/results.csv`` and ``OUT/results.json``: one row per (task, method, criterion, point);
-- ``OUT/curves.json``: accuracy against layer speed-up over the whole threshold sweep;
-- ``OUT/<task>.png``: those curves, one line per method, the full model as a point;
+- ``OUT/curves.json``: accuracy (and F1 for MRPC) against layer speed-up over the whole
+  threshold sweep;
+- ``OUT/<task>.png``: those curves (F1 for MRPC), one line per method, the full model as a point;
 - ``OUT/results.md``: the README's table (accuracy, F1 for MRPC, at 1x, 2x and 3x).
 
 Methods (``--methods``): deebert, right-tool and pabee (one early-exit model, three exit
@@ -202,7 +203,8 @@ def train(model: Model, task: Task, files: Dict[str, str], backbone: str, run_di
 
 
 def sweep(model_dir: str, criterion: str, dev: str, task: Task) -> List[dict]:
-    """Accuracy against layer speed-up over the threshold sweep of calibration (dev)."""
+    """Accuracy (and F1 of class 1 for an F1 task) against layer speed-up over the threshold
+    sweep of calibration (dev)."""
     from eekernels.calibration import calibrate
     from eekernels.data import encode_quietly, load_tokenizer, read_examples
     from eekernels.methods.registry import load_model
@@ -213,8 +215,9 @@ def sweep(model_dir: str, criterion: str, dev: str, task: Task) -> List[dict]:
     enc = encode_quietly(load_tokenizer(model_dir), ex, task.max_length, "dev", log=lambda s: None)
     tt = enc.get("token_type_ids")
     res = calibrate(model.eval(), enc["input_ids"], enc["labels"], enc["attention_mask"], tt, criterion=criterion,
-                    target_speedup=1.0, progress=False)
-    return [{"threshold": t, "layer_speedup": sp, "accuracy": acc} for t, sp, acc in res.table]
+                    target_speedup=1.0, positive_label=1 if task.positive_f1 else None, progress=False)
+    return [{"threshold": row[0], "layer_speedup": row[1], "accuracy": row[2],
+             **({"f1": row[3]} if task.positive_f1 else {})} for row in res.table]
 
 
 def measure(model_dir: str, criterion: str, dev: str, task: Task, target: Optional[float],
@@ -265,33 +268,43 @@ def points_for(model: Model, grid_method: str, criterion: str, model_dir: str, d
 
 
 def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path) -> None:
-    """Accuracy against layer speed-up: a line per method, the full model as a point."""
+    """The task's metric (accuracy; F1 of class 1 for an F1 task such as MRPC) against layer
+    speed-up: a line per method, the full model as a point. A method whose curve lacks the
+    metric (a merged folder swept before curves carried F1) is drawn through its measured
+    rows instead, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = "f1" if TASKS.get(task, Task(task)).positive_f1 else "accuracy"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (name, pts) in enumerate(sorted(curves.items())):
+        style = {}
+        if not all(metric in p for p in pts):
+            pts, style = [r for r in rows if r["method"] == name], {"linestyle": "--", "marker": "o", "markersize": 3}
         pts = sorted((p for p in pts if p["layer_speedup"] <= 4.0), key=lambda p: p["layer_speedup"])
         if pts:
-            ax.plot([p["layer_speedup"] for p in pts], [100 * p["accuracy"] for p in pts], color=f"C{k % 10}",
-                    label=name, linewidth=1.2)
+            ax.plot([p["layer_speedup"] for p in pts], [100 * p[metric] for p in pts], color=f"C{k % 10}",
+                    label=name, linewidth=1.2, **style)
     singles = [r for r in rows if r["criterion"] in ("none", "policy")]
     for k, r in enumerate(singles):
         x = placed_speedup(r)
         label = {"none": r["method"], "policy": f"{r['method']} {r['point']}"}[r["criterion"]]
-        ax.scatter([x], [100 * r["accuracy"]], marker="s" if r["criterion"] == "none" else "^",
+        ax.scatter([x], [100 * r[metric]], marker="s" if r["criterion"] == "none" else "^",
                    s=30, color="k" if r["method"].startswith("static") else f"C{(k + 3) % 10}", zorder=3)
-        ax.annotate(label + (" (FLOPs)" if r["method"] == "hashee" else ""), (x, 100 * r["accuracy"]), fontsize=6,
+        ax.annotate(label + (" (FLOPs)" if r["method"] == "hashee" else ""), (x, 100 * r[metric]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
-    full = [r["full_accuracy"] for r in rows if r["method"] == "deebert"]
+    # the full model: the early-exit model's last layer (its 1x row's F1, as in the table)
+    full = [r["f1" if metric == "f1" else "full_accuracy"] for r in rows
+            if r["method"] == "deebert" and (metric != "f1" or r["point"] == "1x")]
     if full:
         ax.scatter([1.0], [100 * full[0]], marker="*", s=120, color="gold", edgecolor="k", zorder=4,
                    label="full model")
+    name = "F1 of class 1" if metric == "f1" else "accuracy"
     ax.set_xlabel("layer speed-up (past-future.txt eq. 15)")
-    ax.set_ylabel("dev accuracy (%)")
-    ax.set_title(f"{task}: accuracy against layer speed-up (dev, all-MiniLM-L6-v2 unless --model)", fontsize=9)
+    ax.set_ylabel(f"dev {name} (%)")
+    ax.set_title(f"{task}: {name} against layer speed-up (dev, all-MiniLM-L6-v2 unless --model)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -190,6 +190,8 @@ CALIBRATE = {
     "criterion": (ValueError, "criterion", lambda m, i, k: _cal(m, i, k, criterion="policy")),
     "batch-size": (ValueError, "batch_size", lambda m, i, k: _cal(m, i, k, batch_size=0)),
     "candidates": (ValueError, "candidates", lambda m, i, k: _cal(m, i, k, candidates=0)),
+    "positive-label": (ValueError, "positive_label", lambda m, i, k: _cal(m, i, k, positive_label=N_LABELS)),
+    "positive-label-bool": (ValueError, "positive_label", lambda m, i, k: _cal(m, i, k, positive_label=True)),
 }
 
 

@@ -135,6 +135,25 @@ def test_calibration_meets_target_and_matches_engine(criterion):
         calibrate(ee, ids, labels, mask, criterion=criterion, progress=False)
 
 
+def test_calibration_scores_f1_of_the_positive_class():
+    from eekernels.calibration import calibrate
+    from eekernels.evaluation import binary_f1
+
+    ee = convert(tiny_classifier("bert", seed=7))
+    ids, mask, _ = ragged_batch(64, 12, seed=8)
+    labels = torch.randint(0, N_LABELS, (64,), generator=torch.Generator().manual_seed(9))
+    res = calibrate(ee, ids, labels, mask, target_speedup=1.5, positive_label=1, progress=False)
+    plain = calibrate(ee, ids, labels, mask, target_speedup=1.5, progress=False)
+    assert [row[:3] for row in res.table] == plain.table and res.threshold == plain.threshold
+    f1s = set()
+    for t, _, acc, f1 in res.table[:: max(1, len(res.table) // 6)]:
+        out = ee.early_exit(ids, mask, threshold=t)
+        assert float((out.pred == labels).float().mean()) == pytest.approx(acc)
+        assert f1 == pytest.approx(binary_f1(out.pred, labels, 1))
+        f1s.add(round(f1, 6))
+    assert len(f1s) > 1  # the sampled thresholds do move the F1
+
+
 def test_exit_profile_forces_exit_layers():
     """The benchmark hook: rows exit at the first exit layer >= their profile entry."""
     ee = convert(tiny_classifier("bert"), exit_layers=[1, 3])

@@ -245,3 +245,42 @@ def test_merge_writes_the_outputs_of_several_folders(tmp_path):
     for argv, message in (([str(tmp_path / "files")], "no results.json there"), ([a, quick], "--quick")):
         r = subprocess.run(base + ["--merge", *argv], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_mrpc_plot_draws_f1(tmp_path, monkeypatch):
+    """An F1 task's PNG plots F1: a curve that carries it as a line, one swept before curves
+    carried F1 through its measured rows (dashed), the full model at the 1x row's F1."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    mod = _recipe_module("reproduce_recipe_plot")
+    drawn = {}
+    real_plot, real_scatter = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.scatter
+
+    def plot(ax, x, y, **kw):
+        drawn[kw.get("label")] = (list(x), list(y), kw.get("linestyle"))
+        return real_plot(ax, x, y, **kw)
+
+    def scatter(ax, x, y, **kw):
+        drawn[kw.get("label", "point")] = (list(x), list(y), None)
+        return real_scatter(ax, x, y, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", scatter)
+
+    def row(method, point, acc, f1, layer):
+        return dict(task="MRPC", method=method, criterion="entropy", point=point, accuracy=acc, f1=f1,
+                    full_accuracy=0.75, layer_speedup=layer, flops_speedup=layer)
+
+    rows = [row("deebert", "1x", 0.76, 0.84, 1.0), row("deebert", "2x", 0.70, 0.81, 2.0),
+            row("pabee", "1x", 0.74, 0.83, 1.0), row("pabee", "2x", 0.66, 0.79, 2.0)]
+    curves = {"deebert": [{"layer_speedup": 1.0, "accuracy": 0.76, "f1": 0.84},
+                          {"layer_speedup": 1.5, "accuracy": 0.73, "f1": 0.82}],
+              "pabee": [{"layer_speedup": 1.0, "accuracy": 0.74}, {"layer_speedup": 1.7, "accuracy": 0.70}]}
+    mod.plot("MRPC", rows, curves, tmp_path / "MRPC.png")
+    assert (tmp_path / "MRPC.png").stat().st_size > 1000
+    assert drawn["deebert"] == ([1.0, 1.5], [84.0, 82.0], None)
+    assert drawn["pabee"] == ([1.0, 2.0], [83.0, 79.0], "--")
+    assert drawn["full model"] == ([1.0], [84.0], None)
+    mod.plot("SST-2", [dict(r, task="SST-2") for r in rows], curves, tmp_path / "SST-2.png")
+    assert drawn["pabee"] == ([1.0, 1.7], [74.0, 70.0], None) and drawn["full model"] == ([1.0], [75.0], None)
