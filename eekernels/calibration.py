@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .evaluation import binary_f1
+from .metrics import binary_f1
 from .ops import exit_head_reference
 from .ops._checks import real_number
 

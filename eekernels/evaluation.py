@@ -26,6 +26,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .metrics import binary_f1
+
 __all__ = ["binary_f1", "evaluate", "exit_scores", "plot_histogram", "threshold_notes", "write_predictions"]
 
 
@@ -68,14 +70,6 @@ def plot_histogram(path: str, hist: Dict[int, int], n: int, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def binary_f1(pred: torch.Tensor, labels: torch.Tensor, positive: int = 1) -> float:
-    """F1 of class ``positive`` (GLUE's MRPC metric), 0 when it is never predicted nor true."""
-    tp = int(((pred == positive) & (labels == positive)).sum())
-    fp = int(((pred == positive) & (labels != positive)).sum())
-    fn = int(((pred != positive) & (labels == positive)).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 def exit_scores(logits: torch.Tensor, criterion: str) -> torch.Tensor:

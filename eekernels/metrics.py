@@ -1,4 +1,4 @@
-"""Speed-up metrics of early exit.
+"""Metrics of early exit: its speed-ups, and the F1 that MRPC is scored by.
 
 - :func:`layer_speedup`: past-future.txt eq. 15, ``sum_i n*m_i / sum_i i*m_i`` with m_i
   the number of samples exiting at layer i of an n-layer model.
@@ -8,6 +8,7 @@
   shrinks layer by layer (MPEE's token-wise exit).
 - :func:`memorized_layer`: ConsistentEE's hardness of a sample (consistentee.txt eq. 7).
 - CascadeBERT: cascade speed-ups, DIS (eq. 1-3) and ECE.
+- :func:`binary_f1`: F1 of one class (GLUE's MRPC metric).
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["encoder_layer_flops", "exit_head_flops", "flops_speedup", "flops_speedup_tokens", "layer_speedup",
+__all__ = ["binary_f1", "encoder_layer_flops", "exit_head_flops", "flops_speedup", "flops_speedup_tokens", "layer_speedup",
            "memorized_layer", "mpee_token_counts"]
+
+
+def binary_f1(pred: torch.Tensor, labels: torch.Tensor, positive: int = 1) -> float:
+    """F1 of class ``positive`` (GLUE's MRPC metric), 0 when it is never predicted nor true."""
+    tp = int(((pred == positive) & (labels == positive)).sum())
+    fp = int(((pred == positive) & (labels != positive)).sum())
+    fn = int(((pred != positive) & (labels == positive)).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 def layer_speedup(exit_layer: torch.Tensor, num_layers: int) -> float:
