@@ -277,7 +277,7 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "f1" if TASKS.get(task, Task(task)).positive_f1 else "accuracy"
+    metric = "f1" if is_f1_task(task) else "accuracy"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (name, pts) in enumerate(sorted(curves.items())):
         style = {}
@@ -295,11 +295,9 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
                    s=30, color="k" if r["method"].startswith("static") else f"C{(k + 3) % 10}", zorder=3)
         ax.annotate(label + (" (FLOPs)" if r["method"] == "hashee" else ""), (x, 100 * r[metric]), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
-    # the full model: the early-exit model's last layer (its 1x row's F1, as in the table)
-    full = [r["f1" if metric == "f1" else "full_accuracy"] for r in rows
-            if r["method"] == "deebert" and (metric != "f1" or r["point"] == "1x")]
-    if full:
-        ax.scatter([1.0], [100 * full[0]], marker="*", s=120, color="gold", edgecolor="k", zorder=4,
+    full = full_model_score(rows, task)
+    if full is not None:
+        ax.scatter([1.0], [100 * full], marker="*", s=120, color="gold", edgecolor="k", zorder=4,
                    label="full model")
     name = "F1 of class 1" if metric == "f1" else "accuracy"
     ax.set_xlabel("layer speed-up (past-future.txt eq. 15)")
@@ -312,6 +310,18 @@ def plot(task: str, rows: List[dict], curves: Dict[str, List[dict]], path: Path)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def is_f1_task(task: str) -> bool:
+    """Whether ``task`` is scored by the F1 of class 1 (MRPC), not accuracy."""
+    return TASKS.get(task, Task(task)).positive_f1
+
+
+def full_model_score(rows: List[dict], task: str) -> Optional[float]:
+    """The full model's score on ``task`` in the table and the plot: the early-exit model's 1x
+    row, its F1 for an F1 task, else its last layer's accuracy; None without that row."""
+    r = next((r for r in rows if r["task"] == task and r["method"] == "deebert" and r["point"] == "1x"), None)
+    return None if r is None else r["f1"] if is_f1_task(task) else r["full_accuracy"]
 
 
 METHOD_LABELS = {"deebert": "DeeBERT (entropy)", "right-tool": "Right-Tool (max-prob)", "pabee": "PABEE (patience)",
@@ -343,16 +353,14 @@ def results_table(rows: List[dict]) -> str:
     (ConsistentEE: the paper's p > 0.5 first)."""
     seen = list(dict.fromkeys(r["task"] for r in rows))
     tasks = [t for t in TASKS if t in seen] + [t for t in seen if t not in TASKS]  # the grid's order first
-    metric = {t: "F1" if TASKS.get(t, Task(t)).positive_f1 else "acc" for t in tasks}
+    metric = {t: "F1" if is_f1_task(t) else "acc" for t in tasks}
     head = [f"{t} {metric[t]} {c}" for t in tasks for c in ("1x", "2x", "3x")]
     lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    full = {r["task"]: r for r in rows if r["method"] == "deebert" and r["point"] == "1x"}
-    if full:
+    full = {t: full_model_score(rows, t) for t in tasks}
+    if any(r["method"] == "deebert" and r["point"] == "1x" for r in rows):
         cells = []
         for t in tasks:
-            r = full.get(t)
-            value = r and (r["f1"] if metric[t] == "F1" else r["full_accuracy"])
-            cells += [f"{100 * value:.1f}" if value is not None else "-", "", ""]
+            cells += [f"{100 * full[t]:.1f}" if full[t] is not None else "-", "", ""]
         lines.append("| full model | " + " | ".join(cells) + " |")
     for method in [m for m in METHOD_LABELS if any(r["method"] == m for r in rows)]:
         cells = []
