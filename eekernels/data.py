@@ -20,6 +20,7 @@ the text among :data:`TEXT_COLUMNS` (sentence pairs first, so QNLI's ``question`
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import warnings
@@ -83,10 +84,11 @@ class LabelledTexts:
 class Encoded(dict):
     """A dict of tensors (``input_ids``, ``attention_mask``, ``token_type_ids`` where the
     tokenizer gives them, ``labels``) with ``num_truncated``: how many examples were cut to
-    ``max_length``."""
+    ``max_length``, and ``pad_token_id``: the id the padding columns carry."""
 
     num_truncated: int = 0
     max_length: int = 0
+    pad_token_id: int = 0
 
 
 # ---------------------------------------------------------------------- reading rows
@@ -360,6 +362,7 @@ def encode(tokenizer, examples: LabelledTexts, max_length: int = 128) -> Encoded
         out["labels"] = torch.tensor(examples.labels, dtype=torch.long)
     out.num_truncated = int(num_truncated)
     out.max_length = int(max_length)
+    out.pad_token_id = int(tokenizer.pad_token_id or 0)
     if num_truncated:
         warnings.warn(f"{examples.path or 'encode'}: {num_truncated} of {len(examples)} examples are longer than "
                       f"{max_length} tokens and were truncated", UserWarning, stacklevel=2)
@@ -368,28 +371,47 @@ def encode(tokenizer, examples: LabelledTexts, max_length: int = 128) -> Encoded
 
 # ---------------------------------------------------------------------- batching
 class EncodedDataset:
-    """An :class:`Encoded` set as a map-style dataset of dict rows (what HF ``Trainer`` takes)."""
+    """An :class:`Encoded` set as a map-style dataset of dict rows (what HF ``Trainer`` takes).
+
+    Each row's token columns are cut to that row's own length, so HF's ``LengthGroupedSampler``
+    (``train_sampling_strategy="group_by_length"``) sees the real lengths and :meth:`collate`
+    pads a batch only to its longest row."""
+
+    TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
     def __init__(self, enc: Encoded):
         self.enc = enc
         self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in enc]
+        self.lengths = enc["attention_mask"].sum(dim=1).clamp(min=1).tolist()
+        self.collate = functools.partial(collate_trimmed, pad_token_id=getattr(enc, "pad_token_id", 0))
 
     def __len__(self):
         return self.enc["input_ids"].shape[0]
 
     def __getitem__(self, i):
-        return {k: self.enc[k][i] for k in self.keys}
+        n = self.lengths[i]
+        return {k: self.enc[k][i, :n] if k in self.TOKEN_COLUMNS else self.enc[k][i] for k in self.keys}
 
 
-def collate_trimmed(rows):
-    """Stack dict rows, then cut the padding columns no row in the batch uses (dynamic padding)."""
+def collate_trimmed(rows, pad_token_id: int = 0):
+    """Stack dict rows, the token columns padded (ids with ``pad_token_id``, mask and segment ids
+    with 0) to the longest row that carries a token: dynamic padding. Rows may come cut to their
+    own lengths (:class:`EncodedDataset`) or padded alike; padding columns no row uses are cut."""
     import torch
 
-    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    width = max(int(batch["attention_mask"].sum(dim=1).max()), 1)
-    for k in ("input_ids", "attention_mask", "token_type_ids"):
-        if k in batch:
-            batch[k] = batch[k][:, :width]
+    first = rows[0]
+    width = max(max(int(r["attention_mask"].sum()) for r in rows), 1)
+    batch = {}
+    for k in first:
+        if k not in EncodedDataset.TOKEN_COLUMNS:
+            batch[k] = torch.stack([r[k] for r in rows])
+            continue
+        fill = pad_token_id if k == "input_ids" else 0
+        out = torch.full((len(rows), width), fill, dtype=first[k].dtype)
+        for j, r in enumerate(rows):
+            n = min(r[k].shape[0], width)
+            out[j, :n] = r[k][:n]
+        batch[k] = out
     return batch
 
 

@@ -52,6 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--save-steps", type=int, default=500,
                    help="write a checkpoint every this many steps (beside --out, in .OUT.checkpoints/; removed "
                         "when training ends), for --resume")
+    p.add_argument("--random-batches", action="store_true",
+                   help="draw each batch uniformly at random (default: batches of similar lengths, which pad less)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run with the same --out from its last checkpoint (same "
                         "options and seed: the model an uninterrupted run would end with)")
@@ -98,7 +100,7 @@ def _train(args) -> int:
                          batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                          logging_steps=args.logging_steps, text_columns=args.text_columns,
                          label_column=args.label_column, cpu=args.cpu, save_steps=args.save_steps,
-                         resume=args.resume)
+                         resume=args.resume, group_by_length=not args.random_batches)
     finetune(cfg)
     return 0
 

@@ -190,8 +190,11 @@ def _cee_build(hf, exit_layers, options, corpus=None):
 def _cee_train(model, targs, dataset, collate, options, make_optimizer):
     from ..training.consistentee import train_consistentee
 
+    if options["round_epochs"] < 0:
+        raise ValueError(f"consistentee: round_epochs must be >= 0 (0: --epochs), got {options['round_epochs']}")
     res = train_consistentee(model, dataset, targs, max_rounds=options["max_rounds"], tolerance=options["tolerance"],
-                             data_collator=collate, make_optimizer=make_optimizer,
+                             round_epochs=options["round_epochs"] or None, data_collator=collate,
+                             make_optimizer=make_optimizer,
                              resume=targs.resume_from_checkpoint is not None)
     model.set_phase("init")  # back to the all-exits forward that per-exit accuracy and calibration read
     losses = {}
@@ -246,6 +249,7 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
     import os
 
     from ..training.cascadebert import DARTrainer, kfold_difficulty_labels
+    from ..training.sampling import is_length_grouped, sampling_args
     from ..training.schedule import StepSchedule
     from .cascadebert import CascadeModel
 
@@ -284,7 +288,7 @@ def _cascade_train(model, targs, dataset, collate, options, make_optimizer):
                 training_args=dict(per_device_train_batch_size=targs.per_device_train_batch_size,
                                    num_train_epochs=targs.num_train_epochs, max_steps=steps,
                                    learning_rate=targs.learning_rate, use_cpu=targs.use_cpu,
-                                   remove_unused_columns=False),
+                                   remove_unused_columns=False, **sampling_args(is_length_grouped(targs))),
                 data_collator=collate, make_optimizer=lambda m: make_optimizer(CascadeModel([m])),
                 cache_dir=options["difficulty_cache"] or os.path.join(targs.output_dir, "difficulty")).labels
             losses["difficult_fraction"] = float(difficulty.float().mean())
@@ -359,6 +363,8 @@ METHODS: Dict[str, MethodSpec] = {
          "epsilon": (0.05, "epsilon-greedy exploration (eq. 5)"),
          "policy_hidden": (32, "hidden size of the policy MLP"),
          "max_rounds": (5, "most iterative training rounds (memorized layers, policy step, classifier step)"),
+         "round_epochs": (0.0, "epochs of each round's policy and classifier step (0: --epochs, as the "
+                               "initialisation)"),
          "tolerance": (0.02, "stop once the policy's exit distribution on the training rows moves less than this "
                              "(total variation) between rounds")},
         _cee_build, _cee_train,

@@ -355,6 +355,7 @@ def _exit_distribution(model, dataset, batch_size, data_collator) -> List[float]
 def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, tolerance: float = 0.02,
                        init: bool = True, init_steps: Optional[int] = None, policy_steps: Optional[int] = None,
                        classifier_steps: Optional[int] = None, policy_learning_rate: Optional[float] = None,
+                       round_epochs: Optional[float] = None,
                        data_collator=None, eval_dataset=None, memorized_batch_size: int = 64,
                        probe_size: int = 512, callbacks: Optional[Sequence] = None, make_optimizer=None,
                        progress: bool = True, resume: bool = False) -> ConsistentEETrainingResult:
@@ -374,7 +375,8 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
 
     Each step is one HF ``Trainer`` run with ``args`` (a ``TrainingArguments``), its
     ``output_dir`` suffixed ``round{r}-{phase}``; ``*_steps`` override ``max_steps`` for that
-    step. Progress: a bar over the rounds, the Trainer's own bars (``args.disable_tqdm``)
+    step, and ``round_epochs`` the epochs of each round's policy and classifier step (the
+    initialisation keeps ``args.num_train_epochs``). Progress: a bar over the rounds, the Trainer's own bars (``args.disable_tqdm``)
     and one for the memorized layers. ``data_collator`` batches the dataset's dict items
     (default ``transformers.default_data_collator``). ``make_optimizer(model)``, when given,
     builds every step's optimizer over the parameters that step trains (e.g. a larger
@@ -398,6 +400,8 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
 
     if not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"train_consistentee: max_rounds must be an int >= 1, got {max_rounds!r}")
+    if round_epochs is not None and not round_epochs > 0:
+        raise ValueError(f"train_consistentee: round_epochs must be > 0, got {round_epochs}")
     if not tolerance >= 0:
         raise ValueError(f"train_consistentee: tolerance must be >= 0, got {tolerance}")
     if probe_size < 1:
@@ -437,9 +441,10 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
         data = train_dataset
         if result.memorized_layers is not None:
             data = WithMemorizedLayer(train_dataset, result.memorized_layers)
-        if step(rnd, "policy", {"max_steps": policy_steps, "learning_rate": policy_learning_rate}, data):
+        if step(rnd, "policy", {"max_steps": policy_steps, "learning_rate": policy_learning_rate,
+                                "num_train_epochs": round_epochs}, data):
             finish(rnd, "policy")
-        step(rnd, "classifier", {"max_steps": classifier_steps}, data)
+        step(rnd, "classifier", {"max_steps": classifier_steps, "num_train_epochs": round_epochs}, data)
         if eval_dataset is not None:
             result.evals.append(evaluate_early_exit(model, eval_dataset, memorized_batch_size, data_collator))
         dist = _exit_distribution(model, probe, memorized_batch_size, data_collator)

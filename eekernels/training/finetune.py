@@ -58,6 +58,9 @@ class FinetuneConfig:
         epochs, max_steps (-1: use epochs), batch_size, max_length, seed, logging_steps.
         text_columns, label_column: as :func:`eekernels.data.read_examples` takes them.
         cpu: train on the CPU even when CUDA is available.
+        group_by_length: batches of similar lengths (HF's length-grouped sampler: random
+            mega-batches of 50 batches, sorted by length inside), so that dynamic padding
+            leaves little padding; False: uniformly random batches.
         save_steps: write a resumable checkpoint every this many optimizer steps.
         resume: continue from the last checkpoint of an interrupted run with the same ``out``
             (see the module docstring); a ValueError when there is none.
@@ -83,6 +86,7 @@ class FinetuneConfig:
     cpu: bool = False
     save_steps: int = 500
     resume: bool = False
+    group_by_length: bool = True
 
 
 @dataclass
@@ -198,6 +202,9 @@ def _check_types(cfg) -> None:
             raise TypeError(f"finetune: {name} must be a path (str), got {type(value).__name__}")
     for name in ("lr", "epochs") + (("head_lr",) if cfg.head_lr is not None else ()):
         real_number("finetune", name, getattr(cfg, name))
+    for name in ("cpu", "resume", "group_by_length"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"finetune: {name} must be True or False, got {getattr(cfg, name)!r}")
     for name in ("batch_size", "max_steps", "max_length", "seed", "logging_steps", "save_steps"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -215,7 +222,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
     with a message that names the file, option or value."""
     import transformers
 
-    from ..data import EncodedDataset, check_labels, collate_trimmed, encode_quietly, load_tokenizer, max_length_for
+    from .sampling import sampling_args
+    from ..data import EncodedDataset, check_labels, encode_quietly, load_tokenizer, max_length_for
     from ..data import read_examples
     from ..calibration import exit_accuracies
     from ..methods.registry import get_method, parse_options
@@ -281,8 +289,9 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         max_steps=cfg.max_steps, learning_rate=cfg.lr, seed=cfg.seed, use_cpu=cfg.cpu,
         logging_steps=max(1, cfg.logging_steps), save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=2, resume_from_checkpoint=resume_from, report_to=[], remove_unused_columns=False,
-        disable_tqdm=False)
-    losses = spec.train(model, targs, EncodedDataset(train_enc), collate_trimmed, options,
+        disable_tqdm=False, **sampling_args(cfg.group_by_length))
+    train_set = EncodedDataset(train_enc)
+    losses = spec.train(model, targs, train_set, train_set.collate, options,
                         lambda m: make_optimizer(m, cfg.lr, head_lr))
     log("training loss: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     train_seconds = time.time() - t0
@@ -301,7 +310,8 @@ def finetune(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Finetun
         "text_columns": list(train.text_columns), "label_column": train.label_column, "label_names": names,
         "method": spec.name, "method_options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
         "exit_layers": model.exit_points, "max_length": max_length, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "lr": cfg.lr, "head_lr": head_lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "training_loss": losses,
+        "lr": cfg.lr, "head_lr": head_lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "group_by_length": cfg.group_by_length, "training_loss": losses,
         "train_seconds": train_seconds, "num_truncated": train_enc.num_truncated,
         "dev_accuracy": None if dev_acc is None else {str(l): a for l, a in zip(model.exit_points, dev_acc)},
     }

@@ -384,6 +384,19 @@ def test_iterative_loop_stops_once_the_policy_settles(tmp_path):
     assert res.rounds == 3 and not res.converged and len(res.changes) == 2
 
 
+def test_round_epochs_set_the_rounds_steps_and_not_the_initialisation(tmp_path):
+    """round_epochs replaces the epochs of each round's policy and classifier step; the
+    initialisation keeps the arguments' own. 64 rows at batch 32: 2 steps an epoch."""
+    model = ConsistentEEModel.from_hf(tiny_bert(seed=7), init="random", reward="vanilla", alpha=0.3)
+    args = trainer_args(tmp_path, -1, num_train_epochs=3)
+    res = ct.train_consistentee(model, ParityTask(64, seed=1), args, max_rounds=2, tolerance=0.0, round_epochs=1.0,
+                                progress=False)
+    assert [(r.round, r.phase, r.global_step) for r in res.phases] == [
+        (0, "init", 6), (1, "policy", 2), (1, "classifier", 2), (2, "policy", 2), (2, "classifier", 2)]
+    with pytest.raises(ValueError, match="round_epochs"):
+        ct.train_consistentee(model, ParityTask(8, seed=1), args, round_epochs=0.0)
+
+
 @pytest.mark.parametrize("stop, first_steps", [((4, 0), [1, 1]), ((3, 6), [5, 1, 1])],
                          ids=["between-steps", "inside-a-step"])
 def test_iterative_loop_resumes_where_it_was_stopped(tmp_path, stop, first_steps):
