@@ -1,7 +1,7 @@
 """Writing files and directories so that a crash (even ``kill -9``) leaves the old version
 or the new one, never half of one.
 
-- :func:`write_text` / :func:`write_json`: write beside the target, then ``os.replace``.
+- :func:`write_bytes` / :func:`write_text` / :func:`write_json`: write beside the target, then ``os.replace``.
 - :func:`staged_dir`: build a directory beside its destination; on success it takes the
   destination's place in one step (Linux ``renameat2(RENAME_EXCHANGE)`` swaps the two
   directories atomically, then the old one is removed); on an exception the staging
@@ -24,25 +24,31 @@ import shutil
 import tempfile
 from typing import Iterator
 
-__all__ = ["recover", "staged_dir", "write_json", "write_text"]
+__all__ = ["recover", "staged_dir", "write_bytes", "write_json", "write_text"]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file of its own beside it, so that
+    writers running side by side never share one)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str, data) -> None:

@@ -160,7 +160,8 @@ def test_train_resumes_a_killed_training_where_the_method_can(tmp_path, monkeypa
 
 
 def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
-    """--train-rows / --epochs replace the task's subset and epochs; bad values are named; a
+    """--train-rows / --epochs / --random-batches replace the task's subset, epochs and batches;
+    bad values are named; a
     folder made with one schedule refuses another (its cached subset and runs would be reused)."""
     mod = _recipe_module("reproduce_recipe_schedule")
 
@@ -171,6 +172,7 @@ def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
     assert overrides("--train-rows", "all", "--epochs", "2") == {"train_rows": None, "epochs": 2.0}
     assert overrides("--train-rows", "5000") == {"train_rows": 5000}
     assert overrides("--two-stage", "--methods", "deebert,pabee") == {"two_stage": True}
+    assert overrides("--random-batches") == {"group_by_length": False}
     with pytest.raises(ValueError, match="--two-stage trains the early-exit model .* not past-future"):
         overrides("--two-stage", "--methods", "deebert,past-future")
     with pytest.raises(ValueError, match="--two-stage"):
@@ -189,6 +191,14 @@ def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
         mod.check_schedule(tmp_path, replace(sst2, train_rows=None, epochs=2.0))
     with pytest.raises(ValueError, match="use another --out"):
         mod.check_schedule(tmp_path, replace(sst2, two_stage=True))
+    with pytest.raises(ValueError, match="use another --out"):
+        mod.check_schedule(tmp_path, replace(sst2, group_by_length=False))
+    # a folder recorded before length-grouped batches holds random-batch runs
+    old = tmp_path / "old"
+    mod.write_json(old / "data" / "SST-2" / "schedule.json", {"train_rows": 20000, "epochs": 1.0})
+    mod.check_schedule(old, replace(sst2, group_by_length=False))
+    with pytest.raises(ValueError, match="'batches': 'random'"):
+        mod.check_schedule(old, sst2)
     r = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--train-rows", "half"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "error: --train-rows must be" in r.stderr and "Traceback" not in r.stderr
