@@ -228,38 +228,40 @@ def sweep(model_dir: str, criterion: str, dev: str, task: Task) -> List[dict]:
              **({"f1": row[3]} if task.positive_f1 else {})} for row in res.table]
 
 
-def measure(model_dir: str, criterion: str, dev: str, task: Task, target: Optional[float],
-            threshold: Optional[float] = None) -> dict:
-    """One operating point measured with the engine on the whole dev set (batch 32)."""
+def measure(model_dir: str, criterion: str, dev: str, task: Task, threshold: Optional[float] = None) -> dict:
+    """One operating point (``criterion`` at ``threshold``; "none": the model's own rule) measured
+    with the engine on the whole dev set (batch 32)."""
     from eekernels.evaluation import evaluate
 
-    rule = {}
-    if criterion != "none":
-        rule = {"criterion": criterion}
-        rule.update({"threshold": threshold} if threshold is not None else {"target_speedup": target})
+    rule = {} if criterion == "none" else {"criterion": criterion, "threshold": threshold}
     return evaluate(model_dir, dev, batch_size=32, max_length=task.max_length, cpu=True, progress=False,
                     log=lambda s: None, **rule)
 
 
 def points_for(model: Model, grid_method: str, criterion: str, model_dir: str, dev: str, task: Task,
-               run_dir: Path, full_layers: int) -> List[dict]:
-    """The measured rows of one grid method (cached in ``run_dir``)."""
+               run_dir: Path, full_layers: int, curve: Optional[List[dict]] = None) -> List[dict]:
+    """The measured rows of one grid method (cached in ``run_dir``). A threshold rule's points
+    take their thresholds from ``curve`` (its :func:`sweep`), as calibration would pick them:
+    the most accurate threshold reaching each speed-up."""
     cache = run_dir / f"points-{grid_method}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     rows = []
     if model.static_layers is not None:  # one point: the k-layer model in full (its only exit is its last)
-        rows.append(("model", measure(model_dir, "entropy", dev, task, None, 0.0)))
+        rows.append(("model", measure(model_dir, "entropy", dev, task, 0.0)))
     elif criterion == "none":  # one point: HashEE as it is (no sample leaves early)
-        rows.append(("model", measure(model_dir, criterion, dev, task, None)))
+        rows.append(("model", measure(model_dir, criterion, dev, task)))
     elif criterion == "policy":  # ConsistentEE: the paper's 0.5 and a sweep of the policy threshold
-        rows += [(f"p>{t:g}", measure(model_dir, criterion, dev, task, None, t)) for t in (0.3, 0.5, 0.7, 0.9, 1.0)]
+        rows += [(f"p>{t:g}", measure(model_dir, criterion, dev, task, t)) for t in (0.3, 0.5, 0.7, 0.9, 1.0)]
     else:
+        from eekernels.calibration import choose_threshold
         from eekernels.methods.registry import load_model
 
         trained, _ = load_model(model_dir)
         best = trained.num_layers / trained.exit_points[0]  # everything leaving at the first exit
-        rows += [(f"{t:g}x", measure(model_dir, criterion, dev, task, t)) for t in TARGETS if t <= best + 1e-9]
+        table = [(c["threshold"], c["layer_speedup"], c["accuracy"]) for c in curve]
+        rows += [(f"{t:g}x", measure(model_dir, criterion, dev, task, choose_threshold(table, 0.0, t, None)[0]))
+                 for t in TARGETS if t <= best + 1e-9]
     out = []
     for point, r in rows:
         layer_speedup = r["layer_speedup"]
@@ -596,11 +598,13 @@ def main(argv=None) -> int:
                 if grid_method not in methods:
                     continue
                 bar.set_postfix_str(f"{task_name} {grid_method}: measuring")
-                points_for(model, grid_method, criterion, model_dir, files["dev"], task, run_dir, full_layers)
+                curve = None
                 if criterion in ("entropy", "max_prob", "patience"):
                     cache = run_dir / f"curve-{grid_method}.json"
                     if not cache.is_file():
                         write_json(cache, sweep(model_dir, criterion, files["dev"], task))
+                    curve = json.loads(cache.read_text())
+                points_for(model, grid_method, criterion, model_dir, files["dev"], task, run_dir, full_layers, curve)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
