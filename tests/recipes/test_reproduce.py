@@ -74,6 +74,39 @@ def test_reproduce_quick_grid_runs_and_resumes(tmp_path):
     assert all(row["wallclock_speedup"] == "" for row in again if row["method"].startswith("static"))
 
 
+def test_parts_cover_every_model_longest_first():
+    mod = _recipe_module("reproduce_recipe_parts")
+    assert {mod.part_key(m) for m in mod.MODELS} == set(mod.PART_ORDER)
+    got = mod.parts(["A", "B"], mod.GRID_METHODS)
+    assert got[:4] == [("A", "consistentee"), ("B", "consistentee"), ("A", "cascadebert"), ("B", "cascadebert")]
+    assert ("A", "deebert,right-tool,pabee") in got and ("B", "static") in got and len(got) == 14
+    assert mod.parts(["A"], ["pabee", "static"]) == [("A", "pabee"), ("A", "static")]
+
+
+def test_workers_run_the_parts_side_by_side_into_one_folder(tmp_path):
+    """--workers 2: each part its own call (one thread each on two CPUs), logs per part, and the
+    outputs of every part in the folder at the end; a bad part fails the call and names its log."""
+    f = make_files(tmp_path / "files")
+    data = tmp_path / "data" / "TINY"
+    data.mkdir(parents=True)
+    shutil.copy(f["train"], data / "train.tsv")
+    shutil.copy(f["dev"], data / "dev.tsv")
+    out = tmp_path / "out"
+    argv = [sys.executable, str(RECIPE), "--out", str(out), "--tasks", "TINY", "--data-dir", str(tmp_path / "data"),
+            "--model", str(f["clf"]), "--quick", "--workers", "2", "--methods", "deebert,pabee,static,hashee"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["TINY-deebert.log", "TINY-hashee.log",
+                                                                  "TINY-static.log"]
+    methods = {row["method"] for row in csv.DictReader(open(out / "results.csv"))}
+    assert methods == {"deebert", "pabee", "static-2", "static-3", "static-4", "hashee"}, methods
+    bad = [*argv[:-1], "deebert,mpee"]
+    (out / "data" / "TINY" / "dev.tsv").write_text("sentence\tlabel\nonly one row\t9\n")  # the folder's copy
+    r = subprocess.run(bad, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1 and "error: part TINY mpee failed" in r.stderr and "TINY-mpee.log" in r.stderr, \
+        r.stderr[-2000:]
+
+
 def test_reproduce_refuses_unknown_methods(tmp_path):
     r = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--methods", "nope"],
                        capture_output=True, text=True, timeout=120)
