@@ -39,8 +39,7 @@ draws them uniformly at random, as the grid up to the thirteenth session was tra
 A folder keeps the schedule it was made with and refuses another.
 
 ``--workers N`` runs the grid's parts (one per task and model; the static models of a task
-are one part) as separate calls of this script, N side by side with CPUs / N threads each
-the
+are one part) as separate calls of this script, N side by side with CPUs / N threads each, the
 longest parts first; each part's output goes to ``OUT/logs/<task>-<method>.log``. (Parts run
 with two threads took 0.5-0.8 wall seconds per CPU second, so the second thread adds 25-100%;
 two one-thread parts side by side keep both cores busy.)
