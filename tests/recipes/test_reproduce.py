@@ -32,12 +32,18 @@ def _recipe_module(name: str):
     return mod
 
 
-def test_reproduce_quick_grid_runs_and_resumes(tmp_path):
+def tiny_task(tmp_path: Path) -> dict:
+    """The tiny text task's files, with its train and dev files as task TINY of ``tmp_path/data``."""
     f = make_files(tmp_path / "files")
     data = tmp_path / "data" / "TINY"
     data.mkdir(parents=True)
     shutil.copy(f["train"], data / "train.tsv")
     shutil.copy(f["dev"], data / "dev.tsv")
+    return f
+
+
+def test_reproduce_quick_grid_runs_and_resumes(tmp_path):
+    f = tiny_task(tmp_path)
     out = tmp_path / "out"
     argv = [sys.executable, str(RECIPE), "--out", str(out), "--tasks", "TINY", "--data-dir", str(tmp_path / "data"),
             "--model", str(f["clf"]), "--quick"]
@@ -86,11 +92,7 @@ def test_parts_cover_every_model_longest_first():
 def test_workers_run_the_parts_side_by_side_into_one_folder(tmp_path):
     """--workers 2: each part its own call (one thread each on two CPUs), logs per part, and the
     outputs of every part in the folder at the end; a bad part fails the call and names its log."""
-    f = make_files(tmp_path / "files")
-    data = tmp_path / "data" / "TINY"
-    data.mkdir(parents=True)
-    shutil.copy(f["train"], data / "train.tsv")
-    shutil.copy(f["dev"], data / "dev.tsv")
+    f = tiny_task(tmp_path)
     out = tmp_path / "out"
     argv = [sys.executable, str(RECIPE), "--out", str(out), "--tasks", "TINY", "--data-dir", str(tmp_path / "data"),
             "--model", str(f["clf"]), "--quick", "--workers", "2", "--methods", "deebert,pabee,static,hashee"]
