@@ -381,7 +381,7 @@ class EncodedDataset:
 
     def __init__(self, enc: Encoded):
         self.enc = enc
-        self.keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in enc]
+        self.keys = [k for k in self.TOKEN_COLUMNS + ("labels",) if k in enc]
         self.lengths = enc["attention_mask"].sum(dim=1).clamp(min=1).tolist()
         self.collate = functools.partial(collate_trimmed, pad_token_id=getattr(enc, "pad_token_id", 0))
 

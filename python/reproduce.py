@@ -149,8 +149,9 @@ def subset_file(src: Path, rows: Optional[int], dest: Path, seed: int = 0) -> Pa
         return src
     if not dest.is_file():
         lines = src.read_text(encoding="utf-8-sig").splitlines()
-        body = [lines[1:][i] for i in subset_rows(len(lines) - 1, rows, seed)]
-        atomic.write_text(str(dest), "\n".join([lines[0]] + body) + "\n")
+        body = lines[1:]
+        kept = [body[i] for i in subset_rows(len(body), rows, seed)]
+        atomic.write_text(str(dest), "\n".join([lines[0]] + kept) + "\n")
     return dest
 
 
