@@ -192,10 +192,29 @@ class WithMemorizedLayer(torch.utils.data.Dataset):
         return item
 
 
+def _row_lengths(dataset) -> Optional[List[int]]:
+    """Each row's token count where ``dataset`` knows it (an ``EncodedDataset``'s ``lengths``,
+    through ``Subset`` and :class:`WithMemorizedLayer`); None otherwise."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = _row_lengths(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, WithMemorizedLayer):
+        return _row_lengths(dataset.dataset)
+    lengths = getattr(dataset, "lengths", None)
+    return None if lengths is None else list(lengths)
+
+
 def _loader(dataset, batch_size: int, data_collator):
+    """(batches of ``dataset`` for inference, the row order they come in). Rows of known length
+    come shortest first, so each batch, padded to its longest row, holds little padding (on
+    SST-2's training phrases, batches in file order are about 3x their real tokens)."""
     if data_collator is None:
         from transformers import default_data_collator as data_collator
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
+    lengths = _row_lengths(dataset)
+    order = (torch.arange(len(dataset)) if lengths is None
+             else torch.argsort(torch.as_tensor(lengths), stable=True))
+    rows = dataset if lengths is None else torch.utils.data.Subset(dataset, order.tolist())
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=data_collator), order
 
 
 def _model_inputs(batch: Dict[str, Any], device) -> Dict[str, Any]:
@@ -210,9 +229,10 @@ def compute_memorized_layers(model, dataset, batch_size: int = 64, data_collator
     Runs the model's full forward (all exits, eval mode, no grad) and applies
     :func:`eekernels.metrics.memorized_layer`. Items must be dicts with ``input_ids`` and
     ``labels`` (``data_collator`` batches them; default ``transformers.default_data_collator``).
+    Rows of known length (an ``EncodedDataset``) run shortest first, to pad little.
 
     Returns:
-        int64 [len(dataset)] on the CPU.
+        int64 [len(dataset)] on the CPU, in the dataset's order.
     """
     from tqdm.auto import tqdm
 
@@ -220,9 +240,10 @@ def compute_memorized_layers(model, dataset, batch_size: int = 64, data_collator
     model.eval()
     device = next(model.parameters()).device
     out = []
+    loader, order = _loader(dataset, batch_size, data_collator)
     try:
         with torch.no_grad():
-            for batch in tqdm(_loader(dataset, batch_size, data_collator), desc="memorized layers", disable=not progress):
+            for batch in tqdm(loader, desc="memorized layers", disable=not progress):
                 if "labels" not in batch:
                     raise ValueError("compute_memorized_layers: the dataset's items need 'labels'")
                 z = model.full_forward(**_model_inputs(batch, device)).exit_logits
@@ -230,7 +251,10 @@ def compute_memorized_layers(model, dataset, batch_size: int = 64, data_collator
                                                    model.exit_layers, model.num_layers).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+    memorized = torch.zeros(len(order), dtype=torch.int64)
+    if out:
+        memorized[order] = torch.cat(out)
+    return memorized
 
 
 def evaluate_early_exit(model, dataset, batch_size: int = 64, data_collator=None, threshold: float = 0.5,
@@ -241,7 +265,7 @@ def evaluate_early_exit(model, dataset, batch_size: int = 64, data_collator=None
 
     device = next(model.parameters()).device
     preds, labels, layers = [], [], []
-    for batch in tqdm(_loader(dataset, batch_size, data_collator), desc="early-exit eval", disable=not progress):
+    for batch in tqdm(_loader(dataset, batch_size, data_collator)[0], desc="early-exit eval", disable=not progress):
         inp = _model_inputs(batch, device)
         res = model.early_exit(inp["input_ids"], inp.get("attention_mask"), inp.get("token_type_ids"),
                                threshold=threshold, backend=backend)

@@ -295,6 +295,50 @@ def test_policy_phase_hardness_reward_with_memorized_layers(init_trained, tmp_pa
         ct.WithMemorizedLayer(train, m[:10])
 
 
+class RaggedParity(torch.utils.data.Dataset):
+    """ParityTask rows cut to random lengths 4..16, as ``EncodedDataset`` gives them; ``lengths``
+    only when ``known`` (so the inference passes may reorder the rows)."""
+
+    def __init__(self, n: int, known: bool):
+        base = ParityTask(n, seed=3, s=16)
+        g = torch.Generator().manual_seed(4)
+        self.rows = [{"input_ids": base.ids[i, :k], "attention_mask": torch.ones(k, dtype=torch.long),
+                      "labels": base.labels[i]} for i, k in enumerate(torch.randint(4, 17, (n,), generator=g).tolist())]
+        if known:
+            self.lengths = [len(r["input_ids"]) for r in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_inference_passes_run_rows_shortest_first_and_answer_in_the_datasets_order(init_trained):
+    from eekernels.data import collate_trimmed
+
+    model = copy.deepcopy(init_trained[0])
+    known, unknown = RaggedParity(200, known=True), RaggedParity(200, known=False)
+    loader, order = ct._loader(known, 16, collate_trimmed)
+    lengths = torch.as_tensor(known.lengths)
+    assert torch.equal(lengths[order], lengths.sort(stable=True).values) and not torch.equal(order, torch.arange(200))
+    slots = sum(b["input_ids"].numel() for b in loader)
+    in_order = sum(b["input_ids"].numel() for b in ct._loader(unknown, 16, collate_trimmed)[0])
+    assert slots < 1.1 * int(lengths.sum()) < in_order  # here: 1,968 and 3,120 slots for 1,880 tokens
+    subset = torch.utils.data.Subset(known, [5, 1, 9])  # the probe of the exit distribution is one
+    assert torch.equal(ct._loader(subset, 2, collate_trimmed)[1], torch.argsort(lengths[[5, 1, 9]], stable=True))
+    one_by_one = ct.compute_memorized_layers(model, unknown, batch_size=1, data_collator=collate_trimmed,
+                                             progress=False)
+    sorted_pass = ct.compute_memorized_layers(model, known, batch_size=64, data_collator=collate_trimmed,
+                                              progress=False)
+    assert torch.equal(sorted_pass, one_by_one)
+    assert len(set(one_by_one.tolist())) > 1  # the rows differ: the order is actually checked
+    wrapped = ct.WithMemorizedLayer(known, sorted_pass)
+    a = ct.evaluate_early_exit(model, wrapped, 64, collate_trimmed)
+    b = ct.evaluate_early_exit(model, unknown, 1, collate_trimmed)
+    assert a["exit_histogram"] == b["exit_histogram"] and a["accuracy"] == pytest.approx(b["accuracy"])
+
+
 def test_classifier_phase_trainer_loss_decreases(tmp_path):
     model = ConsistentEEModel.from_hf(tiny_bert(seed=6), init="random")
     with torch.no_grad():  # a policy that exits about half the time at each internal exit
