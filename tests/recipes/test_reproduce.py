@@ -228,12 +228,18 @@ def test_schedule_overrides_and_a_folder_keeps_its_schedule(tmp_path):
         mod.check_schedule(tmp_path, replace(sst2, two_stage=True))
     with pytest.raises(ValueError, match="use another --out"):
         mod.check_schedule(tmp_path, replace(sst2, group_by_length=False))
-    # a folder recorded before length-grouped batches holds random-batch runs
+    with pytest.raises(ValueError, match="use another --out"):
+        mod.check_schedule(tmp_path, replace(sst2, lr=5e-5))
+    # a folder recorded before length-grouped batches and recorded rates holds random-batch runs at 5e-5 / 5e-4
     old = tmp_path / "old"
     mod.write_json(old / "data" / "SST-2" / "schedule.json", {"train_rows": 20000, "epochs": 1.0})
-    mod.check_schedule(old, replace(sst2, group_by_length=False))
+    mod.check_schedule(old, replace(sst2, group_by_length=False, lr=5e-5, head_lr=5e-4))
     with pytest.raises(ValueError, match="'batches': 'random'"):
         mod.check_schedule(old, sst2)
+    grouped = tmp_path / "grouped"  # the thirteenth session's folders: grouped, rates not recorded
+    mod.write_json(grouped / "data" / "MRPC" / "schedule.json",
+                   {"train_rows": None, "epochs": 3.0, "batches": "length-grouped"})
+    mod.check_schedule(grouped, mod.TASKS["MRPC"])
     r = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--train-rows", "half"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "error: --train-rows must be" in r.stderr and "Traceback" not in r.stderr
