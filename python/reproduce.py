@@ -545,7 +545,8 @@ def schedule_overrides(args) -> Dict[str, object]:
 
 def check_schedule(out: Path, task: "Task") -> None:
     """Record the task's training subset, epochs, stages, batches and learning rates in ``out``;
-    refuse a folder made with others, whose cached subset and finished runs would otherwise be reused for a different schedule."""
+    refuse a folder made with others, whose cached subset and finished runs would otherwise be
+    reused for a different schedule."""
     path = out / "data" / task.name / "schedule.json"
     mine = {"train_rows": task.train_rows, "epochs": task.epochs, **({"two_stage": True} if task.two_stage else {}),
             "batches": "length-grouped" if task.group_by_length else "random", "lr": task.lr, "head_lr": task.head_lr}

@@ -401,8 +401,9 @@ def train_consistentee(model, train_dataset, args, *, max_rounds: int = 5, toler
     ``output_dir`` suffixed ``round{r}-{phase}``; ``*_steps`` override ``max_steps`` for that
     step, and ``round_epochs`` the epochs of each round's policy and classifier step (the
     initialisation keeps ``args.num_train_epochs``). Progress: a bar over the rounds, the
-    Trainer's own bars (``args.disable_tqdm``) and one for the memorized layers. ``data_collator`` batches the dataset's dict items
-    (default ``transformers.default_data_collator``). ``make_optimizer(model)``, when given,
+    Trainer's own bars (``args.disable_tqdm``) and one for the memorized layers.
+    ``data_collator`` batches the dataset's dict items (default
+    ``transformers.default_data_collator``). ``make_optimizer(model)``, when given,
     builds every step's optimizer over the parameters that step trains (e.g. a larger
     learning rate for the fresh exit heads and policy nets: in the policy step the policy
     nets are the only trainable parameters); ``policy_learning_rate`` instead gives the
